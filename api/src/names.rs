@@ -1,0 +1,250 @@
+//! Function names, qualifiers and ARNs: Lambda accepts a bare name, a partial ARN
+//! (`123456789012:function:name`) or a full ARN, each optionally with `:qualifier`.
+
+use crate::error::{ApiError, pattern_error};
+
+const NAME_PATTERN: &str = "(arn:(aws[a-zA-Z-]*)?:lambda:)?([a-z]{2}(-gov)?-[a-z]+-\\d{1}:)?(\\d{12}:)?(function:)?([a-zA-Z0-9-_]+)(:(\\$LATEST|[a-zA-Z0-9-_]+))?";
+const QUALIFIER_PATTERN: &str = "(|[a-zA-Z0-9$_-]+)";
+
+/// The longest function name Lambda accepts.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Where ARNs point: the region and account this server plays.
+#[derive(Clone, Debug)]
+pub struct Partition {
+    pub region: String,
+    pub account: String,
+}
+
+impl Partition {
+    /// `arn:aws:lambda:<region>:<account>:function:<name>`.
+    pub fn function_arn(&self, name: &str) -> String {
+        format!(
+            "arn:aws:lambda:{}:{}:function:{name}",
+            self.region, self.account
+        )
+    }
+
+    /// The function ARN with `:<qualifier>`.
+    pub fn qualified_arn(&self, name: &str, qualifier: &str) -> String {
+        format!("{}:{qualifier}", self.function_arn(name))
+    }
+}
+
+/// A function reference taken from a path: its bare name and the qualifier the name carried.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FunctionRef {
+    pub name: String,
+    pub qualifier: Option<String>,
+}
+
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '-' || c == '_'
+}
+
+/// A bare function name: 1 to 64 of `[a-zA-Z0-9-_]`.
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= MAX_NAME_LEN && name.chars().all(is_name_char)
+}
+
+/// A qualifier: `$LATEST`, a version number or an alias name.
+pub fn is_valid_qualifier(q: &str) -> bool {
+    q == "$LATEST" || (!q.is_empty() && q.len() <= 128 && q.chars().all(is_name_char))
+}
+
+/// An alias name: `[a-zA-Z0-9-_]+`, 1 to 128 long, not all digits.
+pub fn is_valid_alias_name(alias: &str) -> bool {
+    !alias.is_empty()
+        && alias.len() <= 128
+        && alias.chars().all(is_name_char)
+        && !alias.chars().all(|c| c.is_ascii_digit())
+}
+
+/// True for a published version number (`1`, `2`, ...).
+pub fn is_version_number(q: &str) -> bool {
+    !q.is_empty() && q.len() <= 10 && q.chars().all(|c| c.is_ascii_digit()) && !q.starts_with('0')
+}
+
+fn is_account(s: &str) -> bool {
+    s.len() == 12 && s.chars().all(|c| c.is_ascii_digit())
+}
+
+fn is_region(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    parts.len() >= 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric()))
+        && parts
+            .last()
+            .is_some_and(|p| p.len() == 1 && p.chars().all(|c| c.is_ascii_digit()))
+}
+
+/// Parses a `FunctionName` path parameter. ARNs that name another region or account are not
+/// found here.
+pub fn parse_function_ref(input: &str, partition: &Partition) -> Result<FunctionRef, ApiError> {
+    let invalid = || pattern_error("functionName", input, NAME_PATTERN);
+    if input.is_empty() || input.len() > 256 {
+        return Err(invalid());
+    }
+    let parts: Vec<&str> = input.split(':').collect();
+    let (region, account, rest): (Option<&str>, Option<&str>, &[&str]) = match parts.as_slice() {
+        [
+            "arn",
+            partition_name,
+            "lambda",
+            region,
+            account,
+            "function",
+            rest @ ..,
+        ] => {
+            if !partition_name.starts_with("aws") || !is_region(region) || !is_account(account) {
+                return Err(invalid());
+            }
+            (Some(*region), Some(*account), rest)
+        }
+        [account, "function", rest @ ..] => {
+            if !is_account(account) {
+                return Err(invalid());
+            }
+            (None, Some(*account), rest)
+        }
+        rest => (None, None, rest),
+    };
+    let (name, qualifier) = match rest {
+        [name] => (*name, None),
+        [name, qualifier] => (*name, Some(*qualifier)),
+        _ => return Err(invalid()),
+    };
+    if !is_valid_name(name) || qualifier.is_some_and(|q| !is_valid_qualifier(q)) {
+        return Err(invalid());
+    }
+    if region.is_some_and(|r| r != partition.region)
+        || account.is_some_and(|a| a != partition.account)
+    {
+        return Err(ApiError::ResourceNotFound(format!(
+            "Function not found: {input} (this server serves region {} account {})",
+            partition.region, partition.account
+        )));
+    }
+    Ok(FunctionRef {
+        name: name.to_string(),
+        qualifier: qualifier.map(str::to_string),
+    })
+}
+
+/// Merges the qualifier carried by the name with the `Qualifier` query parameter.
+pub fn merge_qualifier(
+    fref: &FunctionRef,
+    query: Option<&str>,
+) -> Result<Option<String>, ApiError> {
+    if let Some(q) = query
+        && !is_valid_qualifier(q)
+    {
+        return Err(pattern_error("qualifier", q, QUALIFIER_PATTERN));
+    }
+    match (fref.qualifier.as_deref(), query) {
+        (Some(a), Some(b)) if a != b => Err(ApiError::InvalidParameterValue(
+            "The derived qualifier from the function name does not match the specified qualifier."
+                .into(),
+        )),
+        (Some(a), _) => Ok(Some(a.to_string())),
+        (None, b) => Ok(b.map(str::to_string)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn partition() -> Partition {
+        Partition {
+            region: "us-east-1".into(),
+            account: "123456789012".into(),
+        }
+    }
+
+    #[test]
+    fn accepts_every_form() {
+        let p = partition();
+        let want = FunctionRef {
+            name: "my-fn".into(),
+            qualifier: None,
+        };
+        assert_eq!(parse_function_ref("my-fn", &p).unwrap(), want);
+        assert_eq!(
+            parse_function_ref("123456789012:function:my-fn", &p).unwrap(),
+            want
+        );
+        assert_eq!(
+            parse_function_ref("arn:aws:lambda:us-east-1:123456789012:function:my-fn", &p).unwrap(),
+            want
+        );
+        let q = parse_function_ref(
+            "arn:aws:lambda:us-east-1:123456789012:function:my-fn:live",
+            &p,
+        )
+        .unwrap();
+        assert_eq!(q.qualifier.as_deref(), Some("live"));
+        assert_eq!(
+            parse_function_ref("my-fn:$LATEST", &p)
+                .unwrap()
+                .qualifier
+                .as_deref(),
+            Some("$LATEST")
+        );
+    }
+
+    #[test]
+    fn rejects_bad_names() {
+        let p = partition();
+        for bad in [
+            "",
+            "a b",
+            "a:b:c",
+            "x/y",
+            &"a".repeat(65),
+            "arn:aws:lambda:nowhere:123456789012:function:f",
+        ] {
+            assert!(
+                matches!(parse_function_ref(bad, &p), Err(ApiError::Validation(_))),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            parse_function_ref("arn:aws:lambda:eu-west-1:123456789012:function:f", &p),
+            Err(ApiError::ResourceNotFound(_))
+        ));
+    }
+
+    #[test]
+    fn qualifiers_merge() {
+        let r = FunctionRef {
+            name: "f".into(),
+            qualifier: Some("1".into()),
+        };
+        assert_eq!(
+            merge_qualifier(&r, Some("1")).unwrap().as_deref(),
+            Some("1")
+        );
+        assert!(merge_qualifier(&r, Some("2")).is_err());
+        assert!(is_valid_alias_name("live") && !is_valid_alias_name("123"));
+        assert!(
+            is_version_number("12") && !is_version_number("012") && !is_version_number("$LATEST")
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(s in ".{0,300}") {
+            let _ = parse_function_ref(&s, &partition());
+        }
+
+        #[test]
+        fn valid_names_round_trip(name in "[a-zA-Z0-9_-]{1,64}") {
+            let r = parse_function_ref(&name, &partition()).unwrap();
+            prop_assert_eq!(r.name, name);
+        }
+    }
+}

@@ -1,0 +1,106 @@
+"""Starts a real Hearth Lambda API server for the suite and hands out boto3 clients.
+
+The server command is `$HEARTH_SERVE_CMD` (for example `target/debug/hearth serve`) when set,
+else `target/debug/hearth serve` when that binary has the subcommand, else the `serve` example built by `cargo build -p hearth-api --example serve` (looked up under
+`$CARGO_TARGET_DIR`, `target-api/` and `target/`). A missing binary fails the suite loudly.
+"""
+
+import os
+import shlex
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+
+import boto3
+import pytest
+from botocore.config import Config
+
+KEY = "AKIDHEARTHPYTEST"
+SECRET = "hearth-python-secret"
+REGION = "us-east-1"
+ACCOUNT = "000000000000"
+ROLE = "arn:aws:iam::000000000000:role/lambda-role"
+REPO = Path(__file__).resolve().parents[3]
+
+
+def serve_command():
+    if os.environ.get("HEARTH_SERVE_CMD"):
+        return shlex.split(os.environ["HEARTH_SERVE_CMD"])
+    hearth = REPO / "target/debug/hearth"
+    if hearth.is_file() and subprocess.run([str(hearth), "serve", "--help"], capture_output=True).returncode == 0:
+        return [str(hearth), "serve"]
+    dirs = [os.environ.get("CARGO_TARGET_DIR"), REPO / "target-api", REPO / "target"]
+    for d in dirs:
+        if d and (Path(d) / "debug/examples/serve").is_file():
+            return [str(Path(d) / "debug/examples/serve")]
+    pytest.fail(
+        "no server to test: build it with `cargo build -p hearth-api --example serve` "
+        "or set HEARTH_SERVE_CMD (e.g. 'target/debug/hearth serve')",
+        pytrace=False,
+    )
+
+
+class Server:
+    def __init__(self, data_dir, creds):
+        self.data_dir = data_dir
+        self.creds = creds
+        self.proc = None
+        self.endpoint = None
+        self.log = open(Path(data_dir).parent / "server.log", "ab")
+
+    def start(self):
+        cmd = serve_command() + [
+            "--listen", "127.0.0.1:0",
+            "--data-dir", str(self.data_dir),
+            "--credentials", str(self.creds),
+        ]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log)
+        line = self.proc.stdout.readline().decode()
+        if not line.startswith("hearth-api listening on "):
+            self.proc.kill()
+            pytest.fail(f"server did not start: {line!r}; see {self.log.name}", pytrace=False)
+        self.endpoint = "http://" + line.split()[-1]
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError("server ignored SIGTERM for 20 s")
+        self.proc = None
+
+    def restart(self):
+        self.stop()
+        self.start()
+
+    def client(self, key=KEY, secret=SECRET, validate=True, retries=1):
+        return boto3.client(
+            "lambda",
+            endpoint_url=self.endpoint,
+            region_name=REGION,
+            aws_access_key_id=key,
+            aws_secret_access_key=secret,
+            config=Config(
+                retries={"max_attempts": retries, "mode": "standard"},
+                parameter_validation=validate,
+                read_timeout=30,
+            ),
+        )
+
+
+@pytest.fixture(scope="session")
+def server():
+    with tempfile.TemporaryDirectory(prefix="hearth-pytest-") as tmp:
+        creds = Path(tmp) / "credentials"
+        creds.write_text(f"# test keys\n{KEY} {SECRET}\n")
+        srv = Server(Path(tmp) / "data", creds)
+        srv.start()
+        try:
+            yield srv
+        finally:
+            srv.stop()
+            srv.log.close()

@@ -1,0 +1,438 @@
+//! The `vm` role: PID 1 of a Hearth microVM.
+//!
+//! Mounts /proc, /sys, /dev, /tmp, /run; loads the virtio and vsock modules listed in
+//! `/lib/modules/load-order`; brings up `lo`; listens on vsock port [`CONTROL_PORT`]; connects to the
+//! host on port [`READY_PORT`] and sends `Hello` + `Ready`; then serves control connections, one
+//! thread each.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::OwnedFd;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncReadExt;
+
+use super::link::FdStream;
+use super::{InitError, chain, fatal, halt, load_modules, mount_common, reaper, sys};
+use crate::console;
+use crate::image::{GUEST_MODULES, INITRAMFS_MODULES_DIR, MODULE_ORDER_FILE};
+use crate::protocol::{
+    CONTROL_PORT, ErrorCode, ErrorReply, GuestStatus, HOST_CID, Hello, Message, ProtocolError,
+    READY_PORT, Ready, check_hello, encode_frame, read_frame, write_frame,
+};
+use crate::runtime::RuntimeConfig;
+
+/// How long the init keeps trying to reach the host's ready port before it gives up and reboots.
+pub const READY_RETRY_WINDOW: Duration = Duration::from_secs(5);
+/// Pause between connection attempts.
+const READY_RETRY_PAUSE: Duration = Duration::from_millis(20);
+
+/// Runs the `vm` role. Never returns.
+pub fn run(start_ms: u64) -> ! {
+    if let Err(e) = mount_common() {
+        fatal(&chain(&e));
+    }
+    let modules = match std::fs::read_to_string(MODULE_ORDER_FILE) {
+        Ok(text) => parse_module_order(&text),
+        Err(_) => GUEST_MODULES
+            .iter()
+            .map(|m| PathBuf::from(format!("{INITRAMFS_MODULES_DIR}/{m}.ko")))
+            .collect(),
+    };
+    let t = sys::boottime_ms();
+    if let Err(e) = load_modules(&modules) {
+        fatal(&chain(&e));
+    }
+    console!(
+        "loaded {} modules in {} ms",
+        modules.len(),
+        sys::boottime_ms().saturating_sub(t)
+    );
+    if let Err(e) = sys::loopback_up() {
+        fatal(&chain(&e));
+    }
+    reaper::start();
+    let lambda = RuntimeConfig::lambda();
+    for dir in [&lambda.task_dir, &lambda.opt_dir, &lambda.runtime_dir] {
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            fatal(&format!("cannot create {}: {e}", dir.display()));
+        }
+    }
+    // Listen before saying ready, so the host can connect as soon as it reads `Ready`.
+    let listener = match sys::vsock_listen(CONTROL_PORT) {
+        Ok(l) => l,
+        Err(e) => fatal(&format!("cannot listen on vsock port {CONTROL_PORT}: {e}")),
+    };
+    // The ready connection stays open for the VM's life.
+    let _ready_conn = match connect_ready(start_ms) {
+        Ok(c) => c,
+        Err(e) => fatal(&chain(&e)),
+    };
+    console!("ready at {} ms (kernel uptime)", sys::boottime_ms());
+    loop {
+        match sys::accept(&listener) {
+            Ok(conn) => {
+                let spawned = std::thread::Builder::new()
+                    .name("control".into())
+                    .spawn(move || {
+                        if let Err(e) = serve(conn) {
+                            console!("control connection ended: {}", chain(&e));
+                        }
+                    });
+                if let Err(e) = spawned {
+                    console!("cannot start a control thread: {e}");
+                }
+            }
+            Err(e) => {
+                console!("accept on vsock port {CONTROL_PORT} failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// Module paths, one a line; blank lines and `#` comments are skipped.
+pub fn parse_module_order(text: &str) -> Vec<PathBuf> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(PathBuf::from)
+        .collect()
+}
+
+/// Connects to the host's ready port (retrying while the vsock device comes up) and sends
+/// `Hello` + `Ready`.
+fn connect_ready(start_ms: u64) -> Result<File, InitError> {
+    let began = Instant::now();
+    let mut attempts = 0u32;
+    let mut conn = loop {
+        attempts += 1;
+        match sys::vsock_connect(HOST_CID, READY_PORT) {
+            Ok(c) => break c,
+            Err(e) => {
+                if attempts == 1 {
+                    console!(
+                        "vsock connect to host port {READY_PORT} failed ({e}); retrying for up to {} ms",
+                        READY_RETRY_WINDOW.as_millis()
+                    );
+                }
+                if began.elapsed() >= READY_RETRY_WINDOW {
+                    return Err(InitError::Link(format!(
+                        "could not connect to the host (CID {HOST_CID}) on vsock port {READY_PORT} within {} ms ({attempts} attempts, last error: {e})",
+                        READY_RETRY_WINDOW.as_millis()
+                    )));
+                }
+                std::thread::sleep(READY_RETRY_PAUSE);
+            }
+        }
+    };
+    if attempts > 1 {
+        console!(
+            "vsock connected after {attempts} attempts ({} ms)",
+            began.elapsed().as_millis()
+        );
+    }
+    write_frame(&mut conn, &Message::Hello(Hello::ours("hearth-init")))?;
+    let ready = Ready {
+        init_start_ms: start_ms,
+        ready_ms: sys::boottime_ms(),
+        kernel_release: sys::kernel_release(),
+    };
+    write_frame(&mut conn, &Message::Ready(ready))?;
+    Ok(conn)
+}
+
+/// The guest's status.
+pub fn status() -> GuestStatus {
+    let (mem_total_kib, mem_available_kib) = std::fs::read_to_string("/proc/meminfo")
+        .map(|t| parse_meminfo(&t))
+        .unwrap_or((0, 0));
+    GuestStatus {
+        uptime_ms: sys::boottime_ms(),
+        kernel_release: sys::kernel_release(),
+        mem_total_kib,
+        mem_available_kib,
+        cpus_online: sys::cpus_online(),
+        role: "vm".into(),
+    }
+}
+
+/// `MemTotal` and `MemAvailable` (KiB) from /proc/meminfo.
+pub fn parse_meminfo(text: &str) -> (u64, u64) {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (field("MemTotal:"), field("MemAvailable:"))
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> Message {
+    Message::Error(ErrorReply {
+        code,
+        message: message.into(),
+    })
+}
+
+/// Hands the connection, with the function message already read put back in front, to the async
+/// function conversation on a single-threaded tokio runtime.
+fn function_link(conn: File, first: &Message, cfg: &RuntimeConfig) -> Result<(), InitError> {
+    let replay = encode_frame(first)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| InitError::Sys {
+            what: "start the async runtime".into(),
+            source,
+        })?;
+    let cfg = cfg.clone();
+    rt.block_on(async move {
+        let stream = FdStream::new(OwnedFd::from(conn)).map_err(|source| InitError::Sys {
+            what: "register the host link with tokio".into(),
+            source,
+        })?;
+        let (reader, writer) = tokio::io::split(stream);
+        let reader = AsyncReadExt::chain(std::io::Cursor::new(replay), reader);
+        crate::runtime::serve_function(cfg, reader, writer)
+            .await
+            .map_err(InitError::Function)
+    })
+}
+
+/// What to do after answering a request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum After {
+    Continue,
+    Reboot,
+}
+
+/// Answers one request.
+pub fn handle(req: Message) -> (Message, After) {
+    match req {
+        Message::Ping { bytes } => (Message::Pong { bytes }, After::Continue),
+        Message::Status => (Message::StatusReply(status()), After::Continue),
+        Message::Reboot => (Message::Rebooting, After::Reboot),
+        other => (
+            error(
+                ErrorCode::UnknownRequest,
+                format!("the init does not handle {}", other.kind()),
+            ),
+            After::Continue,
+        ),
+    }
+}
+
+/// Serves one control connection with Lambda's runtime layout (see [`serve_with`]).
+pub fn serve(conn: File) -> Result<(), InitError> {
+    serve_with(conn, &RuntimeConfig::lambda())
+}
+
+/// Serves one control connection: the `Hello` exchange, then requests until the host closes. The
+/// first function message turns the connection into a function conversation
+/// ([`crate::runtime::serve_function`] with `cfg`) for the rest of its life.
+pub fn serve_with(mut conn: File, cfg: &RuntimeConfig) -> Result<(), InitError> {
+    let Some(first) = read_frame::<_, Message>(&mut conn)? else {
+        return Ok(());
+    };
+    match check_hello(first) {
+        Ok(_) => write_frame(&mut conn, &Message::Hello(Hello::ours("hearth-init")))?,
+        Err(e) => {
+            let code = if matches!(e, ProtocolError::Version { .. }) {
+                ErrorCode::UnsupportedVersion
+            } else {
+                ErrorCode::BadRequest
+            };
+            write_frame(&mut conn, &error(code, e.to_string()))?;
+            return Ok(());
+        }
+    }
+    loop {
+        let req = match read_frame::<_, Message>(&mut conn) {
+            Ok(Some(req)) => req,
+            Ok(None) => return Ok(()),
+            // The whole frame was read, so the stream is still in step: answer and go on.
+            Err(e @ (ProtocolError::Decode(_) | ProtocolError::TrailingBytes(_))) => {
+                write_frame(&mut conn, &error(ErrorCode::BadRequest, chain(&e)))?;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if matches!(req, Message::Function(_)) {
+            return function_link(conn, &req, cfg);
+        }
+        let (resp, after) = handle(req);
+        write_frame(&mut conn, &resp)?;
+        if after == After::Reboot {
+            // Let the answer reach the host: close our half and wait (briefly) for the host to close.
+            sys::shutdown_write(&conn);
+            sys::set_read_timeout(&conn, 1000);
+            let mut buf = [0u8; 256];
+            while matches!(conn.read(&mut buf), Ok(n) if n > 0) {}
+            console!("reboot requested by the host at {} ms", sys::boottime_ms());
+            halt();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::client::ControlClient;
+    use crate::protocol::{PROTOCOL_VERSION, expect_frame};
+    use std::io::Write;
+    use std::os::fd::OwnedFd;
+    use std::os::unix::net::UnixStream;
+
+    /// The real `serve` on one end of a socket pair.
+    fn served() -> UnixStream {
+        let (host, guest) = UnixStream::pair().unwrap();
+        let guest = File::from(OwnedFd::from(guest));
+        std::thread::spawn(move || serve(guest));
+        host
+    }
+
+    #[test]
+    fn control_connection_end_to_end() {
+        let mut client = ControlClient::handshake(served()).unwrap();
+        assert!(client.peer.agent.starts_with("hearth-init"));
+        assert_eq!(client.ping(b"both ways".to_vec()).unwrap(), b"both ways");
+        assert_eq!(client.status().unwrap().role, "vm");
+        let err = client
+            .request(&Message::Pong { bytes: vec![] })
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ProtocolError::Remote {
+                    code: ErrorCode::UnknownRequest,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+
+        // A frame that does not decode is answered, and the connection goes on.
+        let mut stream = client.into_inner();
+        stream.write_all(&[3, 0, 0, 0, 0xff, 0xff, 0xff]).unwrap();
+        let answer: Message = expect_frame(&mut stream).unwrap();
+        assert!(
+            matches!(
+                answer,
+                Message::Error(ErrorReply {
+                    code: ErrorCode::BadRequest,
+                    ..
+                })
+            ),
+            "{answer:?}"
+        );
+        write_frame(&mut stream, &Message::Ping { bytes: vec![7] }).unwrap();
+        assert_eq!(
+            expect_frame::<_, Message>(&mut stream).unwrap(),
+            Message::Pong { bytes: vec![7] }
+        );
+    }
+
+    #[test]
+    fn a_function_message_hands_the_connection_to_the_runtime() {
+        let task = tempfile::tempdir().unwrap();
+        let cfg = RuntimeConfig {
+            task_dir: task.path().to_path_buf(),
+            opt_dir: task.path().join("no-opt"),
+            runtime_dir: task.path().join("no-runtime"),
+            listen: ([127, 0, 0, 1], 0).into(),
+            run_as: None,
+            limits: crate::bundle::Limits::default(),
+            isolate: false,
+        };
+        let (host, guest) = UnixStream::pair().unwrap();
+        host.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let guest = File::from(OwnedFd::from(guest));
+        let server = std::thread::spawn(move || serve_with(guest, &cfg));
+        let mut client = ControlClient::handshake(host).unwrap();
+        assert_eq!(client.ping(b"before".to_vec()).unwrap(), b"before");
+        // A bundle whose code is not a zip: the runtime side answers InitFailed over the same link.
+        let mut bundle = crate::runtime::env::tests_bundle(vec![]);
+        bundle.code_len = 4;
+        let mut stream = client.into_inner();
+        write_frame(&mut stream, &Message::Function(crate::protocol::function::Message::Load(bundle))).unwrap();
+        write_frame(&mut stream, &Message::Function(crate::protocol::function::Message::CodeChunk(b"junk".to_vec()))).unwrap();
+        let answer: Message = expect_frame(&mut stream).unwrap();
+        assert!(
+            matches!(answer, Message::Function(crate::protocol::function::Message::InitFailed(_))),
+            "{answer:?}"
+        );
+        drop(stream);
+        let _ = server.join().unwrap();
+    }
+
+    #[test]
+    fn other_versions_are_refused() {
+        let mut host = served();
+        write_frame(
+            &mut host,
+            &Message::Hello(Hello {
+                version: PROTOCOL_VERSION + 1,
+                agent: "future".into(),
+            }),
+        )
+        .unwrap();
+        let answer: Message = expect_frame(&mut host).unwrap();
+        assert!(
+            matches!(
+                answer,
+                Message::Error(ErrorReply {
+                    code: ErrorCode::UnsupportedVersion,
+                    ..
+                })
+            ),
+            "{answer:?}"
+        );
+        assert!(
+            read_frame::<_, Message>(&mut host).unwrap().is_none(),
+            "the init closes the connection"
+        );
+    }
+
+    #[test]
+    fn module_order_file() {
+        let order = parse_module_order(
+            "/lib/modules/virtio_ring.ko\n\n# comment\n  /lib/modules/virtio.ko \n",
+        );
+        assert_eq!(
+            order,
+            [
+                PathBuf::from("/lib/modules/virtio_ring.ko"),
+                PathBuf::from("/lib/modules/virtio.ko")
+            ]
+        );
+    }
+
+    #[test]
+    fn meminfo() {
+        let text = "MemTotal:         496012 kB\nMemFree:          470000 kB\nMemAvailable:     460100 kB\n";
+        assert_eq!(parse_meminfo(text), (496_012, 460_100));
+        assert_eq!(parse_meminfo("garbage"), (0, 0));
+    }
+
+    #[test]
+    fn requests_are_answered() {
+        assert_eq!(
+            handle(Message::Ping { bytes: vec![1, 2] }),
+            (Message::Pong { bytes: vec![1, 2] }, After::Continue)
+        );
+        assert_eq!(handle(Message::Reboot), (Message::Rebooting, After::Reboot));
+        let (m, a) = handle(Message::Status);
+        assert!(matches!(m, Message::StatusReply(s) if s.role == "vm"));
+        assert_eq!(a, After::Continue);
+        let (m, _) = handle(Message::Pong { bytes: vec![] });
+        assert!(matches!(
+            m,
+            Message::Error(ErrorReply {
+                code: ErrorCode::UnknownRequest,
+                ..
+            })
+        ));
+    }
+}

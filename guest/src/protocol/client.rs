@@ -1,0 +1,190 @@
+//! The host side of the conversations: connecting through the VMM's Unix-socket vsock backend,
+//! reading the init's `Ready`, and a request/response client for the control port.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use super::{
+    CONTROL_PORT, GuestStatus, Hello, Message, ProtocolError, Ready, check_hello, expect_frame,
+    write_frame,
+};
+
+/// Connects to guest vsock `port` through the VMM's Unix socket `uds` (Firecracker's convention:
+/// write `CONNECT <port>\n`, read `OK <hostport>\n`). Returns the stream, positioned after the reply.
+pub fn connect_vsock_uds(uds: &Path, port: u32) -> Result<UnixStream, ProtocolError> {
+    let mut stream = UnixStream::connect(uds).map_err(ProtocolError::Io)?;
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(ProtocolError::Io)?;
+    // Read the reply a byte at a time so nothing of the guest's stream is consumed.
+    let mut line = Vec::new();
+    loop {
+        let mut b = [0u8; 1];
+        match stream.read(&mut b) {
+            Ok(0) => {
+                return Err(ProtocolError::ConnectRefused {
+                    port,
+                    reply: String::from_utf8_lossy(&line).into_owned(),
+                });
+            }
+            Ok(_) if b[0] == b'\n' => break,
+            Ok(_) if line.len() < 64 => line.push(b[0]),
+            Ok(_) => {
+                return Err(ProtocolError::ConnectRefused {
+                    port,
+                    reply: "reply line too long".into(),
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ProtocolError::Io(e)),
+        }
+    }
+    let reply = String::from_utf8_lossy(&line).into_owned();
+    if !reply.starts_with("OK ") {
+        return Err(ProtocolError::ConnectRefused { port, reply });
+    }
+    Ok(stream)
+}
+
+/// Reads the init's `Hello` and `Ready` from an accepted ready connection (host port 1024).
+pub fn read_ready<S: Read + ?Sized>(stream: &mut S) -> Result<(Hello, Ready), ProtocolError> {
+    let hello = check_hello(expect_frame(stream)?)?;
+    match expect_frame(stream)? {
+        Message::Ready(r) => Ok((hello, r)),
+        other => Err(ProtocolError::Unexpected {
+            expected: "Ready",
+            got: other.kind().to_owned(),
+        }),
+    }
+}
+
+/// A control connection to the init (after the `Hello` exchange).
+#[derive(Debug)]
+pub struct ControlClient<S> {
+    stream: S,
+    /// The init's `Hello`.
+    pub peer: Hello,
+}
+
+impl ControlClient<UnixStream> {
+    /// Connects to the init's control port through the VMM's vsock Unix socket and says hello.
+    pub fn connect_uds(uds: &Path) -> Result<Self, ProtocolError> {
+        Self::handshake(connect_vsock_uds(uds, CONTROL_PORT)?)
+    }
+}
+
+impl<S: Read + Write> ControlClient<S> {
+    /// Sends our `Hello` on `stream` and checks the init's.
+    pub fn handshake(mut stream: S) -> Result<Self, ProtocolError> {
+        write_frame(&mut stream, &Message::Hello(Hello::ours("hearth-host")))?;
+        let peer = check_hello(expect_frame(&mut stream)?)?;
+        Ok(ControlClient { stream, peer })
+    }
+
+    /// Sends one request and returns its response; an `Error` answer becomes [`ProtocolError::Remote`].
+    pub fn request(&mut self, msg: &Message) -> Result<Message, ProtocolError> {
+        write_frame(&mut self.stream, msg)?;
+        match expect_frame(&mut self.stream)? {
+            Message::Error(e) => Err(ProtocolError::Remote {
+                code: e.code,
+                message: e.message,
+            }),
+            other => Ok(other),
+        }
+    }
+
+    /// Sends `Ping{bytes}` and returns the bytes of the `Pong`.
+    pub fn ping(&mut self, bytes: Vec<u8>) -> Result<Vec<u8>, ProtocolError> {
+        match self.request(&Message::Ping { bytes })? {
+            Message::Pong { bytes } => Ok(bytes),
+            other => Err(ProtocolError::Unexpected {
+                expected: "Pong",
+                got: other.kind().to_owned(),
+            }),
+        }
+    }
+
+    /// Asks for the guest's status.
+    pub fn status(&mut self) -> Result<GuestStatus, ProtocolError> {
+        match self.request(&Message::Status)? {
+            Message::StatusReply(s) => Ok(s),
+            other => Err(ProtocolError::Unexpected {
+                expected: "StatusReply",
+                got: other.kind().to_owned(),
+            }),
+        }
+    }
+
+    /// Asks the guest to reboot (which ends the VM); returns once the init acknowledged, and closes
+    /// the connection (the init waits for that close, up to a second, before it reboots).
+    pub fn reboot(mut self) -> Result<(), ProtocolError> {
+        match self.request(&Message::Reboot)? {
+            Message::Rebooting => Ok(()),
+            other => Err(ProtocolError::Unexpected {
+                expected: "Rebooting",
+                got: other.kind().to_owned(),
+            }),
+        }
+    }
+
+    /// The underlying stream.
+    pub fn into_inner(self) -> S {
+        self.stream
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::read_frame;
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn connect_vsock_uds_speaks_the_connect_handshake() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let listener = UnixListener::bind(&uds).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut line = Vec::new();
+            let mut b = [0u8; 1];
+            while s.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
+                line.push(b[0]);
+            }
+            assert_eq!(line, b"CONNECT 1025");
+            // The reply and the first guest bytes arrive together.
+            let mut out = b"OK 1073741824\n".to_vec();
+            out.extend(
+                crate::protocol::encode_frame(&Message::Hello(Hello::ours("hearth-init"))).unwrap(),
+            );
+            s.write_all(&out).unwrap();
+            let hello: Message = read_frame(&mut s).unwrap().unwrap();
+            assert!(matches!(hello, Message::Hello(_)));
+            let ping: Message = read_frame(&mut s).unwrap().unwrap();
+            let Message::Ping { bytes } = ping else {
+                panic!("{ping:?}")
+            };
+            write_frame(&mut s, &Message::Pong { bytes }).unwrap();
+        });
+        let mut client = ControlClient::connect_uds(&uds).unwrap();
+        assert!(client.peer.agent.starts_with("hearth-init"));
+        assert_eq!(client.ping(b"abc".to_vec()).unwrap(), b"abc");
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn refused_connect_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let listener = UnixListener::bind(&uds).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 13];
+            s.read_exact(&mut buf).unwrap();
+        });
+        let err = connect_vsock_uds(&uds, 1025).unwrap_err();
+        assert!(matches!(err, ProtocolError::ConnectRefused { .. }), "{err}");
+        server.join().unwrap();
+    }
+}

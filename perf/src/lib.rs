@@ -1,0 +1,23 @@
+//! `hearth-perf`: the load-generation and benchmark harness whose figures Hearth publishes, and the
+//! test host (QEMU in TCG mode with an emulated AMD CPU with SVM) that gives machines without
+//! hardware KVM a real KVM to run microVMs in.
+//!
+//! Owns: the `hearth-perf` scenarios and their JSON report format, and `hearth testhost`.
+//!
+//! Relies on: the other Hearth crates and binaries; `qemu-system-x86_64` for the test host.
+//!
+//! Must not touch: production code paths; it only drives them from outside.
+//!
+//! - [`testhost`]: `hearth testhost [--with PATH]... [--memory MIB] [--cpus N] [--timeout SECS] --
+//!   COMMAND [ARGS]...` packs an initramfs (hearth-init as `/init`, the `hearth` binary, the kernel
+//!   cache, the `--with` files, their shared libraries), boots it under QEMU TCG with SVM, runs the
+//!   command there with a real KVM, streams its output and returns its exit status.
+//! - [`scenario`]: `hearth-perf SCENARIO [--json FILE]`: `boot` (microVM boot times and the VMM's
+//!   memory; inside the test host where there is no hardware KVM) and `testhost` (the test host's
+//!   own cost). Each prints a table and writes a [`report::Report`].
+
+pub mod machine;
+pub mod memory;
+pub mod report;
+pub mod scenario;
+pub mod testhost;

@@ -1,0 +1,48 @@
+//! `hearth-perf`: Hearth's benchmark scenarios. Each prints a table and, with `--json FILE`,
+//! writes `{"scenario", "machine", "metrics": {NAME: {"p50", "p90", "p99", "unit", "n", ...}}}`.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use hearth_perf::scenario::{self, Common};
+
+#[derive(Parser)]
+#[command(name = "hearth-perf", version, about = "Hearth's benchmark scenarios")]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Time the QEMU test host itself: `hearth testhost -- /bin/true`, end to end and by phase.
+    Testhost(scenario::testhost::TesthostScenarioArgs),
+    /// Boot microVMs with `hearth vmm`: process start to guest init and to vsock ready, and the VMM's
+    /// memory with an idle guest (inside the test host where there is no hardware KVM).
+    Boot(scenario::boot::BootArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let report = match &cli.scenario {
+        Scenario::Testhost(args) => scenario::testhost::run(args),
+        Scenario::Boot(args) => scenario::boot::run(args),
+    };
+    match report.and_then(|report| scenario::finish(&report, &cli.common)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("hearth-perf: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

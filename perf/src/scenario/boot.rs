@@ -1,0 +1,279 @@
+//! `hearth-perf boot --runs N`: boots microVMs with `hearth vmm` (through the VMM's Rust API) and
+//! measures, from the VMM process's start: the VM built and its control socket up, the vCPUs
+//! running, the guest's init started, and the init's vsock `Ready`; and the VMM process's RSS and
+//! PSS with an idle guest, with and without guest RAM.
+//!
+//! Where this machine has no hardware KVM, the scenario re-runs itself inside the test host.
+
+use std::io::ErrorKind;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use hearth_guest::image::{self, KernelImage};
+use hearth_guest::protocol::{READY_PORT, Ready, client};
+use hearth_vmm::config::{VmConfig, VsockConfig};
+use hearth_vmm::process::VmmProcess;
+
+use crate::memory;
+use crate::report::Report;
+
+/// `hearth-perf boot` options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BootArgs {
+    /// How many microVMs to boot, one after the other.
+    #[arg(long, default_value_t = 20)]
+    pub runs: usize,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    pub memory: u32,
+    /// Guest vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    /// How long one guest may take to report ready, in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub ready_timeout: u64,
+    /// How long the guest idles before its memory is measured, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    pub idle_ms: u64,
+    /// The time limit for the whole run inside the test host, in seconds.
+    #[arg(long, default_value_t = 1800)]
+    pub testhost_timeout: u64,
+}
+
+/// One boot's measurements, in milliseconds from the VMM process's start, and memory in KiB.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    control_ready: f64,
+    running: f64,
+    guest_init: f64,
+    vsock_ready: f64,
+    kernel_to_init: f64,
+    memory: memory::ProcessMemory,
+}
+
+/// Runs the scenario here on hardware KVM, else inside the test host.
+pub fn run(args: &BootArgs) -> anyhow::Result<Report> {
+    anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
+    if !super::has_hardware_kvm() {
+        anyhow::ensure!(
+            std::env::var_os("HEARTH_IN_TESTHOST").is_none(),
+            "inside the test host /dev/kvm must be hardware KVM, but it is {}",
+            super::kvm_description()
+        );
+        return super::rerun_in_testhost(args.testhost_timeout);
+    }
+    let hearth = crate::testhost::find_hearth()?;
+    let kernel = KernelImage::locate()
+        .context("the guest kernel is not in the cache: run `hearth image`")?;
+    let init = image::locate_init()?;
+    let work = tempfile::Builder::new()
+        .prefix("hearth-perf-boot-")
+        .tempdir()
+        .context("cannot make a work folder")?;
+    let initrd = work.path().join("initramfs.cpio");
+    std::fs::write(&initrd, image::guest_initramfs(&kernel, &init)?)
+        .context("cannot write the guest initramfs")?;
+    let ranges_kib: Vec<u64> = hearth_vmm::arch::memory::ram_ranges(u64::from(args.memory) << 20)
+        .iter()
+        .map(|(_, len)| *len as u64 / 1024)
+        .collect();
+
+    let mut samples = Vec::with_capacity(args.runs);
+    for run in 1..=args.runs {
+        let sample = boot_once(
+            args,
+            &hearth,
+            &kernel.vmlinuz,
+            &initrd,
+            &work.path().join(format!("vm{run}")),
+            &ranges_kib,
+        )
+        .with_context(|| format!("boot {run} of {}", args.runs))?;
+        println!(
+            "boot {run}: running {:.1} ms, init {:.1} ms, vsock ready {:.1} ms, VMM RSS {} KiB (without guest RAM {} KiB)",
+            sample.running,
+            sample.guest_init,
+            sample.vsock_ready,
+            sample.memory.rss_kib,
+            sample.memory.own_rss_kib()
+        );
+        samples.push(sample);
+    }
+
+    let mut report = Report::new("boot", super::machine());
+    report.parameter("runs", args.runs);
+    report.parameter("memory_mib", args.memory);
+    report.parameter("vcpus", args.vcpus);
+    report.parameter("kernel", kernel.package.clone() + " " + &kernel.version);
+    let ms = |f: fn(&Sample) -> f64| samples.iter().map(f).collect::<Vec<_>>();
+    let mib = |f: fn(&memory::ProcessMemory) -> u64| {
+        samples
+            .iter()
+            .map(|s| f(&s.memory) as f64 / 1024.0)
+            .collect::<Vec<_>>()
+    };
+    report.add("start_to_control_ready", &ms(|s| s.control_ready), "ms");
+    report.add("start_to_vm_running", &ms(|s| s.running), "ms");
+    report.add("start_to_guest_init", &ms(|s| s.guest_init), "ms");
+    report.add("start_to_vsock_ready", &ms(|s| s.vsock_ready), "ms");
+    report.add("guest_kernel_to_init", &ms(|s| s.kernel_to_init), "ms");
+    report.add("vmm_rss", &mib(|m| m.rss_kib), "MiB");
+    report.add("vmm_pss", &mib(|m| m.pss_kib), "MiB");
+    report.add("guest_ram_rss", &mib(|m| m.guest_rss_kib), "MiB");
+    report.add(
+        "vmm_rss_without_guest_ram",
+        &mib(memory::ProcessMemory::own_rss_kib),
+        "MiB",
+    );
+    report.add(
+        "vmm_pss_without_guest_ram",
+        &mib(memory::ProcessMemory::own_pss_kib),
+        "MiB",
+    );
+    if samples
+        .iter()
+        .any(|s| s.memory.guest_mappings != ranges_kib.len())
+    {
+        println!(
+            "note: the guest RAM mappings were not all recognized in /proc/PID/smaps; *_without_guest_ram may include guest RAM"
+        );
+    }
+    Ok(report)
+}
+
+fn boot_once(
+    args: &BootArgs,
+    hearth: &Path,
+    kernel: &Path,
+    initrd: &Path,
+    dir: &Path,
+    ranges_kib: &[u64],
+) -> anyhow::Result<Sample> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let uds = dir.join("vsock.sock");
+    let ready_listener = UnixListener::bind(socket_for_port(&uds, READY_PORT))
+        .context("cannot listen for the guest's ready connection")?;
+    ready_listener
+        .set_nonblocking(true)
+        .context("cannot make the ready listener non-blocking")?;
+    let mut config = VmConfig::new(kernel);
+    config.initrd = Some(initrd.to_path_buf());
+    config.mem_mib = args.memory;
+    config.vcpus = args.vcpus;
+    config.vsock = Some(VsockConfig {
+        guest_cid: 3,
+        uds_path: uds,
+    });
+    config.serial_log = Some(dir.join("serial.log"));
+    config.control_socket = Some(dir.join("control.sock"));
+
+    let started = Instant::now();
+    let mut vmm = VmmProcess::spawn(hearth, &config)?;
+    let control_ready = started.elapsed();
+    vmm.start()?;
+    let running = started.elapsed();
+    let (stream, ready) = match wait_ready(
+        &ready_listener,
+        &mut vmm,
+        Duration::from_secs(args.ready_timeout),
+    ) {
+        Ok(found) => found,
+        Err(err) => {
+            let serial = std::fs::read_to_string(dir.join("serial.log")).unwrap_or_default();
+            let tail: Vec<&str> = serial
+                .lines()
+                .rev()
+                .take(30)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            return Err(err.context(format!(
+                "guest serial log (last lines):\n{}\nVMM stderr:\n{}",
+                tail.join("\n"),
+                vmm.stderr_tail()
+            )));
+        }
+    };
+    let vsock_ready = started.elapsed();
+    let init_to_ready = Duration::from_millis(ready.ready_ms.saturating_sub(ready.init_start_ms));
+    let guest_init = vsock_ready.saturating_sub(init_to_ready);
+
+    std::thread::sleep(Duration::from_millis(args.idle_ms));
+    let memory = memory::read(vmm.pid(), ranges_kib)?;
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    if let Err(err) = vmm.stop() {
+        println!("warning: the VMM did not stop cleanly ({err}); killing it");
+        vmm.kill()?;
+    }
+    Ok(Sample {
+        control_ready: ms(control_ready),
+        running: ms(running),
+        guest_init: ms(guest_init),
+        vsock_ready: ms(vsock_ready),
+        kernel_to_init: ready.init_start_ms as f64,
+        memory,
+    })
+}
+
+/// Where the VMM's vsock backend delivers guest connections to host port `port`: `<uds>_<port>`.
+fn socket_for_port(uds: &Path, port: u32) -> PathBuf {
+    let mut path = uds.as_os_str().to_owned();
+    path.push(format!("_{port}"));
+    PathBuf::from(path)
+}
+
+/// Accepts the init's ready connection and reads its `Ready`, failing when the VMM exits first or
+/// the time is up.
+fn wait_ready(
+    listener: &UnixListener,
+    vmm: &mut VmmProcess,
+    limit: Duration,
+) -> anyhow::Result<(UnixStream, Ready)> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match listener.accept() {
+            Ok((mut stream, _)) => {
+                stream
+                    .set_nonblocking(false)
+                    .context("cannot make the ready connection blocking")?;
+                stream
+                    .set_read_timeout(Some(limit))
+                    .context("cannot set a read timeout")?;
+                let (_hello, ready) =
+                    client::read_ready(&mut stream).context("the init's ready message")?;
+                return Ok((stream, ready));
+            }
+            Err(err) if err.kind() == ErrorKind::WouldBlock => {}
+            Err(err) => return Err(err).context("cannot accept the guest's ready connection"),
+        }
+        if let Some(status) = vmm.wait(Duration::ZERO)? {
+            anyhow::bail!("the VMM exited ({status}) before the guest was ready");
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the guest did not report ready within {} s",
+            limit.as_secs()
+        );
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_sockets_follow_the_firecracker_convention() {
+        assert_eq!(
+            socket_for_port(Path::new("/run/vm/v.sock"), 1024),
+            PathBuf::from("/run/vm/v.sock_1024")
+        );
+    }
+}

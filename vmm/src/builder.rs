@@ -1,0 +1,215 @@
+//! Builds a VM from a [`VmConfig`]: memory, KVM VM, kernel and initramfs, the boot tables, the
+//! devices on their buses, ACPI, and the vCPUs (created, not yet running).
+
+use crate::acpi::{self, MmioDeviceInfo};
+use crate::arch::layout::{
+    ACPI_SLEEP_PORT, SERIAL_GSI, VIRTIO_GSI_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
+};
+use crate::arch::memory::{self, GuestMemory};
+use crate::arch::{boot, regs};
+use crate::config::VmConfig;
+use crate::devices::bus::{Bus, BusAction, BusDevice, BusError};
+use crate::devices::legacy::{AcpiSleep, CMOS_PORT, Cmos, I8042, I8042_CMD, I8042_DATA};
+use crate::devices::serial::{BoundedLog, COM1_LEN, COM1_PORT, SerialDevice};
+use crate::devices::virtio::{MmioTransport, VirtioDevice};
+use crate::kvm;
+use crate::vstate::vcpu::{EventSink, Vcpu, VcpuEvent};
+use crate::vstate::vm::{Vm, VmError};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use vmm_sys_util::eventfd::EventFd;
+
+/// The command line every guest gets before the caller's extra.
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off quiet 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.dumbkbd";
+/// The virtio-mmio notify register offset.
+pub const NOTIFY_OFFSET: u64 = 0x50;
+
+/// Building the VM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The host has no hardware KVM.
+    #[error(transparent)]
+    Kvm(#[from] kvm::KvmError),
+    /// Guest memory failed.
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    /// KVM set-up failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The kernel or initramfs could not be loaded.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// The boot page tables could not be written.
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    /// ACPI tables failed.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    /// The serial console failed.
+    #[error(transparent)]
+    Serial(#[from] crate::devices::serial::SerialError),
+    /// A bus range clashed.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// A virtio device could not be put behind its transport.
+    #[error("cannot attach virtio device {0}")]
+    Virtio(usize, #[source] crate::devices::virtio::MmioError),
+    /// The vsock device could not be created.
+    #[error("cannot create the vsock device: {0}")]
+    Vsock(String),
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+}
+
+/// A built VM: everything needed to spawn the vCPUs and run the event loop.
+pub struct BuiltVm {
+    /// The KVM VM (kept alive for as long as the vCPUs run).
+    pub vm: Vm,
+    /// Guest memory.
+    pub mem: GuestMemory,
+    /// The vCPUs, not yet spawned.
+    pub vcpus: Vec<Vcpu>,
+    /// vCPU events.
+    pub events: Receiver<VcpuEvent>,
+    /// Written after each vCPU event.
+    pub wake: Arc<EventFd>,
+    /// Device event subscribers for the event loop.
+    pub subscribers: Vec<Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>>>,
+}
+
+/// The virtio-mmio transport on the MMIO bus.
+struct TransportDevice(MmioTransport);
+
+impl BusDevice for TransportDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.0.bus_read(offset, data);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) -> BusAction {
+        self.0.bus_write(offset, data);
+        BusAction::None
+    }
+}
+
+/// The full kernel command line for `config`.
+pub fn cmdline(config: &VmConfig) -> String {
+    if config.cmdline_extra.trim().is_empty() {
+        BASE_CMDLINE.to_string()
+    } else {
+        format!("{BASE_CMDLINE} {}", config.cmdline_extra.trim())
+    }
+}
+
+/// Puts `device` behind virtio-mmio window `index`: MMIO bus, ioeventfds, irqfd.
+fn attach_virtio(
+    vm: &Vm,
+    mem: &GuestMemory,
+    mmio: &mut Bus,
+    index: usize,
+    device: Arc<Mutex<dyn VirtioDevice>>,
+) -> Result<MmioDeviceInfo, BuildError> {
+    let info = MmioDeviceInfo {
+        base: VIRTIO_MMIO_BASE + index as u64 * VIRTIO_MMIO_SIZE,
+        size: VIRTIO_MMIO_SIZE,
+        gsi: VIRTIO_GSI_BASE + index as u32,
+    };
+    let transport =
+        MmioTransport::new(mem.clone(), device).map_err(|e| BuildError::Virtio(index, e))?;
+    for (queue, evt) in transport
+        .queue_evts()
+        .map_err(|e| BuildError::Virtio(index, e))?
+        .iter()
+        .enumerate()
+    {
+        vm.register_ioevent(evt, info.base + NOTIFY_OFFSET, queue as u32)?;
+    }
+    vm.register_irqfd(transport.irq_evt(), info.gsi)?;
+    mmio.insert(
+        info.base,
+        info.size,
+        Arc::new(Mutex::new(TransportDevice(transport))),
+    )?;
+    Ok(info)
+}
+
+/// Builds the VM described by `config`. `started` is when the process started (for the
+/// first-`KVM_RUN` timing log).
+pub fn build(config: &VmConfig, started: Instant) -> Result<BuiltVm, BuildError> {
+    config.validate()?;
+    // The guest is loaded before KVM is asked for anything, so a bad kernel or initramfs is
+    // reported as such on any host; then a host without hardware KVM fails, naming the test host.
+    let mem = memory::create(config.mem_bytes())?;
+    let entry = boot::load_guest(
+        &mem,
+        &config.kernel,
+        config.initrd.as_deref(),
+        &cmdline(config),
+    )?;
+    regs::write_boot_tables(&mem)?;
+    tracing::debug!(
+        ms = started.elapsed().as_secs_f64() * 1000.0,
+        "guest loaded"
+    );
+    kvm::require_hardware()?;
+    let vm = Vm::new(&mem)?;
+    tracing::debug!(
+        ms = started.elapsed().as_secs_f64() * 1000.0,
+        "KVM VM created"
+    );
+
+    // Port IO: unmapped reads float high (0xff), which is what absent COM2-4 and PCI look like.
+    let mut pio = Bus::new(0xff);
+    let log = BoundedLog::create(config.serial_log.as_deref(), config.serial_log_cap)?;
+    let (serial, serial_irq) = SerialDevice::new(log)?;
+    vm.register_irqfd(&serial_irq, SERIAL_GSI)?;
+    pio.insert(COM1_PORT, COM1_LEN, Arc::new(Mutex::new(serial)))?;
+    pio.insert(I8042_DATA, 1, Arc::new(Mutex::new(I8042::data())))?;
+    pio.insert(I8042_CMD, 1, Arc::new(Mutex::new(I8042::command())))?;
+    pio.insert(CMOS_PORT, 2, Arc::new(Mutex::new(Cmos)))?;
+    pio.insert(
+        u64::from(ACPI_SLEEP_PORT),
+        1,
+        Arc::new(Mutex::new(AcpiSleep)),
+    )?;
+
+    let mut mmio = Bus::new(0);
+    let mut devices = Vec::new();
+    let mut subscribers: Vec<Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>>> = Vec::new();
+    if let Some(vsock_config) = &config.vsock {
+        let (device, subscriber) =
+            crate::vsock::create(vsock_config, &mem).map_err(BuildError::Vsock)?;
+        devices.push(attach_virtio(&vm, &mem, &mut mmio, devices.len(), device)?);
+        subscribers.push(subscriber);
+    }
+    acpi::write_tables(&mem, config.vcpus, &devices)?;
+
+    let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?);
+    let (sink, events) = EventSink::new(wake.clone());
+    let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+    for id in 0..config.vcpus {
+        let fd = vm.create_vcpu(id, config.vcpus, entry.entry)?;
+        let timing = (id == 0).then_some(started);
+        vcpus.push(Vcpu::new(
+            id,
+            fd,
+            pio.clone(),
+            mmio.clone(),
+            sink.clone(),
+            timing,
+        ));
+    }
+    tracing::debug!(ms = started.elapsed().as_secs_f64() * 1000.0, "VM built");
+    Ok(BuiltVm {
+        vm,
+        mem,
+        vcpus,
+        events,
+        wake,
+        subscribers,
+    })
+}

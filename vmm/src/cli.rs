@@ -1,0 +1,162 @@
+//! `hearth vmm`: runs one microVM in this process. Configured by flags or a JSON config; driven
+//! over the control socket (or started at once with `--start`); exits 0 when the guest reboots or
+//! powers off, on Stop, on SIGTERM/SIGINT, and when its parent's pipe closes.
+
+use crate::builder;
+use crate::config::{DEFAULT_SERIAL_LOG_CAP, VmConfig, VsockConfig};
+use crate::control::Command;
+use crate::control::server::ControlServer;
+use crate::runtime::{Controller, EventLoop, StopReason, block_termination_signals};
+use crate::seccomp::{self, ThreadKind};
+use crate::vstate::vcpu::install_kick_handler;
+use anyhow::{Context, bail};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Flags of `hearth vmm`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct VmmArgs {
+    /// A JSON VM configuration file (fields of `hearth_vmm::VmConfig`); excludes the flags below.
+    #[arg(long, conflicts_with_all = ["config_json", "kernel"])]
+    pub config: Option<PathBuf>,
+    /// The JSON VM configuration as a string.
+    #[arg(long, conflicts_with = "kernel")]
+    pub config_json: Option<String>,
+    /// The guest kernel (bzImage).
+    #[arg(long, required_unless_present_any = ["config", "config_json"])]
+    pub kernel: Option<PathBuf>,
+    /// The initramfs.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Appended to the kernel command line.
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// Guest memory in MiB (128 to 10240).
+    #[arg(long, default_value_t = 128)]
+    pub mem_mib: u32,
+    /// vCPUs (1 to 8).
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    /// The guest's vsock context id (needs --vsock-uds).
+    #[arg(long, requires = "vsock_uds")]
+    pub vsock_cid: Option<u64>,
+    /// The vsock host Unix socket.
+    #[arg(long, requires = "vsock_cid")]
+    pub vsock_uds: Option<PathBuf>,
+    /// Where the serial console goes.
+    #[arg(long)]
+    pub serial_log: Option<PathBuf>,
+    /// Most bytes written to the serial log.
+    #[arg(long, default_value_t = DEFAULT_SERIAL_LOG_CAP)]
+    pub serial_log_cap: u64,
+    /// The control socket.
+    #[arg(long)]
+    pub control_socket: Option<PathBuf>,
+    /// Run the guest at once instead of waiting for Start on the control socket.
+    #[arg(long)]
+    pub start: bool,
+    /// Exit when standard input reaches end of file (the parent's pipe closed).
+    #[arg(long, hide = true)]
+    pub exit_on_stdin_eof: bool,
+    /// Install no seccomp filters (debugging only).
+    #[arg(long, hide = true)]
+    pub no_seccomp: bool,
+}
+
+impl VmmArgs {
+    /// The VM configuration these flags describe.
+    pub fn to_config(&self) -> anyhow::Result<VmConfig> {
+        let config = if let Some(path) = &self.config {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            VmConfig::from_json(&text)?
+        } else if let Some(text) = &self.config_json {
+            VmConfig::from_json(text)?
+        } else {
+            let Some(kernel) = &self.kernel else {
+                bail!("--kernel or --config is required")
+            };
+            let config = VmConfig {
+                kernel: kernel.clone(),
+                initrd: self.initrd.clone(),
+                cmdline_extra: self.cmdline.clone(),
+                mem_mib: self.mem_mib,
+                vcpus: self.vcpus,
+                vsock: match (self.vsock_cid, &self.vsock_uds) {
+                    (Some(guest_cid), Some(uds_path)) => Some(VsockConfig {
+                        guest_cid,
+                        uds_path: uds_path.clone(),
+                    }),
+                    _ => None,
+                },
+                serial_log: self.serial_log.clone(),
+                serial_log_cap: self.serial_log_cap,
+                control_socket: self.control_socket.clone(),
+            };
+            config.validate()?;
+            config
+        };
+        Ok(config)
+    }
+}
+
+/// Runs `hearth vmm`; returns the process exit status.
+pub fn run(args: VmmArgs) -> anyhow::Result<u8> {
+    let started = Instant::now();
+    let config = args.to_config()?;
+    let signals = block_termination_signals()?;
+    install_kick_handler()?;
+    let built = builder::build(&config, started)?;
+    let control = match &config.control_socket {
+        Some(path) => Some(ControlServer::bind(path)?),
+        None => None,
+    };
+    let mut handles = Vec::with_capacity(built.vcpus.len());
+    for vcpu in built.vcpus {
+        let vcpu = if args.no_seccomp {
+            vcpu.without_seccomp()
+        } else {
+            vcpu
+        };
+        handles.push(vcpu.spawn()?);
+    }
+    let parent = args.exit_on_stdin_eof.then_some(0);
+    let controller = Controller::new(handles, built.events, built.wake, &signals, parent, control)?;
+    let mut event_loop = EventLoop::new(controller)?;
+    for s in built.subscribers {
+        event_loop.add_subscriber(s);
+    }
+    let start_now = args.start;
+    let no_seccomp = args.no_seccomp;
+    let vmm = std::thread::Builder::new()
+        .name("vmm".into())
+        .spawn(move || -> Result<StopReason, String> {
+            if !no_seccomp {
+                seccomp::install(ThreadKind::Vmm).map_err(|e| e.to_string())?;
+            }
+            if start_now {
+                event_loop.command(Command::Start)?;
+            }
+            Ok(event_loop.run())
+        })
+        .context("cannot spawn the VMM thread")?;
+    let reason = match vmm.join() {
+        Ok(Ok(reason)) => reason,
+        Ok(Err(e)) => bail!("the VMM failed: {e}"),
+        Err(_) => bail!("the VMM thread panicked"),
+    };
+    // Keep guest memory and the VM alive until every vCPU thread is gone (joined above).
+    drop(built.vm);
+    drop(built.mem);
+    tracing::info!(
+        ?reason,
+        ms = started.elapsed().as_secs_f64() * 1000.0,
+        "VM ended"
+    );
+    match &reason {
+        StopReason::Guest(crate::vstate::vcpu::VmExitReason::Error(e)) | StopReason::Error(e) => {
+            bail!("the VM failed: {e}")
+        }
+        other => Ok(other.exit_status()),
+    }
+}

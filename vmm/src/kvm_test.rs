@@ -1,0 +1,71 @@
+//! Running VM integration tests where hardware KVM is: directly on such a host, otherwise inside
+//! the QEMU test host (`hearth testhost`), which re-runs the same test binary and test there.
+
+use crate::kvm::{KvmKind, detect_kind};
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The `hearth` binary next to the running test's target directory.
+pub fn hearth_binary() -> PathBuf {
+    let exe = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => panic!("cannot find the running test binary: {e}"),
+    };
+    // <target>/<profile>/deps/<test>-<hash>  ->  <target>/<profile>/hearth
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(3)
+        .map(|d| d.join("hearth"))
+        .collect();
+    if let Some(found) = candidates.iter().find(|p| p.is_file()) {
+        return found.clone();
+    }
+    if let Ok(p) = which_in_path("hearth") {
+        return p;
+    }
+    panic!(
+        "the `hearth` binary is not built (looked at {candidates:?}): run `cargo build --bins` first"
+    );
+}
+
+fn which_in_path(name: &str) -> Result<PathBuf, ()> {
+    let path = std::env::var_os("PATH").ok_or(())?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or(())
+}
+
+/// Runs `body` where hardware KVM is. With hardware `/dev/kvm`, runs it here. Inside the test host
+/// without it, panics. Otherwise runs this very test (`test_name`, as libtest names it) inside
+/// `hearth testhost` and asserts it passed there.
+pub fn in_kvm(test_name: &str, body: impl FnOnce()) {
+    let kind = detect_kind();
+    if let KvmKind::Hardware(_) = kind {
+        body();
+        return;
+    }
+    if std::env::var_os("HEARTH_IN_TESTHOST").is_some() {
+        panic!("inside the test host, /dev/kvm must be hardware KVM, but it is {kind}");
+    }
+    let exe = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => panic!("cannot find the running test binary: {e}"),
+    };
+    let hearth = hearth_binary();
+    eprintln!("[in_kvm] /dev/kvm here is {kind}; running {test_name} inside `hearth testhost`");
+    let status = Command::new(&hearth)
+        .arg("testhost")
+        .arg("--with")
+        .arg(&exe)
+        .arg("--")
+        .arg(&exe)
+        .args(["--exact", test_name, "--nocapture", "--test-threads", "1"])
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        Ok(s) => panic!("{test_name} failed inside the test host ({s})"),
+        Err(e) => panic!("cannot run {} testhost: {e}", hearth.display()),
+    }
+}

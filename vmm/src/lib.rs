@@ -1,0 +1,39 @@
+//! `hearth-vmm`: a minimal KVM virtual machine monitor for one Hearth microVM.
+//!
+//! Owns: guest memory, vCPU threads, the in-kernel irqchip and PIT, bzImage loading and boot
+//! parameters, ACPI tables, the devices (8250 serial, i8042, virtio-mmio transport, virtio-vsock with
+//! a Unix-socket backend), per-thread seccomp filters, the `hearth vmm` process (one VM a process)
+//! and its control socket, and the Rust API the agent uses to start and control such processes.
+//!
+//! Relies on: `/dev/kvm` being hardware KVM (VMX/SVM), the rust-vmm crates, and a guest kernel and
+//! initramfs handed to it by the caller.
+//!
+//! Must not touch: function code, the Lambda APIs, pools and scheduling (those belong to `agent`
+//! and `snapshot`), or anything on the host beyond the paths and sockets it is given.
+//!
+//! Layout: `kvm` (what /dev/kvm is), `config` (the VM description), `arch` (x86_64 memory map,
+//! boot protocol, CPU state, CPUID), `acpi`, `devices` (buses, serial, legacy ports, virtio),
+//! `vstate` (the KVM VM and the vCPU threads), `runtime` (the event loop and VM state machine),
+//! `control` (the control protocol), `seccomp`, `builder` (config to VM), `cli` (`hearth vmm`),
+//! `process` (the agent's handle on a `hearth vmm` child), `kvm_test` (running VM tests where
+//! hardware KVM is).
+
+pub mod acpi;
+pub mod arch;
+pub mod builder;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod devices;
+pub mod kvm;
+pub mod kvm_test;
+pub mod process;
+pub mod ratelimit;
+pub mod runtime;
+pub mod seccomp;
+pub mod vsock;
+pub mod vstate;
+
+pub use config::{VmConfig, VsockConfig};
+pub use control::VmState;
+pub use process::{ProcessError, VmmProcess};

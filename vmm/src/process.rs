@@ -1,0 +1,251 @@
+//! The agent's handle on a `hearth vmm` child process: spawn it with a [`VmConfig`], drive it
+//! over its control socket, wait for it, and never leave it behind (killed and reaped on drop; it
+//! also exits by itself when this process's pipe to it closes).
+
+use crate::config::VmConfig;
+use crate::control::protocol::{self, ProtocolError};
+use crate::control::{Command, Request, Response, VmState};
+use std::collections::VecDeque;
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command as ProcessCommand, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a new child gets to build its VM and open its control socket.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a control request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How much of the child's stderr is kept for error messages.
+const STDERR_KEEP: usize = 16 * 1024;
+
+/// Controlling a `hearth vmm` process failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// The configuration has no control socket (it is how the process is driven).
+    #[error("the VM configuration needs a control_socket")]
+    NoControlSocket,
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The binary could not be started.
+    #[error("cannot start {0}")]
+    Spawn(PathBuf, #[source] std::io::Error),
+    /// The process exited before it was ready.
+    #[error("the VMM process exited ({status}) before it was ready: {stderr}")]
+    ExitedEarly {
+        /// Its exit status.
+        status: ExitStatus,
+        /// The end of its stderr.
+        stderr: String,
+    },
+    /// The process did not open its control socket in time.
+    #[error("the VMM process did not open its control socket within {0:?}: {1}")]
+    NotReady(Duration, String),
+    /// A control request failed on the wire.
+    #[error("control request {0:?} failed")]
+    Control(Command, #[source] ProtocolError),
+    /// The VMM refused a command.
+    #[error("the VMM refused {0:?}: {1}")]
+    Refused(Command, String),
+    /// Waiting for the process failed.
+    #[error("cannot wait for the VMM process")]
+    Wait(#[source] std::io::Error),
+    /// The process did not exit after Stop.
+    #[error("the VMM process did not exit within {0:?} of Stop")]
+    StopTimeout(Duration),
+}
+
+/// A running `hearth vmm` child.
+pub struct VmmProcess {
+    child: Child,
+    // Held open: the child exits when it closes (this process died or dropped the handle).
+    _stdin: Option<ChildStdin>,
+    control: PathBuf,
+    config: VmConfig,
+    stderr: Arc<Mutex<VecDeque<u8>>>,
+    status: Option<ExitStatus>,
+}
+
+impl VmmProcess {
+    /// Starts `hearth_binary vmm` for `config` and waits until its VM is built and its control
+    /// socket answers. The VM is not running yet: call [`VmmProcess::start`].
+    pub fn spawn(hearth_binary: &Path, config: &VmConfig) -> Result<Self, ProcessError> {
+        config.validate()?;
+        let control = config
+            .control_socket
+            .clone()
+            .ok_or(ProcessError::NoControlSocket)?;
+        let _ = std::fs::remove_file(&control);
+        let json = serde_json::to_string(config)
+            .map_err(|e| ProcessError::Config(crate::config::ConfigError::Parse(e)))?;
+        let mut child = ProcessCommand::new(hearth_binary)
+            .arg("vmm")
+            .arg("--config-json")
+            .arg(json)
+            .arg("--exit-on-stdin-eof")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| ProcessError::Spawn(hearth_binary.to_path_buf(), e))?;
+        let stderr = Arc::new(Mutex::new(VecDeque::new()));
+        if let Some(mut pipe) = child.stderr.take() {
+            let keep = stderr.clone();
+            // Drains the child's stderr so it never blocks on a full pipe; keeps the tail.
+            let _ = std::thread::Builder::new()
+                .name("vmm-stderr".into())
+                .spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = pipe.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        let mut k = keep.lock().unwrap_or_else(|p| p.into_inner());
+                        k.extend(&buf[..n]);
+                        while k.len() > STDERR_KEEP {
+                            k.pop_front();
+                        }
+                    }
+                });
+        }
+        let stdin = child.stdin.take();
+        let mut me = VmmProcess {
+            child,
+            _stdin: stdin,
+            control,
+            config: config.clone(),
+            stderr,
+            status: None,
+        };
+        me.wait_ready()?;
+        Ok(me)
+    }
+
+    fn wait_ready(&mut self) -> Result<(), ProcessError> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().map_err(ProcessError::Wait)? {
+                self.status = Some(status);
+                // Give the stderr thread a moment to collect the last words.
+                std::thread::sleep(Duration::from_millis(20));
+                return Err(ProcessError::ExitedEarly {
+                    status,
+                    stderr: self.stderr_tail(),
+                });
+            }
+            if UnixStream::connect(&self.control).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(ProcessError::NotReady(READY_TIMEOUT, self.stderr_tail()));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The configuration it runs.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// The last part of the child's stderr (its logs and errors).
+    pub fn stderr_tail(&self) -> String {
+        let k = self.stderr.lock().unwrap_or_else(|p| p.into_inner());
+        let (a, b) = k.as_slices();
+        let mut bytes = a.to_vec();
+        bytes.extend_from_slice(b);
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    fn request(&self, command: Command) -> Result<VmState, ProcessError> {
+        let mut stream = UnixStream::connect(&self.control)
+            .map_err(|e| ProcessError::Control(command, e.into()))?;
+        let io = |e: std::io::Error| ProcessError::Control(command, e.into());
+        stream.set_read_timeout(Some(REQUEST_TIMEOUT)).map_err(io)?;
+        stream
+            .set_write_timeout(Some(REQUEST_TIMEOUT))
+            .map_err(io)?;
+        protocol::write_frame(&mut stream, &Request::new(command))
+            .map_err(|e| ProcessError::Control(command, e))?;
+        let resp: Response =
+            protocol::read_frame(&mut stream).map_err(|e| ProcessError::Control(command, e))?;
+        resp.result.map_err(|m| ProcessError::Refused(command, m))
+    }
+
+    /// Runs the vCPUs for the first time.
+    pub fn start(&self) -> Result<VmState, ProcessError> {
+        self.request(Command::Start)
+    }
+
+    /// Pauses the vCPUs.
+    pub fn pause(&self) -> Result<VmState, ProcessError> {
+        self.request(Command::Pause)
+    }
+
+    /// Resumes the vCPUs.
+    pub fn resume(&self) -> Result<VmState, ProcessError> {
+        self.request(Command::Resume)
+    }
+
+    /// The VM's state.
+    pub fn status(&self) -> Result<VmState, ProcessError> {
+        self.request(Command::Status)
+    }
+
+    /// Stops the VM and waits for the process to exit.
+    pub fn stop(&mut self) -> Result<ExitStatus, ProcessError> {
+        if let Some(s) = self.status {
+            return Ok(s);
+        }
+        // The process may be exiting already; the wait below is what counts.
+        let _ = self.request(Command::Stop);
+        let limit = Duration::from_secs(5);
+        self.wait(limit)?.ok_or(ProcessError::StopTimeout(limit))
+    }
+
+    /// Waits up to `timeout` for the process to exit; `None` if it is still running.
+    pub fn wait(&mut self, timeout: Duration) -> Result<Option<ExitStatus>, ProcessError> {
+        if let Some(s) = self.status {
+            return Ok(Some(s));
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().map_err(ProcessError::Wait)? {
+                self.status = Some(s);
+                return Ok(Some(s));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Kills the process (SIGKILL) and reaps it.
+    pub fn kill(&mut self) -> Result<ExitStatus, ProcessError> {
+        if let Some(s) = self.status {
+            return Ok(s);
+        }
+        let _ = self.child.kill();
+        let s = self.child.wait().map_err(ProcessError::Wait)?;
+        self.status = Some(s);
+        Ok(s)
+    }
+}
+
+impl Drop for VmmProcess {
+    fn drop(&mut self) {
+        let _ = self.kill();
+        let _ = std::fs::remove_file(&self.control);
+        if let Some(v) = &self.config.vsock {
+            let _ = std::fs::remove_file(&v.uds_path);
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! Creating the virtio-vsock device with its Unix-socket backend for the builder: the same object
+//! is the virtio device (behind the MMIO transport) and the event-loop subscriber.
+
+use crate::arch::memory::GuestMemory;
+use crate::config::VsockConfig;
+use crate::devices::virtio::VirtioDevice;
+use crate::devices::virtio::vsock::{Vsock, VsockUnixBackend};
+use event_manager::MutEventSubscriber;
+use std::sync::{Arc, Mutex};
+
+/// The device as the transport sees it, and as the event loop sees it.
+pub type VsockParts = (
+    Arc<Mutex<dyn VirtioDevice>>,
+    Arc<Mutex<dyn MutEventSubscriber + Send>>,
+);
+
+/// Creates the vsock device for `config` (binds the host Unix socket).
+pub fn create(config: &VsockConfig, _mem: &GuestMemory) -> Result<VsockParts, String> {
+    let backend = VsockUnixBackend::new(config.guest_cid, &config.uds_path)
+        .map_err(|e| format!("{}: {e}", config.uds_path.display()))?;
+    let device = Arc::new(Mutex::new(Vsock::new(backend).map_err(|e| e.to_string())?));
+    Ok((device.clone(), device))
+}
