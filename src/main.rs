@@ -14,6 +14,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the AWS Lambda API (control plane and Invoke) on 127.0.0.1:9000.
+    Serve(hearth_api::cli::ServeArgs),
     /// Download, verify and unpack the guest kernel (Debian's cloud kernel) into the cache.
     Image(hearth_guest::image::cli::ImageArgs),
     /// Run one microVM in this process (normally started by the agent, not by hand).
@@ -34,6 +36,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Serve(args) => hearth_api::cli::run(args),
         Command::Image(args) => hearth_guest::image::cli::run(args),
         Command::Vmm(args) => hearth_vmm::cli::run(args),
         Command::Testhost(args) => hearth_perf::testhost::run(args),

@@ -36,4 +36,4 @@ pub mod vstate;
 
 pub use config::{VmConfig, VsockConfig};
 pub use control::VmState;
-pub use process::{ProcessError, VmmProcess};
+pub use process::{MemoryUsage, ProcessError, VmmProcess};

@@ -57,6 +57,76 @@ pub enum ProcessError {
     StopTimeout(Duration),
 }
 
+/// Memory of a VMM process, from `/proc/<pid>/smaps`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryUsage {
+    /// Resident set of the whole process, KiB.
+    pub rss_kib: u64,
+    /// Proportional set size of the whole process, KiB.
+    pub pss_kib: u64,
+    /// Resident guest RAM (the guest memory mappings), KiB.
+    pub guest_rss_kib: u64,
+    /// Proportional set size of the guest memory mappings, KiB.
+    pub guest_pss_kib: u64,
+}
+
+impl MemoryUsage {
+    /// The VMM's own resident memory: everything but guest RAM, KiB.
+    pub fn own_rss_kib(&self) -> u64 {
+        self.rss_kib.saturating_sub(self.guest_rss_kib)
+    }
+
+    /// The VMM's own proportional set size, KiB.
+    pub fn own_pss_kib(&self) -> u64 {
+        self.pss_kib.saturating_sub(self.guest_pss_kib)
+    }
+}
+
+/// Sums `Rss` and `Pss` of `smaps` text, setting apart mappings whose size is one of `guest_sizes`
+/// bytes and that are anonymous (the guest memory regions).
+pub fn parse_smaps(smaps: &str, guest_sizes: &[u64]) -> MemoryUsage {
+    let mut usage = MemoryUsage {
+        rss_kib: 0,
+        pss_kib: 0,
+        guest_rss_kib: 0,
+        guest_pss_kib: 0,
+    };
+    let mut in_guest = false;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next() else { continue };
+        if let Some((start, end)) = first.split_once('-')
+            && let (Ok(start), Ok(end)) =
+                (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+        {
+            // A mapping header: "start-end perms offset dev inode [path]".
+            let anonymous = fields.nth(4).is_none();
+            in_guest = anonymous && guest_sizes.contains(&end.saturating_sub(start));
+            continue;
+        }
+        let value = fields
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        match first {
+            "Rss:" => {
+                usage.rss_kib += value;
+                if in_guest {
+                    usage.guest_rss_kib += value;
+                }
+            }
+            "Pss:" => {
+                usage.pss_kib += value;
+                if in_guest {
+                    usage.guest_pss_kib += value;
+                }
+            }
+            _ => {}
+        }
+    }
+    usage
+}
+
 /// A running `hearth vmm` child.
 pub struct VmmProcess {
     child: Child,
@@ -150,6 +220,17 @@ impl VmmProcess {
         self.child.id()
     }
 
+    /// The process's memory, with guest RAM set apart.
+    pub fn memory_usage(&self) -> Result<MemoryUsage, ProcessError> {
+        let text = std::fs::read_to_string(format!("/proc/{}/smaps", self.pid()))
+            .map_err(ProcessError::Wait)?;
+        let sizes: Vec<u64> = crate::arch::memory::ram_ranges(self.config.mem_bytes())
+            .iter()
+            .map(|(_, len)| *len as u64)
+            .collect();
+        Ok(parse_smaps(&text, &sizes))
+    }
+
     /// The configuration it runs.
     pub fn config(&self) -> &VmConfig {
         &self.config
@@ -237,6 +318,31 @@ impl VmmProcess {
         let s = self.child.wait().map_err(ProcessError::Wait)?;
         self.status = Some(s);
         Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smaps_sets_guest_memory_apart() {
+        let smaps = "\
+55d0c0000000-55d0c0100000 r-xp 00000000 08:01 1234 /usr/bin/hearth
+Rss:                 600 kB
+Pss:                 300 kB
+7f0000000000-7f0008000000 rw-p 00000000 00:00 0
+Rss:               20000 kB
+Pss:               20000 kB
+7f1000000000-7f1000021000 rw-p 00000000 00:00 0
+Rss:                 100 kB
+Pss:                 100 kB
+";
+        let u = parse_smaps(smaps, &[128 << 20]);
+        assert_eq!(
+            (u.rss_kib, u.guest_rss_kib, u.own_rss_kib(), u.own_pss_kib()),
+            (20700, 20000, 700, 400)
+        );
     }
 }
 

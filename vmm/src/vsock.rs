@@ -16,6 +16,12 @@ pub type VsockParts = (
 
 /// Creates the vsock device for `config` (binds the host Unix socket).
 pub fn create(config: &VsockConfig, _mem: &GuestMemory) -> Result<VsockParts, String> {
+    // A socket file left by an earlier VM on this path would make the bind fail.
+    if std::fs::symlink_metadata(&config.uds_path)
+        .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+    {
+        let _ = std::fs::remove_file(&config.uds_path);
+    }
     let backend = VsockUnixBackend::new(config.guest_cid, &config.uds_path)
         .map_err(|e| format!("{}: {e}", config.uds_path.display()))?;
     let device = Arc::new(Mutex::new(Vsock::new(backend).map_err(|e| e.to_string())?));

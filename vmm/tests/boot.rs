@@ -65,6 +65,17 @@ fn boot_ping_reboot(mem_mib: u32, vcpus: u8) {
         "{}",
         ready.kernel_release
     );
+    let mem = vmm.memory_usage().expect("memory usage");
+    eprintln!(
+        "VMM memory apart from guest RAM: RSS {} KiB, PSS {} KiB (guest RAM resident {} KiB)",
+        mem.own_rss_kib(),
+        mem.own_pss_kib(),
+        mem.guest_rss_kib
+    );
+    assert!(
+        mem.guest_rss_kib > 0 && mem.guest_rss_kib <= u64::from(mem_mib) * 1024,
+        "{mem:?}"
+    );
 
     // Host to guest and back, on the control port.
     let mut client =
@@ -155,6 +166,21 @@ fn stop_and_drop_leave_no_process() {
         }
         let status = vmm.stop().expect("stop");
         assert!(status.success(), "{status}");
+        // SIGTERM ends a VM cleanly.
+        let mut vmm3 =
+            VmmProcess::spawn(&hearth_binary(), &config(&dir, &initrd, 128, 1, "")).expect("spawn");
+        {
+            let r = vmm3.start();
+            ok(&mut vmm3, "start", r)
+        };
+        // SAFETY: kill(2) on the pid of our own child, which has not been reaped (no reuse).
+        assert_eq!(unsafe { libc::kill(vmm3.pid() as i32, libc::SIGTERM) }, 0);
+        let status = vmm3
+            .wait(Duration::from_secs(30))
+            .expect("wait")
+            .expect("no exit after SIGTERM");
+        assert!(status.success(), "{status}: {}", vmm3.stderr_tail());
+
         // A second VM is killed by dropping its handle.
         let vmm2 =
             VmmProcess::spawn(&hearth_binary(), &config(&dir, &initrd, 128, 1, "")).expect("spawn");

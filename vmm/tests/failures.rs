@@ -83,3 +83,26 @@ fn a_guest_that_never_reports_ready_is_an_error_and_leaves_no_process() {
         },
     );
 }
+
+#[test]
+fn a_host_without_hardware_kvm_fails_at_once_naming_the_test_host() {
+    let dir = VmDir::new();
+    let mut c = VmConfig::new(kernel().vmlinuz);
+    c.control_socket = Some(dir.path("control.sock"));
+    let kind = hearth_vmm::kvm::detect_kind();
+    match VmmProcess::spawn(&hearth_binary(), &c) {
+        Ok(mut p) if kind.is_hardware() => {
+            let status = p.stop().expect("stop");
+            assert!(status.success(), "{status}");
+        }
+        Ok(mut p) => {
+            let _ = p.kill();
+            panic!("a VM was built on a host whose /dev/kvm is {kind}");
+        }
+        Err(e) if !kind.is_hardware() => {
+            let msg = e.to_string();
+            assert!(msg.contains("hearth testhost"), "{msg}");
+        }
+        Err(e) => panic!("spawn failed on a hardware KVM host: {e}"),
+    }
+}

@@ -168,3 +168,109 @@ proptest! {
         }
     }
 }
+
+/// One step of a hostile or careless guest, or of host clients.
+#[derive(Debug, Clone)]
+enum Step {
+    /// The guest sends `op` with arbitrary credit fields on connection slot `slot`.
+    Guest {
+        slot: usize,
+        op: u16,
+        flags: u32,
+        len: usize,
+        buf_alloc: u32,
+        fwd_cnt: u32,
+    },
+    /// A host client connects to the uds and asks for guest port 1025 (or sends junk).
+    HostConnect { junk: bool },
+    /// A host peer writes `len` bytes.
+    HostWrite { peer: usize, len: usize },
+    /// A host peer closes.
+    HostClose { peer: usize },
+    /// Everything pending is processed; the guest answers host REQUESTs (accept or refuse).
+    Poll { accept: bool },
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        6 => (0usize..4, 1u16..8, 0u32..4, 0usize..3000, any::<u32>(), any::<u32>()).prop_map(
+            |(slot, op, flags, len, buf_alloc, fwd_cnt)| Step::Guest { slot, op, flags, len, buf_alloc, fwd_cnt }
+        ),
+        1 => any::<bool>().prop_map(|junk| Step::HostConnect { junk }),
+        2 => (0usize..6, 1usize..100_000).prop_map(|(peer, len)| Step::HostWrite { peer, len }),
+        1 => (0usize..6).prop_map(|peer| Step::HostClose { peer }),
+        3 => any::<bool>().prop_map(|accept| Step::Poll { accept }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Random interleavings of guest packets (valid ops, arbitrary order and credit) and host
+    /// activity: the device never stops, never panics, and keeps its bounds.
+    #[test]
+    fn vsock_state_machine_holds_up(steps in proptest::collection::vec(step(), 1..40)) {
+        use std::io::Write;
+        use std::os::unix::net::{UnixListener, UnixStream};
+        use hearth_vmm::devices::virtio::vsock::unix::MAX_CONNECTIONS;
+
+        let (dir, mut g) = guest();
+        let uds = g.device().backend().path().to_owned();
+        let listener = UnixListener::bind(format!("{}_1024", uds.display())).expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let _ = dir;
+        // Guest-side ports of up to 4 connections: (guest port, host port).
+        let mut slots: Vec<(u32, u32)> = (0..4).map(|i| (6000 + i, 1024)).collect();
+        let mut peers: Vec<UnixStream> = Vec::new();
+        for s in steps {
+            match s {
+                Step::Guest { slot, op, flags, len, buf_alloc, fwd_cnt } => {
+                    let (gp, hp) = slots[slot];
+                    let mut h = g.header(gp, hp, op);
+                    h.flags = flags;
+                    h.buf_alloc = buf_alloc;
+                    h.fwd_cnt = fwd_cnt;
+                    let payload = vec![0x5au8; if op == 5 { len } else { 0 }];
+                    prop_assert!(g.send(&h, &payload).is_ok());
+                }
+                Step::HostConnect { junk } => {
+                    if let Ok(mut c) = UnixStream::connect(&uds) {
+                        let line: &[u8] = if junk { b"CONNECT x\n" } else { b"CONNECT 1025\n" };
+                        let _ = c.write_all(line);
+                        c.set_nonblocking(true).expect("nonblocking");
+                        peers.push(c);
+                    }
+                }
+                Step::HostWrite { peer, len } => {
+                    if let Some(p) = peers.get_mut(peer) {
+                        let _ = p.write(&vec![0xa5u8; len]);
+                    }
+                }
+                Step::HostClose { peer } => {
+                    if peer < peers.len() {
+                        drop(peers.remove(peer));
+                    }
+                }
+                Step::Poll { accept } => {
+                    while let Ok((s, _)) = listener.accept() {
+                        s.set_nonblocking(true).expect("nonblocking");
+                        peers.push(s);
+                    }
+                    let got = g.poll();
+                    prop_assert!(got.is_ok());
+                    for (h, _) in got.unwrap_or_default() {
+                        if h.op == 1 {
+                            // A host REQUEST: remember the connection in slot 3 and answer it.
+                            slots[3] = (h.dst_port, h.src_port);
+                            let op = if accept { 2 } else { 3 };
+                            let resp = g.header(h.dst_port, h.src_port, op);
+                            prop_assert!(g.send(&resp, &[]).is_ok());
+                        }
+                    }
+                }
+            }
+            prop_assert!(!g.device().needs_reset());
+            prop_assert!(g.device().backend().connection_count() <= MAX_CONNECTIONS);
+        }
+    }
+}

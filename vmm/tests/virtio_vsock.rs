@@ -193,6 +193,35 @@ fn host_connect_refused_by_guest_closes_the_client() {
 }
 
 #[test]
+fn unanswered_host_request_times_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let uds = dir.path().join("t.sock");
+    let mut backend = VsockUnixBackend::new(3, &uds).expect("backend");
+    backend.set_request_timeout(Duration::from_millis(100));
+    let mut guest = GuestVsock::new(backend);
+    let mut client = UnixStream::connect(&uds).expect("connect");
+    client.set_read_timeout(Some(WAIT)).expect("timeout");
+    client.write_all(b"CONNECT 1025\n").expect("write");
+    let got = guest.poll_until(WAIT, has_op(op::REQUEST));
+    let (req, _) = got
+        .iter()
+        .find(|(h, _)| h.op == op::REQUEST)
+        .expect("REQUEST");
+    let local_port = req.src_port;
+    // The guest never answers: after the timeout it gets a reset and the client is closed.
+    let got = guest.poll_until(WAIT, has_op(op::RST));
+    let (rst, _) = got
+        .iter()
+        .find(|(h, _)| h.op == op::RST)
+        .expect("RST after the timeout");
+    assert_eq!((rst.src_port, rst.dst_port), (local_port, 1025));
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).expect("eof");
+    assert!(rest.is_empty());
+    assert_eq!(guest.device().backend().connection_count(), 0);
+}
+
+#[test]
 fn host_to_guest_respects_guest_credit() {
     let mut r = rig();
     let mut client = UnixStream::connect(&r.uds).expect("connect");

@@ -163,6 +163,22 @@ impl<S: Sandbox> Environment<S> {
         if request.request_id.is_empty() {
             request.request_id = new_request_id();
         }
+        let warm = self.current.as_ref().is_some_and(|s| s.is_alive());
+        match self.invoke_once(request.clone()).await {
+            // A warm sandbox that ended between invokes closes the link without a result: the
+            // invoke never reached a runtime, so it is safe to run it in a fresh sandbox.
+            Err(SandboxError::Gone(why)) if warm => {
+                tracing::info!(%why, "environment ended between invokes; starting a new one");
+                self.invoke_once(request).await
+            }
+            other => other,
+        }
+    }
+
+    async fn invoke_once(
+        &mut self,
+        request: InvokeRequest,
+    ) -> Result<InvokeResponse, SandboxError> {
         let mut init: Option<InitReport> = None;
         if self.current.as_ref().is_some_and(|s| !s.is_alive())
             && let Some(old) = self.current.take()

@@ -31,11 +31,9 @@ pub struct TestApp {
 }
 
 pub fn auth() -> Auth {
-    let path = std::env::temp_dir().join(format!("hearth-creds-{}", std::process::id()));
-    std::fs::write(&path, format!("# test keys\n{KEY} {SECRET}\n")).unwrap();
-    let auth = Auth::from_file(&path).unwrap();
-    let _ = std::fs::remove_file(&path);
-    auth
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    writeln!(file, "# test keys\n{KEY} {SECRET}").unwrap();
+    Auth::from_file(file.path()).unwrap()
 }
 
 pub fn open_at(dir: tempfile::TempDir) -> TestApp {

@@ -8,8 +8,14 @@
 //! The same code runs in a microVM and in a container sandbox; only the host link differs. It also
 //! runs natively on a development host (a temporary task folder, any port): see [`RuntimeConfig`].
 //!
-//! The function's processes run as their own uid/gid when [`RuntimeConfig::run_as`] is set (the
-//! container sandbox sets it) in their own process group; the init keeps root and is PID 1.
+//! The function's processes run with less privilege than the init: with [`RuntimeConfig::isolate`]
+//! (the default inside a sandbox) the runtime is started through the `function-exec` helper
+//! ([`isolate`]) in its own pid and mount namespaces, as uid/gid 993, under the function seccomp
+//! profile ([`seccomp`]); it cannot see, signal or trace the init. Natively (tests) it runs as a
+//! plain child in its own process group.
+//!
+//! The container sandbox's two roles of `hearth-init` live in [`container`];
+//! [`main_if_runtime_role`] dispatches them from `main`.
 
 mod api;
 pub mod container;

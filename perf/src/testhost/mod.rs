@@ -112,6 +112,9 @@ pub struct TesthostArgs {
     /// Pack binaries with their debug info (slower to boot, better backtraces).
     #[arg(long)]
     pub keep_debug: bool,
+    /// Extra arguments for the test host kernel's command line.
+    #[arg(long, value_name = "ARGS", default_value = "")]
+    pub append: String,
     /// The command to run inside, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -140,6 +143,8 @@ pub struct TesthostConfig {
     pub hearth: Option<PathBuf>,
     /// The working folder inside; `None`: the current one.
     pub cwd: Option<PathBuf>,
+    /// Extra kernel command-line arguments.
+    pub append: String,
 }
 
 impl TesthostConfig {
@@ -156,6 +161,7 @@ impl TesthostConfig {
             strip: true,
             hearth: None,
             cwd: None,
+            append: String::new(),
         }
     }
 
@@ -197,6 +203,7 @@ impl TesthostConfig {
             strip: !args.keep_debug,
             hearth: None,
             cwd: None,
+            append: args.append,
         })
     }
 }
@@ -277,7 +284,7 @@ pub fn run_timed(
         initrd: initrd.path().to_path_buf(),
         memory_mib: config.memory_mib,
         cpus: config.cpus,
-        cmdline: kernel_cmdline(config.kernel_log),
+        cmdline: kernel_cmdline(config.kernel_log, &config.append),
         timeout: config.timeout,
         kernel_log: config.kernel_log,
     };
@@ -307,11 +314,21 @@ pub fn run_timed(
     })
 }
 
-/// The test host kernel's command line.
-pub fn kernel_cmdline(kernel_log: bool) -> String {
-    let mut cmdline = String::from("console=ttyS0 panic=-1 hearth.role=testhost mitigations=off");
+/// The test host kernel's command line, with `append` at the end.
+///
+/// Under TCG, `lpj=` skips the delay-loop calibration (about half a second for two CPUs),
+/// `tsc=reliable` keeps the TSC as the clock source (the HPET is far slower to read), and
+/// `mitigations=off` drops the speculation work-arounds an emulated CPU does not need.
+pub fn kernel_cmdline(kernel_log: bool, append: &str) -> String {
+    let mut cmdline = String::from(
+        "console=ttyS0 panic=-1 hearth.role=testhost mitigations=off lpj=8000000 tsc=reliable no_timer_check",
+    );
     if !kernel_log {
         cmdline.push_str(" quiet");
+    }
+    if !append.trim().is_empty() {
+        cmdline.push(' ');
+        cmdline.push_str(append.trim());
     }
     cmdline
 }
@@ -681,9 +698,10 @@ mod tests {
 
     #[test]
     fn the_kernel_command_line_names_the_role() {
-        assert!(kernel_cmdline(false).contains("hearth.role=testhost"));
-        assert!(kernel_cmdline(false).contains("console=ttyS0"));
-        assert!(kernel_cmdline(false).contains("quiet"));
-        assert!(!kernel_cmdline(true).contains("quiet"));
+        assert!(kernel_cmdline(false, "").contains("hearth.role=testhost"));
+        assert!(kernel_cmdline(false, "").contains("console=ttyS0"));
+        assert!(kernel_cmdline(false, "").contains("quiet"));
+        assert!(!kernel_cmdline(true, "").contains("quiet"));
+        assert!(kernel_cmdline(false, " lpj=1 ").ends_with(" quiet lpj=1"));
     }
 }

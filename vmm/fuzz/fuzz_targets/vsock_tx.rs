@@ -24,7 +24,10 @@ fuzz_target!(|input: &[u8]| {
     let (desc, avail, _) = tq.addresses();
     let _ = mem.write_slice(table, desc);
     let _ = mem.write_slice(ring, GuestAddress(avail.0 + 2));
-    let _ = mem.write_slice(&data[..data.len().min(MEM - DATA as usize)], GuestAddress(DATA));
+    let _ = mem.write_slice(
+        &data[..data.len().min(MEM - DATA as usize)],
+        GuestAddress(DATA),
+    );
 
     let mut q = tq.queue();
     let mut payload = Vec::new();

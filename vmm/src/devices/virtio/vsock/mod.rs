@@ -3,7 +3,21 @@
 //!
 //! Files: `packet.rs` parses and writes packets on checked descriptor chains; `device.rs` is the
 //! device (queue processing, transport reset); `event_handler.rs` is what the VMM's event loop
-//! calls; `unix/` is the Unix-socket backend (Firecracker's convention, see its module docs).
+//! calls; `unix/` is the Unix-socket backend (Firecracker's convention, see its module docs);
+//! `test_utils.rs` is a guest driver in ordinary memory for tests and benches.
+//!
+//! Wiring it into a VM (one object, shared by the transport and the event loop):
+//!
+//! ```text
+//! let backend = VsockUnixBackend::new(guest_cid, &uds_path)?;      // binds <uds_path>
+//! let vsock = Arc::new(Mutex::new(Vsock::new(backend)?));
+//! let transport = MmioTransport::new(mem.clone(), vsock.clone())?;  // Arc<Mutex<dyn VirtioDevice>>
+//! for (i, evt) in transport.queue_evts()?.iter().enumerate() {      // ioeventfd, datamatch i (u32)
+//!     vm.register_ioevent(evt, base + NOTIFY_REG_OFFSET, i as u32)?;
+//! }
+//! vm.register_irqfd(transport.irq_evt(), gsi)?;
+//! event_manager.add_subscriber(vsock);                               // MutEventSubscriber
+//! ```
 
 use std::os::fd::RawFd;
 

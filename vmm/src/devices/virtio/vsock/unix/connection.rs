@@ -92,6 +92,8 @@ pub struct Connection {
     pub peer_shut: u32,
     /// We already shut down the host socket's write side.
     pub host_write_shut: bool,
+    /// When a host request must have been answered by the guest (LocalInit only).
+    pub deadline: Option<std::time::Instant>,
     tx_buf: VecDeque<u8>,
     fwd_cnt: Wrapping<u32>,
     last_fwd_cnt_sent: Wrapping<u32>,
@@ -114,6 +116,7 @@ impl Connection {
             host_eof: false,
             peer_shut: 0,
             host_write_shut: false,
+            deadline: None,
             tx_buf: VecDeque::new(),
             fwd_cnt: Wrapping(0),
             last_fwd_cnt_sent: Wrapping(0),

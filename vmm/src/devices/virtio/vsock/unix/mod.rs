@@ -7,18 +7,22 @@
 //!   `OK <local_port>\n` (`local_port` being the host-side vsock port chosen for it) and the
 //!   stream is connected. A refusal closes the client's socket.
 //!
-//! Everything (listener, clients in their handshake, connections) sits behind one epoll fd of the
-//! backend's own, so the VMM's event loop polls a single fd. Connections are limited in number;
-//! each one's buffering is bounded by the credit it advertises (`connection.rs`).
+//! Everything (listener, clients in their handshake, connections, a timer) sits behind one epoll
+//! fd of the backend's own, so the VMM's event loop polls a single fd. Connections are limited in
+//! number; each one's buffering is bounded by the credit it advertises (`connection.rs`). A guest
+//! that neither accepts nor refuses a host client's request within [`REQUEST_TIMEOUT`] gets a
+//! reset, and the client's socket is closed.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use event_manager::EventSet;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::packet::{TYPE_STREAM, VsockHeader, op};
 use super::{HOST_CID, VsockBackend};
@@ -39,7 +43,11 @@ const MAX_ORPHAN_RSTS: usize = 256;
 /// First host-side port given to host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 
+/// How long a host client's request may wait for the guest's answer.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
 const LISTENER_TOKEN: u64 = 0;
+const TIMER_TOKEN: u64 = u64::MAX;
 
 /// Errors setting the backend up.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +64,9 @@ pub enum VsockUnixError {
     /// The epoll fd could not be created or set up.
     #[error("epoll set-up failed")]
     Epoll(#[source] io::Error),
+    /// The request timer could not be created.
+    #[error("cannot create the request timer")]
+    Timer(#[source] vmm_sys_util::errno::Error),
 }
 
 /// A host client that has not finished its `CONNECT <port>\n` line.
@@ -90,6 +101,8 @@ pub struct VsockUnixBackend {
     next_token: u64,
     next_local_port: u32,
     rxq: VecDeque<RxItem>,
+    timer: TimerFd,
+    request_timeout: Duration,
 }
 
 impl VsockUnixBackend {
@@ -110,6 +123,14 @@ impl VsockUnixBackend {
                 EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
             )
             .map_err(VsockUnixError::Epoll)?;
+        let timer = TimerFd::new().map_err(VsockUnixError::Timer)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                timer.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TIMER_TOKEN),
+            )
+            .map_err(VsockUnixError::Epoll)?;
         Ok(Self {
             guest_cid,
             path: path.to_owned(),
@@ -121,7 +142,52 @@ impl VsockUnixBackend {
             next_token: LISTENER_TOKEN + 1,
             next_local_port: FIRST_LOCAL_PORT,
             rxq: VecDeque::new(),
+            timer,
+            request_timeout: REQUEST_TIMEOUT,
         })
+    }
+
+    /// Change how long host clients' requests wait for the guest (default [`REQUEST_TIMEOUT`]).
+    pub fn set_request_timeout(&mut self, timeout: Duration) {
+        self.request_timeout = timeout;
+    }
+
+    /// Arm the timer for the earliest pending host request, or disarm it.
+    fn arm_timer(&mut self) {
+        let earliest = self.conns.values().filter_map(|c| c.deadline).min();
+        let result = match earliest {
+            Some(at) => {
+                let wait = at.saturating_duration_since(Instant::now());
+                self.timer.reset(wait.max(Duration::from_millis(1)), None)
+            }
+            None => self.timer.clear(),
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "vsock: cannot arm the request timer");
+        }
+    }
+
+    /// Reset host requests the guest left unanswered past their deadline.
+    fn expire_requests(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<ConnKey> = self
+            .conns
+            .values()
+            .filter(|c| c.deadline.is_some_and(|d| d <= now))
+            .map(|c| c.key)
+            .collect();
+        for key in expired {
+            if let Some(conn) = self.conns.get_mut(&key) {
+                guest_warn!(
+                    port = key.peer_port,
+                    "vsock: guest did not answer a host request in time"
+                );
+                conn.deadline = None;
+                conn.pending = pending::RST;
+            }
+            self.refresh(key);
+        }
+        self.arm_timer();
     }
 
     /// The listening socket's path.
@@ -273,6 +339,7 @@ impl VsockUnixBackend {
             }
             (op::RESPONSE, ConnState::LocalInit) => {
                 conn.state = ConnState::Established;
+                conn.deadline = None;
                 let ack = format!("OK {}\n", key.local_port);
                 // The client waits for this line with an empty socket buffer: it fits at once.
                 match std::io::Write::write(&mut conn.stream, ack.as_bytes()) {
@@ -394,6 +461,10 @@ impl VsockUnixBackend {
                 }
                 let key = self.free_local_key(port);
                 self.add_conn(hs.stream, key, ConnState::LocalInit, pending::REQUEST);
+                if let Some(conn) = self.conns.get_mut(&key) {
+                    conn.deadline = Some(Instant::now() + self.request_timeout);
+                }
+                self.arm_timer();
             }
         }
     }
@@ -572,6 +643,14 @@ impl VsockBackend for VsockUnixBackend {
                 self.accept_clients();
                 continue;
             }
+            if token == TIMER_TOKEN {
+                // Readable means expired: read it to rearm.
+                if let Err(e) = self.timer.wait() {
+                    tracing::error!(error = %e, "vsock: request timer read failed");
+                }
+                self.expire_requests();
+                continue;
+            }
             match self.targets.get(&token).copied() {
                 Some(Target::Handshake) => self.handshake_ready(token),
                 Some(Target::Conn(key)) => self.conn_ready(key, ev.event_set()),
@@ -586,6 +665,7 @@ impl VsockBackend for VsockUnixBackend {
             self.remove(key);
         }
         self.rxq.clear();
+        self.arm_timer();
     }
 }
 
