@@ -16,6 +16,8 @@ struct Cli {
 enum Command {
     /// Serve the AWS Lambda API (control plane and Invoke) on 127.0.0.1:9000.
     Serve(hearth_api::cli::ServeArgs),
+    /// Run one function once, like `sam local invoke`: the response on stdout, logs and REPORT on stderr.
+    Run(hearth_agent::sandbox::run::RunArgs),
     /// Download, verify and unpack the guest kernel (Debian's cloud kernel) into the cache.
     Image(hearth_guest::image::cli::ImageArgs),
     /// Run one microVM in this process (normally started by the agent, not by hand).
@@ -37,6 +39,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => hearth_api::cli::run(args),
+        Command::Run(args) => hearth_agent::sandbox::run::run(args),
         Command::Image(args) => hearth_guest::image::cli::run(args),
         Command::Vmm(args) => hearth_vmm::cli::run(args),
         Command::Testhost(args) => hearth_perf::testhost::run(args),

@@ -428,3 +428,19 @@ fn hearth_run_runs_one_function_once() {
     assert_eq!(run(r#"{"op":"error"}"#), 1);
     let _ = std::fs::remove_file(&zip);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_zip_is_an_invalid_zip_file_exception() {
+    let mut spec = function(5000, 1, vec![]);
+    spec.code = b"PK\x03\x04 this is not really a zip".to_vec();
+    let mut envt: Environment<ContainerSandbox> = Environment::new(config(), spec);
+    let r = envt.invoke(req(json!({}))).await.unwrap();
+    let e = r.result.unwrap_err();
+    assert_eq!(e.error_type, "InvalidZipFileException", "{e:?}");
+    assert!(
+        e.error_message.starts_with("Could not unzip uploaded file"),
+        "{}",
+        e.error_message
+    );
+    envt.destroy().await;
+}

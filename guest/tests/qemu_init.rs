@@ -130,14 +130,27 @@ fn hearth_image_cli_writes_the_microvm_initramfs() {
     let _ = kernel();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("initrd");
-    let args = ImageArgs { cache_dir: None, initramfs: Some(out.clone()), init: Some(init()), json: true };
+    let args = ImageArgs {
+        cache_dir: None,
+        initramfs: Some(out.clone()),
+        init: Some(init()),
+        json: true,
+    };
     assert_eq!(run(args).unwrap(), 0);
     let bytes = std::fs::read(&out).unwrap();
     let entries = parse(&bytes).unwrap();
-    let get = |name: &str| entries.iter().find(|e| e.name == name).unwrap_or_else(|| panic!("no {name} in the initramfs"));
+    let get = |name: &str| {
+        entries
+            .iter()
+            .find(|e| e.name == name)
+            .unwrap_or_else(|| panic!("no {name} in the initramfs"))
+    };
     assert!(get("init").is_file());
     assert_eq!(get("init").mode & 0o777, 0o755);
-    assert!(get("init").data.len() < 8 << 20, "the init is packed without debug info");
+    assert!(
+        get("init").data.len() < 8 << 20,
+        "the init is packed without debug info"
+    );
     assert_eq!(get("dev/console").rdev_major, 5);
     let order = String::from_utf8(get("lib/modules/load-order").data.clone()).unwrap();
     let order: Vec<&str> = order.lines().collect();
@@ -153,6 +166,9 @@ fn hearth_image_cli_writes_the_microvm_initramfs() {
         ]
     );
     for m in order {
-        assert!(get(m.trim_start_matches('/')).data.starts_with(b"\x7fELF"), "{m}");
+        assert!(
+            get(m.trim_start_matches('/')).data.starts_with(b"\x7fELF"),
+            "{m}"
+        );
     }
 }

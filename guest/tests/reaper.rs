@@ -39,9 +39,15 @@ fn reaps_orphans_but_leaves_managed_children_to_their_owner() {
     assert!(!reaper::is_managed(managed.id()));
 
     // An unmanaged child whose owner polls for it promptly (as tokio does on SIGCHLD) keeps its status.
-    let mut polled = std::process::Command::new("sh").args(["-c", "exit 5"]).spawn().unwrap();
+    let mut polled = std::process::Command::new("sh")
+        .args(["-c", "exit 5"])
+        .spawn()
+        .unwrap();
     let status = loop {
-        if let Some(status) = polled.try_wait().expect("the reaper stole a promptly polled child's status") {
+        if let Some(status) = polled
+            .try_wait()
+            .expect("the reaper stole a promptly polled child's status")
+        {
             break status;
         }
         std::thread::sleep(Duration::from_millis(10));

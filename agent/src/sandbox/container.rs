@@ -97,6 +97,9 @@ pub struct ContainerSandbox {
     arn: String,
     timeout: Duration,
     torn_down: AtomicBool,
+    /// One permit per invoke the runtime takes at once (`max_concurrency`): more wait here, where
+    /// their timeout has not started, rather than in the init.
+    permits: tokio::sync::Semaphore,
 }
 
 impl Sandbox for ContainerSandbox {
@@ -227,6 +230,9 @@ impl Sandbox for ContainerSandbox {
                 arn: function.bundle.function_arn.clone(),
                 timeout: function.timeout(),
                 torn_down: AtomicBool::new(false),
+                permits: tokio::sync::Semaphore::new(
+                    function.bundle.max_concurrency.max(1) as usize
+                ),
             },
             InitReport {
                 duration: Duration::from_micros(loaded.init_duration_us),
@@ -247,6 +253,16 @@ impl Sandbox for ContainerSandbox {
         } else {
             request.request_id
         };
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| SandboxError::Gone("the sandbox is closing".into()))?;
+        if !self.is_alive() {
+            return Err(SandboxError::Gone(
+                "the sandbox ended while the invoke waited".into(),
+            ));
+        }
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -342,6 +358,7 @@ impl ContainerSandbox {
             return;
         }
         self.alive.store(false, Ordering::SeqCst);
+        self.permits.close();
         self.reader.abort();
         if let Some(child) = lock(&self.launcher).as_mut() {
             let _ = child.start_kill();

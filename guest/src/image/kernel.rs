@@ -119,8 +119,7 @@ impl KernelImage {
     /// Like [`KernelImage::fetch`], with an explicit cache folder.
     pub fn fetch_into(cache: &Path) -> Result<KernelImage, ImageError> {
         let package = resolve_package(KERNEL_META_PACKAGE)?;
-        let version = candidate_version(&package)?;
-        let expected_sha = index_sha256(&package, &version)?;
+        let (version, expected_sha) = candidate(&package)?;
         let kernels = cache.join("kernel");
         let dir = kernels.join(&version);
         std::fs::create_dir_all(&kernels).map_err(io_err(&kernels))?;
@@ -326,10 +325,15 @@ fn run(cmd: &mut Command) -> Result<String, ImageError> {
 
 /// The real package a meta-package depends on (`apt-cache depends`).
 fn resolve_package(meta: &str) -> Result<String, ImageError> {
-    let out = run(Command::new("apt-cache").args(["depends", meta]))?;
-    parse_depends(&out).ok_or_else(|| ImageError::NoCandidate {
+    let no_candidate = || ImageError::NoCandidate {
         package: meta.to_owned(),
-    })
+    };
+    // apt-cache fails when its lists lack the package: say how to fix that.
+    let out = match run(Command::new("apt-cache").args(["depends", meta])) {
+        Err(ImageError::Command { .. }) => return Err(no_candidate()),
+        other => other?,
+    };
+    parse_depends(&out).ok_or_else(no_candidate)
 }
 
 /// The first `Depends: linux-image-*` line of `apt-cache depends` output.
@@ -342,31 +346,26 @@ pub(crate) fn parse_depends(out: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// The candidate version apt would download (`apt-cache policy`).
-fn candidate_version(package: &str) -> Result<String, ImageError> {
-    let out = run(Command::new("apt-cache").args(["policy", package]))?;
-    parse_candidate(&out).ok_or_else(|| ImageError::NoCandidate {
+/// The candidate version apt would download and its SHA256 in apt's (signed) package index, from
+/// one `apt-cache show --no-all-versions` (which prints only the candidate's record).
+fn candidate(package: &str) -> Result<(String, String), ImageError> {
+    let out = run(Command::new("apt-cache").args(["show", "--no-all-versions", package]))?;
+    let version = parse_version(&out).ok_or_else(|| ImageError::NoCandidate {
         package: package.to_owned(),
-    })
-}
-
-pub(crate) fn parse_candidate(out: &str) -> Option<String> {
-    out.lines()
-        .filter_map(|l| l.trim().strip_prefix("Candidate:"))
-        .map(str::trim)
-        .find(|v| !v.is_empty() && *v != "(none)")
-        .map(str::to_owned)
-}
-
-/// The SHA256 of `package=version` in apt's (signed) package index (`apt-cache show`).
-fn index_sha256(package: &str, version: &str) -> Result<String, ImageError> {
-    let out = run(Command::new("apt-cache")
-        .args(["show", "--no-all-versions"])
-        .arg(format!("{package}={version}")))?;
-    parse_sha256(&out).ok_or_else(|| ImageError::Command {
-        command: format!("apt-cache show {package}={version}"),
+    })?;
+    let sha = parse_sha256(&out).ok_or_else(|| ImageError::Command {
+        command: format!("apt-cache show --no-all-versions {package}"),
         detail: "no SHA256 field".into(),
-    })
+    })?;
+    Ok((version, sha))
+}
+
+pub(crate) fn parse_version(out: &str) -> Option<String> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix("Version:"))
+        .map(str::trim)
+        .find(|v| !v.is_empty() && !v.contains('/') && !v.starts_with('.'))
+        .map(str::to_owned)
 }
 
 pub(crate) fn parse_sha256(out: &str) -> Option<String> {
@@ -389,12 +388,12 @@ mod tests {
             Some("linux-image-6.1.0-56-cloud-amd64")
         );
         assert_eq!(parse_depends("x\n  Recommends: foo\n"), None);
-        let policy = "linux-image-6.1.0-56-cloud-amd64:\n  Installed: (none)\n  Candidate: 6.1.192-2\n  Version table:\n";
-        assert_eq!(parse_candidate(policy).as_deref(), Some("6.1.192-2"));
         assert_eq!(
-            parse_candidate("x:\n  Installed: (none)\n  Candidate: (none)\n"),
-            None
+            parse_version("Package: p\nVersion: 6.1.192-2\n").as_deref(),
+            Some("6.1.192-2")
         );
+        assert_eq!(parse_version("Package: p\nVersion: ../x\n"), None);
+        assert_eq!(parse_version("N: Unable to locate package p\n"), None);
         let show = "Package: x\nVersion: 1\nSHA256: E7D02B943971EDCB8790E256C02CFAB3BCA6C3D37C1BF25392A57C71300615EE\n";
         assert_eq!(
             parse_sha256(show).as_deref(),

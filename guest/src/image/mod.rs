@@ -166,24 +166,34 @@ pub fn locate_init() -> Result<PathBuf, ImageError> {
 }
 
 /// A copy of `init` without debug info (`objcopy --strip-debug`), cached in
-/// `<cache>/init/<key>/hearth-init` where the key hashes the path, size and mtime. The release init
+/// `<cache>/init/<key>/hearth-init` where the key hashes the ELF build id and the size; `init`
+/// itself when it has no debug info. The release init
 /// carries line tables for backtraces (~17 MB); stripped it is ~2 MB, which the guest would otherwise
 /// hold in RAM. Falls back to `init` itself, with a warning, when objcopy is unavailable.
 pub fn stripped_init(init: &Path) -> Result<PathBuf, ImageError> {
-    let meta = std::fs::metadata(init).map_err(io_err(init))?;
-    let mtime = meta
-        .modified()
-        .ok()
-        .and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos());
+    let bytes = std::fs::read(init).map_err(io_err(init))?;
+    let Ok(sections) = modules::sections(&bytes) else {
+        return Ok(init.to_path_buf());
+    };
+    // `.debug_gdb_scripts` is loaded and survives stripping: look at the real debug sections.
+    if !sections.iter().any(|(name, _)| is_debug_section(name)) {
+        return Ok(init.to_path_buf());
+    }
+    // The build id names the build; size (and, without a build id, the contents' hash) complete it.
     let key = {
         use sha2::Digest;
         let mut h = sha2::Sha256::new();
-        h.update(init.as_os_str().as_encoded_bytes());
-        h.update(meta.len().to_le_bytes());
-        h.update(mtime.to_le_bytes());
+        match sections
+            .iter()
+            .find(|(name, _)| *name == b".note.gnu.build-id")
+        {
+            Some((_, note)) => h.update(note),
+            None => h.update(&bytes),
+        }
+        h.update(bytes.len().to_le_bytes());
         hex::encode(&h.finalize()[..12])
     };
+    drop(bytes);
     let dir = cache_dir().join("init").join(key);
     let out = dir.join("hearth-init");
     if out.is_file() {
@@ -207,6 +217,13 @@ pub fn stripped_init(init: &Path) -> Result<PathBuf, ImageError> {
             Ok(init.to_path_buf())
         }
     }
+}
+
+fn is_debug_section(name: &[u8]) -> bool {
+    matches!(
+        name,
+        b".debug_info" | b".debug_line" | b".debug_str" | b".debug_abbrev"
+    )
 }
 
 /// Fails unless `path` is an ELF executable without a `PT_INTERP` program header (a static binary).
@@ -299,6 +316,23 @@ mod tests {
         let junk = dir.path().join("junk");
         std::fs::write(&junk, b"\x7fELF junk").unwrap();
         assert!(ensure_static(&junk).is_err());
+    }
+
+    #[test]
+    fn stripped_init_drops_debug_info_and_keeps_plain_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, b"not an ELF").unwrap();
+        assert_eq!(stripped_init(&plain).unwrap(), plain);
+        // The test binary carries line tables (profile.dev debug = "line-tables-only").
+        let exe = std::env::current_exe().unwrap();
+        let stripped = stripped_init(&exe).unwrap();
+        assert_ne!(stripped, exe);
+        let bytes = std::fs::read(&stripped).unwrap();
+        let sections = modules::sections(&bytes).unwrap();
+        assert!(!sections.iter().any(|(n, _)| is_debug_section(n)));
+        assert!(bytes.len() < std::fs::metadata(&exe).unwrap().len() as usize);
+        assert_eq!(stripped_init(&exe).unwrap(), stripped, "cached");
     }
 
     #[test]

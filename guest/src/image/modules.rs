@@ -190,6 +190,20 @@ fn slice(b: &[u8], off: u64, len: u64) -> Option<&[u8]> {
 /// The contents of the `.modinfo` section of an ELF64 little-endian relocatable object.
 /// Every offset is bounds-checked: malformed input gives an error, never a panic.
 pub fn modinfo(elf: &[u8]) -> Result<&[u8], &'static str> {
+    sections(elf)?
+        .into_iter()
+        .find(|(name, _)| *name == b".modinfo")
+        .map(|(_, data)| data)
+        .ok_or("no .modinfo section")
+}
+
+/// A section's name and contents.
+pub type Section<'a> = (&'a [u8], &'a [u8]);
+
+/// Every section of an ELF64 little-endian file as (name, contents); `SHT_NOBITS` sections have no
+/// contents. Every offset is bounds-checked: malformed input gives an error, never a panic.
+pub fn sections(elf: &[u8]) -> Result<Vec<Section<'_>>, &'static str> {
+    const SHT_NOBITS: u32 = 8;
     if elf.get(..4) != Some(b"\x7fELF".as_slice()) {
         return Err("no ELF magic");
     }
@@ -203,28 +217,33 @@ pub fn modinfo(elf: &[u8]) -> Result<&[u8], &'static str> {
     if shentsize < 64 {
         return Err("section header entries too small");
     }
-    let section = |i: u64| -> Option<(u32, u64, u64)> {
+    let section = |i: u64| -> Option<(u32, u32, u64, u64)> {
         let at = usize::try_from(shoff.checked_add(i.checked_mul(shentsize)?)?).ok()?;
         Some((
             read_u32(elf, at)?,
+            read_u32(elf, at.checked_add(4)?)?,
             read_u64(elf, at.checked_add(24)?)?,
             read_u64(elf, at.checked_add(32)?)?,
         ))
     };
-    let (_, str_off, str_size) = section(shstrndx).ok_or("section name table out of bounds")?;
+    let (_, _, str_off, str_size) = section(shstrndx).ok_or("section name table out of bounds")?;
     let names = slice(elf, str_off, str_size).ok_or("section name table out of bounds")?;
+    let mut out = Vec::new();
     for i in 0..shnum {
-        let (name_off, off, size) = section(i).ok_or("section header out of bounds")?;
+        let (name_off, kind, off, size) = section(i).ok_or("section header out of bounds")?;
         let name = usize::try_from(name_off)
             .ok()
             .and_then(|n| names.get(n..))
             .ok_or("section name out of bounds")?;
         let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
-        if &name[..end] == b".modinfo" {
-            return slice(elf, off, size).ok_or("the .modinfo section is out of bounds");
-        }
+        let data = if kind == SHT_NOBITS {
+            &[][..]
+        } else {
+            slice(elf, off, size).ok_or("a section is out of bounds")?
+        };
+        out.push((&name[..end], data));
     }
-    Err("no .modinfo section")
+    Ok(out)
 }
 
 #[cfg(test)]

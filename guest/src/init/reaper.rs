@@ -98,7 +98,9 @@ fn reap_unmanaged_zombies(seen: &mut HashMap<u32, Instant>) -> usize {
         if set.contains(&pid) || now.duration_since(first) < GRACE {
             continue;
         }
-        let Ok(raw) = i32::try_from(pid) else { continue };
+        let Ok(raw) = i32::try_from(pid) else {
+            continue;
+        };
         let mut status = 0;
         // SAFETY: reaps exactly this child; status is a valid int to write into. The lock is held
         // so a concurrent spawn_managed cannot register a reused pid in between.

@@ -347,7 +347,8 @@ mod tests {
             isolate: false,
         };
         let (host, guest) = UnixStream::pair().unwrap();
-        host.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        host.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
         let guest = File::from(OwnedFd::from(guest));
         let server = std::thread::spawn(move || serve_with(guest, &cfg));
         let mut client = ControlClient::handshake(host).unwrap();
@@ -356,11 +357,24 @@ mod tests {
         let mut bundle = crate::runtime::env::tests_bundle(vec![]);
         bundle.code_len = 4;
         let mut stream = client.into_inner();
-        write_frame(&mut stream, &Message::Function(crate::protocol::function::Message::Load(bundle))).unwrap();
-        write_frame(&mut stream, &Message::Function(crate::protocol::function::Message::CodeChunk(b"junk".to_vec()))).unwrap();
+        write_frame(
+            &mut stream,
+            &Message::Function(crate::protocol::function::Message::Load(bundle)),
+        )
+        .unwrap();
+        write_frame(
+            &mut stream,
+            &Message::Function(crate::protocol::function::Message::CodeChunk(
+                b"junk".to_vec(),
+            )),
+        )
+        .unwrap();
         let answer: Message = expect_frame(&mut stream).unwrap();
         assert!(
-            matches!(answer, Message::Function(crate::protocol::function::Message::InitFailed(_))),
+            matches!(
+                answer,
+                Message::Function(crate::protocol::function::Message::InitFailed(_))
+            ),
             "{answer:?}"
         );
         drop(stream);

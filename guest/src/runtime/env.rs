@@ -173,6 +173,22 @@ mod tests {
     }
 
     #[test]
+    fn gives_credentials_and_concurrency_when_configured() {
+        let mut b = bundle(vec![]);
+        b.credentials = Some(crate::protocol::function::Credentials {
+            access_key_id: "AKID".into(),
+            secret_access_key: "secret".into(),
+            session_token: Some("token".into()),
+        });
+        b.max_concurrency = 4;
+        let env = build(&b, &paths()).unwrap();
+        assert_eq!(env["AWS_ACCESS_KEY_ID"], "AKID");
+        assert_eq!(env["AWS_SECRET_ACCESS_KEY"], "secret");
+        assert_eq!(env["AWS_SESSION_TOKEN"], "token");
+        assert_eq!(env["AWS_LAMBDA_MAX_CONCURRENCY"], "4");
+    }
+
+    #[test]
     fn refuses_reserved_names() {
         let err = build(
             &bundle(vec![("AWS_REGION", "x"), ("_HANDLER", "y")]),

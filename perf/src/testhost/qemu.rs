@@ -375,13 +375,19 @@ fn read_lines(stdout: ChildStdout, tx: &mpsc::Sender<Event>) {
 /// Copies QEMU's own messages to stderr, except the notes about CPU features TCG lacks; returns
 /// them for an error message.
 fn forward_stderr(stderr: ChildStderr) -> String {
+    const KEEP: usize = 64 * 1024;
     let mut kept = String::new();
-    let mut reader = BufReader::new(stderr.take(1024 * 1024));
-    let mut line = String::new();
-    while matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
-        if !line.contains("TCG doesn't support requested feature") {
-            let _ = io::stderr().write_all(format!("qemu: {line}").as_bytes());
-            kept.push_str(&line);
+    let mut reader = BufReader::new(stderr);
+    let mut line = Vec::new();
+    // Read to the end, whatever QEMU writes, so it never blocks on a full pipe.
+    while matches!(reader.by_ref().take(MAX_LINE as u64).read_until(b'\n', &mut line), Ok(n) if n > 0)
+    {
+        let text = String::from_utf8_lossy(&line);
+        if !text.contains("TCG doesn't support requested feature") {
+            let _ = io::stderr().write_all(format!("qemu: {text}").as_bytes());
+            if kept.len() + text.len() <= KEEP {
+                kept.push_str(&text);
+            }
         }
         line.clear();
     }

@@ -8,6 +8,10 @@
 //! A malformed queue (see [`QueueError`]) stops the device: it sets DEVICE_NEEDS_RESET (the
 //! transport reports it), raises a config interrupt and ignores its queues until reset. A
 //! malformed packet only drops that packet.
+//!
+//! Threads: `activate` and `reset` run on a vCPU thread (the guest's status write), under the
+//! vCPU's seccomp filter. They only change state and signal queue eventfds; the backend's work
+//! (sockets, epoll, timers) happens on the event-loop thread in `handle_event`.
 
 use std::io;
 use std::sync::Arc;
@@ -60,6 +64,7 @@ pub struct Vsock<B> {
     active: Option<Active>,
     failed: bool,
     transport_reset_pending: bool,
+    backend_reset_pending: bool,
     scratch: Vec<u8>,
 }
 
@@ -87,6 +92,7 @@ impl<B: VsockBackend> Vsock<B> {
             active: None,
             failed: false,
             transport_reset_pending: false,
+            backend_reset_pending: false,
             scratch: Vec::with_capacity(packet::MAX_PAYLOAD as usize),
         })
     }
@@ -104,6 +110,23 @@ impl<B: VsockBackend> Vsock<B> {
     /// The backend, mutably.
     pub fn backend_mut(&mut self) -> &mut B {
         &mut self.backend
+    }
+
+    /// Event-loop side of a device reset: drop the backend's connections if the guest reset the
+    /// device since the last event.
+    pub(crate) fn settle_reset(&mut self) {
+        if std::mem::take(&mut self.backend_reset_pending) {
+            self.backend.reset();
+        }
+    }
+
+    /// Wake the event loop (from a vCPU thread): it processes `queues` as if notified.
+    fn kick(&self, queues: &[usize]) {
+        for &q in queues {
+            if let Err(e) = self.queue_evts[q].write(1) {
+                tracing::error!(error = %e, "vsock: cannot signal a queue eventfd");
+            }
+        }
     }
 
     /// Process the tx queue: hand every packet the guest sent to the backend.
@@ -334,13 +357,9 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
         }
         self.failed = false;
         self.active = Some(Active { mem, queues, irq });
-        // Connections the host opened before the driver was up can go out now.
-        let result = self
-            .deliver_transport_reset()
-            .and_then(|()| self.process_rx());
-        if let Err(e) = result {
-            guest_warn!(error = %e, "vsock: first queue pass after activation failed");
-        }
+        // Packets the backend holds (connections the host opened before the driver was up, a
+        // pending transport reset) go out from the event loop.
+        self.kick(&[RXQ, EVQ]);
         Ok(())
     }
 
@@ -356,11 +375,13 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
         self.active = None;
         self.failed = false;
         self.acked_features = 0;
-        self.backend.reset();
         for evt in &self.queue_evts {
             // Drain stale notifications; an empty eventfd answers EAGAIN, which is fine.
             let _ = evt.read();
         }
+        // The connections are dropped on the event-loop thread (sockets are not the vCPU's).
+        self.backend_reset_pending = true;
+        self.kick(&[RXQ]);
     }
 }
 
@@ -570,6 +591,25 @@ mod tests {
         r.dev.reset();
         assert!(!r.dev.needs_reset());
         assert!(!r.dev.is_activated());
+    }
+
+    #[test]
+    fn reset_leaves_backend_work_to_the_event_loop() {
+        let mut r = rig();
+        // Activation only signalled the event loop.
+        assert_eq!(r.dev.queue_events()[RXQ].read().expect("kicked"), 1);
+        assert_eq!(r.dev.queue_events()[EVQ].read().expect("kicked"), 1);
+        r.dev.reset();
+        assert_eq!(
+            r.dev.backend().resets,
+            0,
+            "no socket work on the vCPU thread"
+        );
+        assert_eq!(r.dev.queue_events()[RXQ].read().expect("kicked"), 1);
+        r.dev
+            .handle_event(crate::devices::virtio::vsock::VsockEvent::RxQueue)
+            .expect("handled");
+        assert_eq!(r.dev.backend().resets, 1);
     }
 
     #[test]

@@ -2,6 +2,9 @@
 //! three queue eventfds and the backend's polled fd (the Unix backend multiplexes its listener and
 //! connections behind one epoll fd of its own), all level-triggered for input.
 //!
+//! Everything here runs on the event-loop thread (sockets, epoll, timers); the vCPU threads only
+//! signal eventfds.
+//!
 //! Two ways to hook it up: register [`Vsock::event_fds`] in your own epoll and call
 //! [`Vsock::handle_event`] for each ready one; or add the device (`Arc<Mutex<Vsock<B>>>`) to an
 //! `event_manager::EventManager`, through the `MutEventSubscriber` implementation below.
@@ -60,6 +63,7 @@ impl<B: VsockBackend> Vsock<B> {
     /// still accepts host connections (their packets wait for the guest). An error means the
     /// device stopped on a malformed queue (it already told the guest); the loop goes on.
     pub fn handle_event(&mut self, event: VsockEvent) -> Result<(), VsockError> {
+        self.settle_reset();
         let evts = crate::devices::virtio::VirtioDevice::queue_events(self);
         match event {
             VsockEvent::RxQueue => {

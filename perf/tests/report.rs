@@ -1,0 +1,53 @@
+//! The `hearth-perf` binary end to end: a scenario writes the documented JSON report.
+//!
+//! The `testhost` scenario boots the real QEMU test host, so this needs what `tests/testhost.rs`
+//! needs: `cargo build --bins`, the static `hearth-init` and `hearth image`.
+
+use std::process::Command;
+
+#[test]
+fn the_testhost_scenario_writes_the_json_report() {
+    if let Err(err) = hearth_perf::testhost::find_hearth() {
+        panic!("{err}: this test runs the real `hearth` binary; run `cargo build --bins` first");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("report.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_hearth-perf"))
+        .args(["testhost", "--runs", "1", "--json"])
+        .arg(&json)
+        .output()
+        .expect("run hearth-perf");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!(
+        "--- stdout\n{stdout}--- stderr\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "hearth-perf testhost failed: {}",
+        out.status
+    );
+    assert!(
+        stdout.contains("end_to_end") && stdout.contains("p99"),
+        "a table is printed"
+    );
+
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("the JSON file")).expect("valid JSON");
+    assert_eq!(report["scenario"], "testhost");
+    for field in ["cpu_model", "kernel", "kvm"] {
+        assert!(report["machine"][field].is_string(), "machine.{field}");
+    }
+    assert!(report["machine"]["cores"].as_u64().is_some_and(|c| c >= 1));
+    assert_eq!(report["machine"]["in_testhost"], false);
+    let metric = &report["metrics"]["end_to_end"];
+    for field in ["p50", "p90", "p99"] {
+        assert!(
+            metric[field].as_f64().is_some_and(|v| v > 0.0),
+            "end_to_end.{field} = {}",
+            metric[field]
+        );
+    }
+    assert_eq!(metric["unit"], "ms");
+    assert_eq!(metric["n"], 1);
+}
