@@ -9,6 +9,15 @@
 //!
 //! Must not touch: anything on the host beyond its cache folder; inside the guest, the function's
 //! code runs with less privilege than the init and never reaches it.
+//!
+//! Modules:
+//! - [`image`]: the cache folder, the Debian cloud kernel (`hearth image`), module dependency order
+//!   from `.modinfo`, the reproducible newc initramfs writer, the microVM initramfs.
+//! - [`protocol`]: length-prefixed postcard frames between host and init, the messages, and the
+//!   host-side client (vsock through the VMM's Unix socket).
+//! - [`init`]: `hearth-init` as PID 1: the `vm` role (modules, `lo`, vsock ready + control port) and
+//!   the `testhost` role (run one command in the QEMU test host).
+//! - [`runtime`], [`bundle`]: the function side (Lambda Runtime API, code unpacking).
 
 pub mod bundle;
 pub mod image;

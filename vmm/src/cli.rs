@@ -106,6 +106,7 @@ pub fn run(args: VmmArgs) -> anyhow::Result<u8> {
     let config = args.to_config()?;
     let signals = block_termination_signals()?;
     install_kick_handler()?;
+    seccomp::install_reporter()?;
     let built = builder::build(&config, started)?;
     let control = match &config.control_socket {
         Some(path) => Some(ControlServer::bind(path)?),

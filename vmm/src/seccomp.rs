@@ -1,8 +1,57 @@
 //! Per-thread seccomp filters, compiled from `seccomp/filters.json` at build time. Each thread
 //! installs its own before it runs guest-influenced code; a syscall outside its list kills the
-//! process (SIGSYS).
+//! process with SIGSYS (the filters trap, and [`install_reporter`] prints the call's number
+//! first).
 
 use seccompiler::{BpfProgram, sock_filter};
+
+/// Offset of `si_syscall` in a SIGSYS `siginfo_t` on x86_64 (after signo, errno, code, padding
+/// and the 8-byte `si_call_addr`).
+const SI_SYSCALL_OFFSET: usize = 24;
+
+extern "C" fn report_forbidden_syscall(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the kernel hands a valid SIGSYS siginfo; the field read lies inside it.
+    let nr = unsafe { info.cast::<u8>().add(SI_SYSCALL_OFFSET).cast::<i32>().read_unaligned() };
+    const PREFIX: &[u8] = b"hearth vmm: seccomp: forbidden system call ";
+    let mut msg = [0u8; 64];
+    msg[..PREFIX.len()].copy_from_slice(PREFIX);
+    let mut digits = [0u8; 10];
+    let (mut n, mut count) = (nr.unsigned_abs(), 0);
+    loop {
+        digits[count] = b'0' + (n % 10) as u8;
+        count += 1;
+        n /= 10;
+        if n == 0 || count == digits.len() {
+            break;
+        }
+    }
+    let mut len = PREFIX.len();
+    for d in digits[..count].iter().rev() {
+        msg[len] = *d;
+        len += 1;
+    }
+    msg[len] = b'\n';
+    len += 1;
+    // SAFETY: write(2) of a local buffer to stderr; async-signal-safe and on every allow-list.
+    unsafe { libc::write(2, msg.as_ptr().cast(), len) };
+    // Any further forbidden call while SIGSYS is blocked (it is, inside this handler) makes the
+    // kernel kill the process with SIGSYS: getppid is on no list.
+    // SAFETY: a system call without arguments.
+    unsafe { libc::syscall(libc::SYS_getppid) };
+    // Not reached under a filter; without one, end the process the same way.
+    // SAFETY: resetting SIGSYS and re-raising it ends the process as the filter would have.
+    unsafe {
+        libc::signal(libc::SIGSYS, libc::SIG_DFL);
+        libc::raise(libc::SIGSYS);
+    }
+}
+
+/// Makes a forbidden system call print its number on stderr before the process dies of SIGSYS
+/// (the filters trap rather than kill outright so that the death can be explained).
+pub fn install_reporter() -> Result<(), SeccompError> {
+    vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, report_forbidden_syscall)
+        .map_err(|e| SeccompError::Reporter(std::io::Error::from_raw_os_error(e.errno())))
+}
 
 /// A kind of thread with its own allow-list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,6 +68,9 @@ pub enum SeccompError {
     /// The embedded program is malformed (a build problem).
     #[error("the embedded {0} seccomp program is malformed")]
     Malformed(&'static str),
+    /// The SIGSYS reporter could not be installed.
+    #[error("cannot install the SIGSYS reporter")]
+    Reporter(#[source] std::io::Error),
     /// The kernel refused the filter.
     #[error("cannot install the {0} seccomp filter")]
     Install(&'static str, #[source] seccompiler::Error),

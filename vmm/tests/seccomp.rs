@@ -11,6 +11,9 @@ const CHILD_ENV: &str = "HEARTH_SECCOMP_CHILD";
 fn seccomp_child() {
     // Run directly (not as the child), this checks that an allowed syscall passes the filter.
     let forbidden = std::env::var_os(CHILD_ENV).is_some();
+    if forbidden {
+        hearth_vmm::seccomp::install_reporter().expect("install the SIGSYS reporter");
+    }
     let t = std::thread::spawn(move || {
         hearth_vmm::seccomp::install(hearth_vmm::seccomp::ThreadKind::Vcpu)
             .expect("install the vCPU filter");
@@ -49,5 +52,10 @@ fn a_forbidden_syscall_kills_the_process() {
         Some(libc::SIGSYS),
         "child status {:?}; stderr: {stderr}",
         out.status
+    );
+    let socket_nr = libc::SYS_socket.to_string();
+    assert!(
+        stderr.contains(&format!("forbidden system call {socket_nr}")),
+        "the reporter did not name socket ({socket_nr}): {stderr}"
     );
 }
