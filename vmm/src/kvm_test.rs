@@ -5,8 +5,12 @@ use crate::kvm::{KvmKind, detect_kind};
 use std::path::PathBuf;
 use std::process::Command;
 
-/// The `hearth` binary next to the running test's target directory.
+/// The `hearth` binary: `$HEARTH_BINARY` if set, else the one next to the running test's target
+/// directory, else one on `PATH`.
 pub fn hearth_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("HEARTH_BINARY") {
+        return PathBuf::from(p);
+    }
     let exe = match std::env::current_exe() {
         Ok(p) => p,
         Err(e) => panic!("cannot find the running test binary: {e}"),
@@ -41,6 +45,11 @@ fn which_in_path(name: &str) -> Result<PathBuf, ()> {
 /// without it, panics. Otherwise runs this very test (`test_name`, as libtest names it) inside
 /// `hearth testhost` and asserts it passed there.
 pub fn in_kvm(test_name: &str, body: impl FnOnce()) {
+    in_kvm_with(test_name, &[], body)
+}
+
+/// [`in_kvm`], with `with` (absolute paths) also packed into the test host at the same paths.
+pub fn in_kvm_with(test_name: &str, with: &[&std::path::Path], body: impl FnOnce()) {
     let kind = detect_kind();
     if let KvmKind::Hardware(_) = kind {
         body();
@@ -59,6 +68,10 @@ pub fn in_kvm(test_name: &str, body: impl FnOnce()) {
         .arg("testhost")
         .arg("--with")
         .arg(&exe)
+        .args(
+            with.iter()
+                .flat_map(|p| [std::ffi::OsStr::new("--with"), p.as_os_str()]),
+        )
         .arg("--")
         .arg(&exe)
         .args(["--exact", test_name, "--nocapture", "--test-threads", "1"])

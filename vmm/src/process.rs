@@ -321,6 +321,16 @@ impl VmmProcess {
     }
 }
 
+impl Drop for VmmProcess {
+    fn drop(&mut self) {
+        let _ = self.kill();
+        let _ = std::fs::remove_file(&self.control);
+        if let Some(v) = &self.config.vsock {
+            let _ = std::fs::remove_file(&v.uds_path);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,15 +353,5 @@ Pss:                 100 kB
             (u.rss_kib, u.guest_rss_kib, u.own_rss_kib(), u.own_pss_kib()),
             (20700, 20000, 700, 400)
         );
-    }
-}
-
-impl Drop for VmmProcess {
-    fn drop(&mut self) {
-        let _ = self.kill();
-        let _ = std::fs::remove_file(&self.control);
-        if let Some(v) = &self.config.vsock {
-            let _ = std::fs::remove_file(&v.uds_path);
-        }
     }
 }

@@ -9,9 +9,18 @@ use seccompiler::{BpfProgram, sock_filter};
 /// and the 8-byte `si_call_addr`).
 const SI_SYSCALL_OFFSET: usize = 24;
 
-extern "C" fn report_forbidden_syscall(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+extern "C" fn report_forbidden_syscall(
+    _: libc::c_int,
+    info: *mut libc::siginfo_t,
+    _: *mut libc::c_void,
+) {
     // SAFETY: the kernel hands a valid SIGSYS siginfo; the field read lies inside it.
-    let nr = unsafe { info.cast::<u8>().add(SI_SYSCALL_OFFSET).cast::<i32>().read_unaligned() };
+    let nr = unsafe {
+        info.cast::<u8>()
+            .add(SI_SYSCALL_OFFSET)
+            .cast::<i32>()
+            .read_unaligned()
+    };
     const PREFIX: &[u8] = b"hearth vmm: seccomp: forbidden system call ";
     let mut msg = [0u8; 64];
     msg[..PREFIX.len()].copy_from_slice(PREFIX);

@@ -9,6 +9,8 @@
 
 pub mod cgroup;
 pub mod container;
+pub mod link;
+pub mod microvm;
 pub mod run;
 
 use std::future::Future;

@@ -9,7 +9,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::container::{ContainerConfig, ContainerSandbox};
-use super::{Bundle, Environment, FunctionSpec, InvokeRequest};
+use super::microvm::{MicrovmConfig, MicrovmSandbox};
+use super::{
+    Bundle, Environment, FunctionSpec, InvokeRequest, InvokeResponse, Sandbox, SandboxError,
+};
 
 /// Which sandbox runs the function.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -73,11 +76,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
 }
 
 async fn run_async(args: RunArgs) -> anyhow::Result<u8> {
-    if args.sandbox == SandboxKind::Microvm {
-        anyhow::bail!(
-            "the microvm sandbox is not available yet in `hearth run`; use --sandbox container"
-        );
-    }
     if serde_json::from_str::<serde_json::Value>(&args.event).is_err() {
         anyhow::bail!("--event is not valid JSON");
     }
@@ -110,15 +108,27 @@ async fn run_async(args: RunArgs) -> anyhow::Result<u8> {
         },
         code,
     };
-    let mut envt: Environment<ContainerSandbox> =
-        Environment::new(ContainerConfig::new(init), function);
-    let response = envt
-        .invoke(InvokeRequest {
-            payload: args.event.into_bytes(),
-            ..Default::default()
-        })
-        .await;
-    envt.destroy().await;
+    let request = InvokeRequest {
+        payload: args.event.into_bytes(),
+        ..Default::default()
+    };
+    let response = match args.sandbox {
+        SandboxKind::Container => {
+            invoke_once::<ContainerSandbox>(ContainerConfig::new(init), function, request).await
+        }
+        SandboxKind::Microvm => {
+            let hearth = std::env::current_exe()
+                .map_err(|e| anyhow::anyhow!("cannot find the hearth binary: {e}"))?;
+            let config = match MicrovmConfig::new(hearth, &init, std::env::temp_dir()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("hearth run: {e}");
+                    return Ok(2);
+                }
+            };
+            invoke_once::<MicrovmSandbox>(config, function, request).await
+        }
+    };
     let response = match response {
         Ok(r) => r,
         Err(e) => {
@@ -163,4 +173,16 @@ async fn run_async(args: RunArgs) -> anyhow::Result<u8> {
             Ok(1)
         }
     }
+}
+
+/// One invoke in a fresh environment, which is destroyed afterwards.
+async fn invoke_once<S: Sandbox>(
+    config: S::Config,
+    function: FunctionSpec,
+    request: InvokeRequest,
+) -> Result<InvokeResponse, SandboxError> {
+    let mut envt: Environment<S> = Environment::new(config, function);
+    let response = envt.invoke(request).await;
+    envt.destroy().await;
+    response
 }

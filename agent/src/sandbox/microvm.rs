@@ -1,0 +1,364 @@
+//! The microVM sandbox: a `hearth vmm` child process ([`hearth_vmm::VmmProcess`]) booting the
+//! Debian guest kernel with `hearth-init` as PID 1; the host link is vsock.
+//!
+//! Starting one: the agent listens where the guest's connection to host port
+//! [`READY_PORT`] arrives (`<uds>_1024`), spawns the VMM with the function's memory size, waits for
+//! the init's `Hello` + `Ready` there (that connection stays open for the VM's life), then connects
+//! to the guest's [`CONTROL_PORT`] through the VMM's Unix socket (`CONNECT 1025`) and speaks the
+//! function conversation ([`super::link::HostLink`], the same as the container sandbox's).
+//!
+//! Destroying one kills the VMM process (SIGKILL) and reaps it: the guest and everything in it end
+//! with it. A timed-out invoke marks the sandbox dead, so its environment destroys it.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hearth_guest::protocol::{CONTROL_PORT, Message, READY_PORT, Ready, check_hello};
+use hearth_guest::runtime::read_frame;
+use hearth_vmm::{VmConfig, VmmProcess, VsockConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+
+use super::link::{HostLink, lock};
+use super::{FunctionSpec, InitReport, InvokeRequest, InvokeResponse, Sandbox, SandboxError};
+
+/// The guest's vsock context id (one VM per VMM process, so every VM may use the same).
+pub const GUEST_CID: u64 = 3;
+
+/// An initramfs file that is removed when the last configuration using it is dropped.
+#[derive(Debug)]
+struct InitrdFile(PathBuf);
+
+impl Drop for InitrdFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// How microVM sandboxes are made.
+#[derive(Debug, Clone)]
+pub struct MicrovmConfig {
+    /// The `hearth` binary (run as `hearth vmm`).
+    pub hearth_binary: PathBuf,
+    /// The guest kernel (bzImage).
+    pub kernel: PathBuf,
+    /// Where per-sandbox folders (sockets, serial log) are created.
+    pub state_dir: PathBuf,
+    /// vCPUs per VM.
+    pub vcpus: u8,
+    /// Longest wait from spawning the VMM to the guest's `Ready`.
+    pub boot_timeout: Duration,
+    /// Longest wait for the runtime's init.
+    pub init_timeout: Duration,
+    initrd: Arc<InitrdFile>,
+}
+
+fn setup(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SandboxError {
+    let what = what.into();
+    move |source| SandboxError::Setup { what, source }
+}
+
+fn setup_other(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> SandboxError {
+    SandboxError::Setup {
+        what: format!("{what}: {e}"),
+        source: std::io::Error::other(e),
+    }
+}
+
+impl MicrovmConfig {
+    /// Builds the microVM initramfs (`init` as `/init`, the guest modules) for the cached guest
+    /// kernel into `state_dir`, with defaults for the rest: one vCPU, 60 s to boot, 10 s to init.
+    pub fn new(
+        hearth_binary: PathBuf,
+        init: &Path,
+        state_dir: PathBuf,
+    ) -> Result<Self, SandboxError> {
+        let kernel = hearth_guest::image::KernelImage::locate()
+            .map_err(|e| setup_other("find the guest kernel (run `hearth image`)", e))?;
+        let bytes = hearth_guest::image::guest_initramfs(&kernel, init)
+            .map_err(|e| setup_other("build the guest initramfs", e))?;
+        std::fs::create_dir_all(&state_dir).map_err(setup("create the state folder"))?;
+        let path = state_dir.join(format!(
+            "hearth-initrd-{}.cpio",
+            &super::new_request_id()[..18]
+        ));
+        std::fs::write(&path, bytes).map_err(setup("write the guest initramfs"))?;
+        Ok(MicrovmConfig {
+            hearth_binary,
+            kernel: kernel.vmlinuz,
+            state_dir,
+            vcpus: 1,
+            boot_timeout: Duration::from_secs(60),
+            init_timeout: Duration::from_secs(10),
+            initrd: Arc::new(InitrdFile(path)),
+        })
+    }
+
+    /// The initramfs the VMs boot.
+    pub fn initrd(&self) -> &Path {
+        &self.initrd.0
+    }
+}
+
+/// A running microVM sandbox.
+pub struct MicrovmSandbox {
+    link: HostLink,
+    vmm: Mutex<Option<VmmProcess>>,
+    /// The init's ready connection, open for the VM's life.
+    _ready: UnixStream,
+    ready: Ready,
+    dir: PathBuf,
+    torn_down: AtomicBool,
+}
+
+/// Kills the VMM and removes the folder of a sandbox that did not finish starting.
+struct Half {
+    vmm: Option<VmmProcess>,
+    dir: Option<PathBuf>,
+}
+
+impl Half {
+    fn serial_tail(&self) -> String {
+        let Some(dir) = &self.dir else {
+            return String::new();
+        };
+        let text = std::fs::read_to_string(dir.join("serial.log")).unwrap_or_default();
+        let start = text.len().saturating_sub(2000);
+        text.get(start..).unwrap_or("").trim().to_string()
+    }
+
+    /// A `Gone` error with what the VMM and the guest said.
+    fn gone(&mut self, what: String) -> SandboxError {
+        let stderr = match self.vmm.as_mut() {
+            Some(v) => {
+                let _ = v.kill();
+                v.stderr_tail()
+            }
+            None => String::new(),
+        };
+        SandboxError::Gone(format!(
+            "{what}; VMM stderr: {}; guest console: {}",
+            stderr.trim(),
+            self.serial_tail()
+        ))
+    }
+}
+
+impl Drop for Half {
+    fn drop(&mut self) {
+        if let Some(mut v) = self.vmm.take() {
+            let _ = v.kill();
+        }
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+impl Sandbox for MicrovmSandbox {
+    type Config = MicrovmConfig;
+
+    async fn start(
+        config: &MicrovmConfig,
+        function: &FunctionSpec,
+    ) -> Result<(Self, InitReport), SandboxError> {
+        let dir = config
+            .state_dir
+            .join(format!("hearth-vm-{}", &super::new_request_id()[..18]));
+        std::fs::create_dir_all(&dir).map_err(setup("create the sandbox folder"))?;
+        let mut half = Half {
+            vmm: None,
+            dir: Some(dir.clone()),
+        };
+        let uds = dir.join("vsock.sock");
+        let ready_listener = UnixListener::bind(format!("{}_{READY_PORT}", uds.display()))
+            .map_err(setup("bind the ready socket"))?;
+        let mut vm = VmConfig::new(&config.kernel);
+        vm.initrd = Some(config.initrd().to_path_buf());
+        vm.mem_mib = function.bundle.memory_mb;
+        vm.vcpus = config.vcpus;
+        vm.vsock = Some(VsockConfig {
+            guest_cid: GUEST_CID,
+            uds_path: uds.clone(),
+        });
+        vm.serial_log = Some(dir.join("serial.log"));
+        vm.control_socket = Some(dir.join("control.sock"));
+        let binary = config.hearth_binary.clone();
+        let spawned = tokio::task::spawn_blocking(move || {
+            let vmm = VmmProcess::spawn(&binary, &vm)?;
+            vmm.start()?;
+            Ok::<_, hearth_vmm::ProcessError>(vmm)
+        })
+        .await
+        .map_err(|e| setup_other("start the VMM", e))?;
+        half.vmm = Some(spawned.map_err(|e| setup_other("start the VMM", e))?);
+        let booted = Instant::now();
+
+        // The init's Hello + Ready on the ready port, unless the VMM ends first.
+        let mut ready_conn = loop {
+            let waited = tokio::time::timeout(Duration::from_millis(50), ready_listener.accept());
+            match waited.await {
+                Ok(Ok((conn, _))) => break conn,
+                Ok(Err(e)) => return Err(setup("accept the ready connection")(e)),
+                Err(_) => {}
+            }
+            let exited = half
+                .vmm
+                .as_mut()
+                .and_then(|v| v.wait(Duration::ZERO).ok().flatten());
+            if let Some(status) = exited {
+                return Err(half.gone(format!(
+                    "the VMM exited ({status}) before the guest was ready"
+                )));
+            }
+            if booted.elapsed() >= config.boot_timeout {
+                return Err(half.gone(format!(
+                    "the guest did not report ready within {:?}",
+                    config.boot_timeout
+                )));
+            }
+        };
+        let ready =
+            tokio::time::timeout(Duration::from_secs(10), read_ready(&mut ready_conn)).await;
+        let ready = match ready {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Err(half.gone(format!("bad Ready from the guest: {e}"))),
+            Err(_) => return Err(half.gone("no Ready frame from the guest".into())),
+        };
+        tracing::debug!(
+            boot = ?booted.elapsed(),
+            kernel = %ready.kernel_release,
+            ready_ms = ready.ready_ms,
+            "microVM ready"
+        );
+
+        let stream = match connect_vsock(&uds, CONTROL_PORT).await {
+            Ok(s) => s,
+            Err(e) => return Err(half.gone(format!("cannot reach the guest's control port: {e}"))),
+        };
+        let (reader, writer) = stream.into_split();
+        let (link, report) =
+            match HostLink::open(function, config.init_timeout, reader, writer).await {
+                Ok(done) => done,
+                Err(SandboxError::Link(e)) => {
+                    return Err(half.gone(format!("the host link failed: {e}")));
+                }
+                Err(e) => return Err(e),
+            };
+        let vmm = half.vmm.take();
+        half.dir = None;
+        Ok((
+            MicrovmSandbox {
+                link,
+                vmm: Mutex::new(vmm),
+                _ready: ready_conn,
+                ready,
+                dir,
+                torn_down: AtomicBool::new(false),
+            },
+            report,
+        ))
+    }
+
+    async fn invoke(&self, request: InvokeRequest) -> Result<InvokeResponse, SandboxError> {
+        // The guest reports the function's peak memory itself.
+        self.link.invoke(request, || None).await
+    }
+
+    fn is_alive(&self) -> bool {
+        self.link.is_alive()
+    }
+
+    async fn destroy(self) {
+        let vmm = lock(&self.vmm).take();
+        if let Some(mut vmm) = vmm {
+            self.link.close();
+            let _ = tokio::task::spawn_blocking(move || vmm.kill()).await;
+        }
+        self.teardown();
+    }
+}
+
+impl MicrovmSandbox {
+    /// The VMM process's id, while it runs.
+    pub fn vmm_pid(&self) -> Option<u32> {
+        lock(&self.vmm).as_ref().map(VmmProcess::pid)
+    }
+
+    /// What the guest's init reported when it came up.
+    pub fn ready(&self) -> &Ready {
+        &self.ready
+    }
+
+    fn teardown(&self) {
+        if self.torn_down.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.link.close();
+        if let Some(mut vmm) = lock(&self.vmm).take() {
+            let _ = vmm.kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for MicrovmSandbox {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// Reads the init's `Hello` and `Ready`.
+async fn read_ready(conn: &mut UnixStream) -> Result<Ready, hearth_guest::protocol::ProtocolError> {
+    use hearth_guest::protocol::ProtocolError;
+    let unexpected = |expected: &'static str, got: Option<Message>| ProtocolError::Unexpected {
+        expected,
+        got: got
+            .map(|m| m.kind().to_owned())
+            .unwrap_or_else(|| "end of stream".into()),
+    };
+    match read_frame(conn).await? {
+        Some(m @ Message::Hello(_)) => {
+            check_hello(m)?;
+        }
+        other => return Err(unexpected("Hello", other)),
+    }
+    match read_frame(conn).await? {
+        Some(Message::Ready(r)) => Ok(r),
+        other => Err(unexpected("Ready", other)),
+    }
+}
+
+/// Connects to guest vsock `port` through the VMM's Unix socket (`CONNECT <port>\n`, `OK <n>\n`).
+async fn connect_vsock(uds: &Path, port: u32) -> Result<UnixStream, std::io::Error> {
+    let mut stream = UnixStream::connect(uds).await?;
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .await?;
+    // A byte at a time, so nothing of the guest's stream is consumed.
+    let mut line = Vec::new();
+    let reply = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let b = stream.read_u8().await?;
+            if b == b'\n' {
+                return Ok::<_, std::io::Error>(());
+            }
+            if line.len() >= 64 {
+                return Err(std::io::Error::other("the reply line is too long"));
+            }
+            line.push(b);
+        }
+    })
+    .await;
+    match reply {
+        Ok(Ok(())) if line.starts_with(b"OK ") => Ok(stream),
+        Ok(Ok(())) => Err(std::io::Error::other(format!(
+            "CONNECT {port} refused: {}",
+            String::from_utf8_lossy(&line)
+        ))),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(std::io::Error::other(format!("no reply to CONNECT {port}"))),
+    }
+}
