@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "hearth", version, about = "Hearth: a serverless worker host (AWS Lambda's API on your own metal)")]
+#[command(
+    name = "hearth",
+    version,
+    about = "Hearth: a serverless worker host (AWS Lambda's API on your own metal)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -60,7 +64,12 @@ fn doctor() -> anyhow::Result<u8> {
     let cache = hearth_guest::image::cache_dir();
     println!("cache: {}", cache.display());
     match hearth_guest::image::KernelImage::locate() {
-        Ok(image) => println!("kernel: {} ({}, sha256 {})", image.vmlinuz.display(), image.version, image.sha256),
+        Ok(image) => println!(
+            "kernel: {} ({}, sha256 {})",
+            image.vmlinuz.display(),
+            image.version,
+            image.sha256
+        ),
         Err(err) => println!("kernel: missing ({err}); run `hearth image`"),
     }
     Ok(0)

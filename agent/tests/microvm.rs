@@ -139,6 +139,7 @@ fn echo_then_timeout_then_a_working_invoke() {
         block_on(async {
             // Generous: the nested guest runs under QEMU TCG.
             let timeout_ms = 20_000;
+            let started = std::time::Instant::now();
             let mut envt: Environment<MicrovmSandbox> =
                 Environment::new(config(), function(&zip, timeout_ms));
 
@@ -164,6 +165,7 @@ fn echo_then_timeout_then_a_working_invoke() {
                 r.init_duration, r.duration
             );
 
+            eprintln!("[{:?}] warm invoke", started.elapsed());
             // Warm: the same VM answers.
             let r = envt
                 .invoke(req(json!({"op": "env"})))
@@ -175,6 +177,7 @@ fn echo_then_timeout_then_a_working_invoke() {
             assert_eq!(v["env"]["AWS_LAMBDA_FUNCTION_MEMORY_SIZE"], "256");
             assert_eq!(envt.sandbox().and_then(|s| s.vmm_pid()), Some(first_vmm));
 
+            eprintln!("[{:?}] an invoke past its timeout", started.elapsed());
             // Past the timeout: Sandbox.Timedout, the VM is destroyed.
             let r = envt
                 .invoke(req(json!({"op": "sleep", "ms": timeout_ms * 3})))
@@ -189,6 +192,7 @@ fn echo_then_timeout_then_a_working_invoke() {
                 "the VMM process {first_vmm} survived its sandbox"
             );
 
+            eprintln!("[{:?}] an invoke in a new VM", started.elapsed());
             // The next invoke works, in a new VM.
             let r = envt
                 .invoke(req(json!({"op": "echo", "after": "timeout"})))
@@ -198,8 +202,55 @@ fn echo_then_timeout_then_a_working_invoke() {
             assert_eq!(ok_json(&r)["after"], "timeout");
             let second_vmm = envt.sandbox().and_then(|s| s.vmm_pid()).expect("a VMM");
             assert_ne!(second_vmm, first_vmm);
+            eprintln!("[{:?}] destroy", started.elapsed());
             envt.destroy().await;
             assert!(!process_runs(second_vmm), "destroy left the VMM running");
         });
+    });
+}
+
+/// `hearth run --sandbox microvm`, the binary itself: the response on stdout, the logs and the
+/// REPORT line on stderr, exit status 0; a handled error gives its Lambda-shaped body and status 1.
+#[test]
+fn hearth_run_in_a_microvm() {
+    let zip = echo_zip();
+    in_kvm_with("hearth_run_in_a_microvm", &[&zip], || {
+        let run = |event: &str| {
+            let out = Command::new(hearth_binary())
+                .args(["run", "--sandbox", "microvm", "--code"])
+                .arg(&zip)
+                .args([
+                    "--memory",
+                    "256",
+                    "--timeout",
+                    "60",
+                    "--init-timeout",
+                    "120",
+                ])
+                .args(["--env", "K=V", "--event", event])
+                .output()
+                .expect("hearth run starts");
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            eprintln!("hearth run {event}: {}\n{stdout}{stderr}", out.status);
+            (out.status.code(), stdout, stderr)
+        };
+        let (code, stdout, stderr) = run(r#"{"op":"echo","x":1}"#);
+        assert_eq!(code, Some(0), "{stderr}");
+        let v: Value = serde_json::from_str(stdout.trim()).expect("the response is JSON");
+        assert_eq!(v, json!({"op": "echo", "x": 1}));
+        assert!(stderr.contains("echo function init"), "{stderr}");
+        assert!(
+            stderr.contains("REPORT RequestId: ")
+                && stderr.contains("Memory Size: 256 MB")
+                && stderr.contains("Init Duration: "),
+            "{stderr}"
+        );
+
+        let (code, stdout, stderr) = run(r#"{"op":"error"}"#);
+        assert_eq!(code, Some(1), "{stderr}");
+        let v: Value = serde_json::from_str(stdout.trim()).expect("the error is JSON");
+        assert_eq!(v["errorType"], "EchoError");
+        assert_eq!(v["errorMessage"], "handled failure");
     });
 }

@@ -65,6 +65,7 @@ fn boot_ping_reboot(mem_mib: u32, vcpus: u8) {
         "{}",
         ready.kernel_release
     );
+    eprintln!("VMM log so far:\n{}", vmm.stderr_tail());
     let mem = vmm.memory_usage().expect("memory usage");
     eprintln!(
         "VMM memory apart from guest RAM: RSS {} KiB, PSS {} KiB (guest RAM resident {} KiB)",

@@ -24,6 +24,9 @@ use tokio::net::{UnixListener, UnixStream};
 use super::link::{HostLink, lock};
 use super::{FunctionSpec, InitReport, InvokeRequest, InvokeResponse, Sandbox, SandboxError};
 
+/// Time allowed on top of the init timeout for the `Hello` exchange and the code transfer.
+const LINK_SLACK: Duration = Duration::from_secs(60);
+
 /// The guest's vsock context id (one VM per VMM process, so every VM may use the same).
 pub const GUEST_CID: u64 = 3;
 
@@ -200,7 +203,19 @@ impl Sandbox for MicrovmSandbox {
         let mut ready_conn = loop {
             let waited = tokio::time::timeout(Duration::from_millis(50), ready_listener.accept());
             match waited.await {
-                Ok(Ok((conn, _))) => break conn,
+                Ok(Ok((conn, _))) => {
+                    // Only our VMM (its vsock backend) may be the guest's ready connection.
+                    let peer = conn.peer_cred().ok().and_then(|c| c.pid());
+                    let vmm_pid = half.vmm.as_ref().map(|v| v.pid());
+                    if peer.is_some() && peer.map(|p| p as u32) == vmm_pid {
+                        break conn;
+                    }
+                    tracing::warn!(
+                        ?peer,
+                        ?vmm_pid,
+                        "ignored a ready connection from another process"
+                    );
+                }
                 Ok(Err(e)) => return Err(setup("accept the ready connection")(e)),
                 Err(_) => {}
             }
@@ -239,14 +254,26 @@ impl Sandbox for MicrovmSandbox {
             Err(e) => return Err(half.gone(format!("cannot reach the guest's control port: {e}"))),
         };
         let (reader, writer) = stream.into_split();
-        let (link, report) =
-            match HostLink::open(function, config.init_timeout, reader, writer).await {
-                Ok(done) => done,
-                Err(SandboxError::Link(e)) => {
-                    return Err(half.gone(format!("the host link failed: {e}")));
-                }
-                Err(e) => return Err(e),
-            };
+        // The init's own wait is bounded by `init_timeout`; this also bounds the `Hello` exchange
+        // and the code transfer, so a guest that stops reading cannot hold the start forever.
+        let limit = config.init_timeout + LINK_SLACK;
+        let opened = tokio::time::timeout(
+            limit,
+            HostLink::open(function, config.init_timeout, reader, writer),
+        )
+        .await;
+        let (link, report) = match opened {
+            Ok(Ok(done)) => done,
+            Ok(Err(SandboxError::Link(e))) => {
+                return Err(half.gone(format!("the host link failed: {e}")));
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(half.gone(format!(
+                    "the guest did not take the function within {limit:?}"
+                )));
+            }
+        };
         let vmm = half.vmm.take();
         half.dir = None;
         Ok((
@@ -360,5 +387,93 @@ async fn connect_vsock(uds: &Path, port: u32) -> Result<UnixStream, std::io::Err
         ))),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(std::io::Error::other(format!("no reply to CONNECT {port}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hearth_guest::protocol::{Hello, encode_frame};
+
+    /// A listener at `path` that reads one request line, answers `reply`, then sends `after`.
+    async fn backend(path: &Path, reply: &'static [u8], after: &'static [u8]) -> String {
+        let listener = UnixListener::bind(path).unwrap();
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut line = Vec::new();
+        loop {
+            let b = conn.read_u8().await.unwrap();
+            if b == b'\n' {
+                break;
+            }
+            line.push(b);
+        }
+        conn.write_all(reply).await.unwrap();
+        conn.write_all(after).await.unwrap();
+        String::from_utf8(line).unwrap()
+    }
+
+    #[tokio::test]
+    async fn connect_reads_exactly_the_reply_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sock");
+        let server = tokio::spawn({
+            let path = path.clone();
+            async move { backend(&path, b"OK 1073741824\n", b"guest bytes").await }
+        });
+        let stream = loop {
+            match connect_vsock(&path, 1025).await {
+                Ok(s) => break s,
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        };
+        assert_eq!(server.await.unwrap(), "CONNECT 1025");
+        let mut rest = Vec::new();
+        let mut stream = stream;
+        stream.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"guest bytes");
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sock");
+        let server = tokio::spawn({
+            let path = path.clone();
+            async move { backend(&path, b"FAILURE\n", b"").await }
+        });
+        let err = loop {
+            match connect_vsock(&path, 9).await {
+                Ok(_) => panic!("a refusal was taken for a connection"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    tokio::time::sleep(Duration::from_millis(5)).await
+                }
+                Err(e) => break e,
+            }
+        };
+        server.await.unwrap();
+        assert!(err.to_string().contains("CONNECT 9 refused"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn ready_needs_hello_then_ready() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let ready = Ready {
+            init_start_ms: 1,
+            ready_ms: 2,
+            kernel_release: "6.1.0-56-cloud-amd64".into(),
+        };
+        let mut bytes = encode_frame(&Message::Hello(Hello::ours("test"))).unwrap();
+        bytes.extend(encode_frame(&Message::Ready(ready.clone())).unwrap());
+        a.write_all(&bytes).await.unwrap();
+        assert_eq!(read_ready(&mut b).await.unwrap(), ready);
+
+        // Ready without Hello is refused.
+        a.write_all(&encode_frame(&Message::Ready(ready)).unwrap())
+            .await
+            .unwrap();
+        assert!(read_ready(&mut b).await.is_err());
+        // So is an early end.
+        drop(a);
+        assert!(read_ready(&mut b).await.is_err());
     }
 }

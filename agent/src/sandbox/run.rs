@@ -41,6 +41,9 @@ pub struct RunArgs {
     /// A function environment variable, `K=V` (repeatable).
     #[arg(long = "env", value_parser = parse_env)]
     pub env: Vec<(String, String)>,
+    /// Longest wait for the runtime's init, in seconds (Lambda gives 10).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=900))]
+    pub init_timeout: u64,
     /// The event (JSON).
     #[arg(long, default_value = "{}")]
     pub event: String,
@@ -114,13 +117,18 @@ async fn run_async(args: RunArgs) -> anyhow::Result<u8> {
     };
     let response = match args.sandbox {
         SandboxKind::Container => {
-            invoke_once::<ContainerSandbox>(ContainerConfig::new(init), function, request).await
+            let mut config = ContainerConfig::new(init);
+            config.init_timeout = Duration::from_secs(args.init_timeout);
+            invoke_once::<ContainerSandbox>(config, function, request).await
         }
         SandboxKind::Microvm => {
             let hearth = std::env::current_exe()
                 .map_err(|e| anyhow::anyhow!("cannot find the hearth binary: {e}"))?;
             let config = match MicrovmConfig::new(hearth, &init, std::env::temp_dir()) {
-                Ok(c) => c,
+                Ok(mut c) => {
+                    c.init_timeout = Duration::from_secs(args.init_timeout);
+                    c
+                }
                 Err(e) => {
                     eprintln!("hearth run: {e}");
                     return Ok(2);
