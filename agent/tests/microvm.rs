@@ -123,6 +123,36 @@ fn process_runs(pid: u32) -> bool {
     }
 }
 
+/// Ends the process loudly if the test is still running after `limit`, printing every thread's
+/// state, kernel wait channel and system call first, so a hang is a diagnosable failure.
+fn watchdog(limit: Duration) {
+    std::thread::spawn(move || {
+        std::thread::sleep(limit);
+        eprintln!("WATCHDOG: still running after {limit:?}; threads:");
+        let read = |p: PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+        for proc_dir in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let tasks = proc_dir.path().join("task");
+            for task in std::fs::read_dir(&tasks).into_iter().flatten().flatten() {
+                let t = task.path();
+                let stat = read(t.join("stat"));
+                let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+                eprintln!(
+                    "  {} {} state={} wchan={} syscall={}",
+                    t.display(),
+                    read(t.join("comm")).trim(),
+                    state.chars().next().unwrap_or('?'),
+                    read(t.join("wchan")).trim(),
+                    read(t.join("syscall"))
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                );
+            }
+        }
+        std::process::exit(101);
+    });
+}
+
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -136,6 +166,7 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 fn echo_then_timeout_then_a_working_invoke() {
     let zip = echo_zip();
     in_kvm_with("echo_then_timeout_then_a_working_invoke", &[&zip], || {
+        watchdog(Duration::from_secs(300));
         block_on(async {
             // Generous: the nested guest runs under QEMU TCG.
             let timeout_ms = 20_000;
@@ -215,6 +246,7 @@ fn echo_then_timeout_then_a_working_invoke() {
 fn hearth_run_in_a_microvm() {
     let zip = echo_zip();
     in_kvm_with("hearth_run_in_a_microvm", &[&zip], || {
+        watchdog(Duration::from_secs(300));
         let run = |event: &str| {
             let out = Command::new(hearth_binary())
                 .args(["run", "--sandbox", "microvm", "--code"])

@@ -170,8 +170,19 @@ pub fn main() -> ! {
     }
 }
 
-/// Mounts what every role needs (proc is already mounted): sysfs, devtmpfs, /tmp, /run.
-pub fn mount_common() -> Result<(), InitError> {
+/// Where `/tmp` and `/run` come from.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Scratch {
+    /// Fresh tmpfs mounts (the microVM).
+    Tmpfs,
+    /// The initramfs's own folders, so files packed under them stay visible (the test host, whose
+    /// packed paths mirror the host's and may well lie under /tmp).
+    Rootfs,
+}
+
+/// Mounts what every role needs (proc is already mounted): sysfs, devtmpfs, and /tmp and /run as
+/// `scratch` says.
+pub fn mount_common(scratch: Scratch) -> Result<(), InitError> {
     let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
     sys::mount(
         "sysfs",
@@ -187,8 +198,10 @@ pub fn mount_common() -> Result<(), InitError> {
         libc::MS_NOSUID,
         Some("mode=0755"),
     )?;
-    sys::mount("tmpfs", "/tmp", "tmpfs", nosuid_nodev, Some("mode=1777"))?;
-    sys::mount("tmpfs", "/run", "tmpfs", nosuid_nodev, Some("mode=0755"))?;
+    if scratch == Scratch::Tmpfs {
+        sys::mount("tmpfs", "/tmp", "tmpfs", nosuid_nodev, Some("mode=1777"))?;
+        sys::mount("tmpfs", "/run", "tmpfs", nosuid_nodev, Some("mode=0755"))?;
+    }
     Ok(())
 }
 

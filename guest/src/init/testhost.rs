@@ -1,6 +1,6 @@
 //! The `testhost` role: PID 1 of the QEMU test host (`hearth testhost`).
 //!
-//! Mounts proc, sys, devtmpfs, /tmp, /run, /dev/shm, /dev/pts and cgroup2; loads the modules named in
+//! Mounts proc, sys, devtmpfs (keeping the initramfs's own /tmp and /run), /dev/shm, /dev/pts and cgroup2; loads the modules named in
 //! `/testhost/spec.json` in order; brings up `lo`; runs the spec's argv with its env in its cwd, output
 //! on the console; then prints exactly one line `HEARTH-TESTHOST-EXIT <code>` and powers off.
 
@@ -12,7 +12,7 @@ use std::process::{Command, ExitStatus, Stdio};
 
 use serde::{Deserialize, Serialize};
 
-use super::{InitError, chain, halt, load_modules, mount_common, sys};
+use super::{InitError, Scratch, chain, halt, load_modules, mount_common, sys};
 use crate::console;
 
 /// Where the host side puts the spec inside the initramfs.
@@ -97,7 +97,7 @@ fn finish(code: i32) -> ! {
 }
 
 fn mount_testhost() -> Result<(), InitError> {
-    mount_common()?;
+    mount_common(Scratch::Rootfs)?;
     let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
     sys::mount(
         "tmpfs",

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 
 use super::link::FdStream;
-use super::{InitError, chain, fatal, halt, load_modules, mount_common, reaper, sys};
+use super::{InitError, Scratch, chain, fatal, halt, load_modules, mount_common, reaper, sys};
 use crate::console;
 use crate::image::{GUEST_MODULES, INITRAMFS_MODULES_DIR, MODULE_ORDER_FILE};
 use crate::protocol::{
@@ -30,7 +30,7 @@ const READY_RETRY_PAUSE: Duration = Duration::from_millis(20);
 
 /// Runs the `vm` role. Never returns.
 pub fn run(start_ms: u64) -> ! {
-    if let Err(e) = mount_common() {
+    if let Err(e) = mount_common(Scratch::Tmpfs) {
         fatal(&chain(&e));
     }
     let modules = match std::fs::read_to_string(MODULE_ORDER_FILE) {

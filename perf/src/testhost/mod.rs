@@ -33,7 +33,8 @@ pub const TESTHOST_MODULES: [&str; 1] = ["kvm-amd"];
 pub const GUEST_PATH: &str = "/usr/local/bin:/usr/local/sbin:/usr/bin:/usr/sbin:/bin:/sbin";
 
 /// Folders the init mounts file systems on inside the test host, hiding what was packed there.
-pub const HIDDEN_INSIDE: [&str; 5] = ["/tmp", "/run", "/dev", "/proc", "/sys"];
+/// (`/tmp` and `/run` are the initramfs's own there, so packed files under them stay visible.)
+pub const HIDDEN_INSIDE: [&str; 3] = ["/dev", "/proc", "/sys"];
 
 /// Host environment variables passed through to the command.
 pub const PASS_ENV: [&str; 3] = ["RUST_LOG", "HEARTH_LOG", "RUST_BACKTRACE"];
