@@ -4,47 +4,21 @@
 //! Needs root (namespaces, cgroups) and the static `hearth-init` (`HEARTH_INIT`, or where
 //! `hearth_guest::image::locate_init` finds it). Missing either fails the test loudly.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use hearth_agent::sandbox::container::{ContainerConfig, ContainerSandbox};
-use hearth_agent::sandbox::{Bundle, Environment, FunctionSpec, InvokeRequest, Sandbox};
+use hearth_agent::sandbox::{Environment, FunctionSpec, InvokeRequest, Sandbox};
+use hearth_agent::testing;
 use serde_json::{Value, json};
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// Builds the echo function once (static, release) and returns its zip.
+/// The echo function's zip, built once per test process (`hearth_agent::testing::echo_zip`).
 fn echo_zip() -> Vec<u8> {
     static ZIP: OnceLock<Vec<u8>> = OnceLock::new();
     ZIP.get_or_init(|| {
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace().join("target"))
-            .join("functions");
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/functions/echo");
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "--release", "--target", "x86_64-unknown-linux-gnu"])
-            .current_dir(&dir)
-            .env("RUSTFLAGS", "-C target-feature=+crt-static")
-            .env("CARGO_TARGET_DIR", &target)
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building the echo function failed");
-        let binary =
-            std::fs::read(target.join("x86_64-unknown-linux-gnu/release/bootstrap")).unwrap();
-        let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-        let opts = zip::write::SimpleFileOptions::default().unix_permissions(0o755);
-        w.start_file("bootstrap", opts).unwrap();
-        w.write_all(&binary).unwrap();
-        w.finish().unwrap().into_inner()
+        let path = testing::echo_zip().unwrap_or_else(|e| panic!("the echo function: {e}"));
+        std::fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
     })
     .clone()
 }
@@ -65,25 +39,7 @@ fn config() -> ContainerConfig {
 }
 
 fn function(timeout_ms: u64, concurrency: u32, env: Vec<(&str, &str)>) -> FunctionSpec {
-    FunctionSpec {
-        bundle: Bundle {
-            function_name: "echo".into(),
-            function_version: "$LATEST".into(),
-            function_arn: "arn:aws:lambda:us-east-1:000000000000:function:echo".into(),
-            runtime: "provided.al2023".into(),
-            handler: "bootstrap".into(),
-            memory_mb: 256,
-            timeout_ms,
-            region: "us-east-1".into(),
-            log_group: "/aws/lambda/echo".into(),
-            log_stream: "2026/11/28/[$LATEST]test".into(),
-            env: env.into_iter().map(|(k, v)| (k.into(), v.into())).collect(),
-            credentials: None,
-            max_concurrency: concurrency,
-            code_len: 0,
-        },
-        code: echo_zip(),
-    }
+    testing::echo_function(echo_zip(), timeout_ms, concurrency, &env)
 }
 
 fn req(payload: Value) -> InvokeRequest {
@@ -226,17 +182,9 @@ async fn timeout_then_a_working_invoke() {
     );
     for pid in old_pids {
         // Gone, or a zombie waiting for its (host-side) parent to reap it.
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let state = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .chars()
-            .next();
         assert!(
-            matches!(state, None | Some('Z') | Some('X')),
-            "pid {pid} survived the sandbox: {stat}"
+            !testing::process_runs(pid as u32),
+            "pid {pid} survived the sandbox"
         );
     }
     let r = envt
@@ -402,8 +350,7 @@ fn hearth_run_runs_one_function_once() {
         #[command(flatten)]
         run: hearth_agent::sandbox::run::RunArgs,
     }
-    let zip = std::env::temp_dir().join(format!("hearth-run-test-{}.zip", std::process::id()));
-    std::fs::write(&zip, echo_zip()).unwrap();
+    let zip = testing::echo_zip().unwrap_or_else(|e| panic!("the echo function: {e}"));
     let init = config().init_path;
     let run = |event: &str| {
         let cli = Cli::try_parse_from([
@@ -426,7 +373,6 @@ fn hearth_run_runs_one_function_once() {
     };
     assert_eq!(run(r#"{"op":"echo"}"#), 0);
     assert_eq!(run(r#"{"op":"error"}"#), 1);
-    let _ = std::fs::remove_file(&zip);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

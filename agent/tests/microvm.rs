@@ -6,57 +6,20 @@
 //! kernel (`hearth image`); missing any fails the test loudly. The function is built and zipped on
 //! this host before the test host starts, and the zip travels into it at the same path.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hearth_agent::sandbox::microvm::{MicrovmConfig, MicrovmSandbox};
-use hearth_agent::sandbox::{Bundle, Environment, FunctionSpec, InvokeRequest, InvokeResponse};
+use hearth_agent::sandbox::{Environment, FunctionSpec, InvokeRequest, InvokeResponse};
+use hearth_agent::testing::{self, process_runs, watchdog};
 use hearth_vmm::kvm_test::{hearth_binary, in_kvm_with};
 use serde_json::{Value, json};
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// Where the echo function's zip is written (the same absolute path inside the test host).
-fn zip_path() -> PathBuf {
-    workspace().join("target/functions/echo-microvm.zip")
-}
-
-/// Builds the echo function (static, release) and writes its zip to [`zip_path`]; inside the test
-/// host (no cargo there) the zip must already be at that path.
+/// The echo function's zip ([`testing::echo_zip`]): built here, found at the same path inside the
+/// test host.
 fn echo_zip() -> PathBuf {
-    let path = zip_path();
-    if std::env::var_os("HEARTH_IN_TESTHOST").is_some() {
-        assert!(
-            path.is_file(),
-            "{} did not reach the test host",
-            path.display()
-        );
-        return path;
-    }
-    let target = workspace().join("target/functions");
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/functions/echo");
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "--target", "x86_64-unknown-linux-gnu"])
-        .current_dir(&dir)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .env("CARGO_TARGET_DIR", &target)
-        .status()
-        .expect("cargo runs");
-    assert!(status.success(), "building the echo function failed");
-    let binary = std::fs::read(target.join("x86_64-unknown-linux-gnu/release/bootstrap")).unwrap();
-    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    let opts = zip::write::SimpleFileOptions::default().unix_permissions(0o755);
-    w.start_file("bootstrap", opts).unwrap();
-    w.write_all(&binary).unwrap();
-    std::fs::write(&path, w.finish().unwrap().into_inner()).unwrap();
-    path
+    testing::echo_zip().unwrap_or_else(|e| panic!("the echo function: {e}"))
 }
 
 fn config() -> MicrovmConfig {
@@ -74,26 +37,9 @@ fn config() -> MicrovmConfig {
     c
 }
 
-fn function(zip: &Path, timeout_ms: u64) -> FunctionSpec {
-    FunctionSpec {
-        bundle: Bundle {
-            function_name: "echo".into(),
-            function_version: "$LATEST".into(),
-            function_arn: "arn:aws:lambda:us-east-1:000000000000:function:echo".into(),
-            runtime: "provided.al2023".into(),
-            handler: "bootstrap".into(),
-            memory_mb: 256,
-            timeout_ms,
-            region: "us-east-1".into(),
-            log_group: "/aws/lambda/echo".into(),
-            log_stream: "2026/11/28/[$LATEST]test".into(),
-            env: vec![("GREETING".into(), "hello".into())],
-            credentials: None,
-            max_concurrency: 1,
-            code_len: 0,
-        },
-        code: std::fs::read(zip).expect("read the function zip"),
-    }
+fn function(zip: &Path, timeout_ms: u64, max_concurrency: u32) -> FunctionSpec {
+    let code = std::fs::read(zip).expect("read the function zip");
+    testing::echo_function(code, timeout_ms, max_concurrency, &[("GREETING", "hello")])
 }
 
 fn req(payload: Value) -> InvokeRequest {
@@ -108,49 +54,6 @@ fn ok_json(r: &InvokeResponse) -> Value {
         Ok(bytes) => serde_json::from_slice(bytes).unwrap(),
         Err(e) => panic!("invoke failed: {}: {}", e.error_type, e.error_message),
     }
-}
-
-/// Whether process `pid` still runs (a zombie counts as gone).
-fn process_runs(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-        Err(_) => false,
-    }
-}
-
-/// Ends the process loudly if the test is still running after `limit`, printing every thread's
-/// state, kernel wait channel and system call first, so a hang is a diagnosable failure.
-fn watchdog(limit: Duration) {
-    std::thread::spawn(move || {
-        std::thread::sleep(limit);
-        eprintln!("WATCHDOG: still running after {limit:?}; threads:");
-        let read = |p: PathBuf| std::fs::read_to_string(p).unwrap_or_default();
-        for proc_dir in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let tasks = proc_dir.path().join("task");
-            for task in std::fs::read_dir(&tasks).into_iter().flatten().flatten() {
-                let t = task.path();
-                let stat = read(t.join("stat"));
-                let state = stat.rsplit(')').next().unwrap_or("").trim_start();
-                eprintln!(
-                    "  {} {} state={} wchan={} syscall={}",
-                    t.display(),
-                    read(t.join("comm")).trim(),
-                    state.chars().next().unwrap_or('?'),
-                    read(t.join("wchan")).trim(),
-                    read(t.join("syscall"))
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or("")
-                );
-            }
-        }
-        std::process::exit(101);
-    });
 }
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
@@ -170,9 +73,9 @@ fn echo_then_timeout_then_a_working_invoke() {
         block_on(async {
             // Generous: the nested guest runs under QEMU TCG.
             let timeout_ms = 20_000;
-            let started = std::time::Instant::now();
+            let started = Instant::now();
             let mut envt: Environment<MicrovmSandbox> =
-                Environment::new(config(), function(&zip, timeout_ms));
+                Environment::new(config(), function(&zip, timeout_ms, 1));
 
             let r = envt
                 .invoke(req(json!({"op": "echo", "x": 1})))
@@ -240,8 +143,292 @@ fn echo_then_timeout_then_a_working_invoke() {
     });
 }
 
-/// `hearth run --sandbox microvm`, the binary itself: the response on stdout, the logs and the
-/// REPORT line on stderr, exit status 0; a handled error gives its Lambda-shaped body and status 1.
+/// Prints how long the test has run, so the slow steps inside the test host show.
+fn step(started: Instant, what: &str) {
+    eprintln!("[{:>6.1} s] {what}", started.elapsed().as_secs_f64());
+}
+
+/// The environment variables and the context deadline the function sees; the function asked for
+/// `AWS_LAMBDA_MAX_CONCURRENCY=2` but a microVM runs one invoke at a time, so it sees none (1).
+async fn check_env_and_deadline(envt: &mut Environment<MicrovmSandbox>, timeout_ms: u64) {
+    let r = envt
+        .invoke(req(json!({"op": "echo", "x": 1})))
+        .await
+        .expect("the cold echo invoke");
+    assert_eq!(
+        ok_json(&r),
+        json!({"op": "echo", "x": 1}),
+        "cold start: the echo"
+    );
+    assert!(
+        r.init_duration.is_some(),
+        "cold start: the first invoke pays for the init"
+    );
+    assert!(
+        r.logs.iter().any(|l| l.line == b"echo function init"),
+        "cold start: the init's log lines come with the first invoke: {:?}",
+        r.logs
+    );
+    // Warm, so the invoke's time on the host is known closely.
+    let sent_ms = epoch_ms();
+    let r = envt
+        .invoke(req(json!({"op": "env"})))
+        .await
+        .expect("the env invoke");
+    let received_ms = epoch_ms();
+    assert!(r.init_duration.is_none(), "env: a warm invoke");
+    let v = ok_json(&r);
+    let env = &v["env"];
+    for (name, want) in [
+        ("GREETING", "hello"),
+        ("AWS_LAMBDA_FUNCTION_NAME", "echo"),
+        ("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST"),
+        ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256"),
+        ("AWS_LAMBDA_RUNTIME_API", "127.0.0.1:9001"),
+        ("AWS_LAMBDA_LOG_GROUP_NAME", "/aws/lambda/echo"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+        ("LAMBDA_TASK_ROOT", "/var/task"),
+        ("_HANDLER", "bootstrap"),
+    ] {
+        assert_eq!(env[name], want, "env: {name} (all: {env})");
+    }
+    assert_eq!(
+        env.get("AWS_LAMBDA_MAX_CONCURRENCY"),
+        None,
+        "env: a microVM takes one invoke at a time, whatever the function asked"
+    );
+    assert_eq!(v["cwd"], "/var/task", "env: the working folder");
+    assert_eq!(
+        v["request_id"],
+        r.request_id.as_str(),
+        "env: the request id"
+    );
+    assert_eq!(
+        v["arn"], "arn:aws:lambda:us-east-1:000000000000:function:echo",
+        "env: the invoked function ARN"
+    );
+    // The deadline the function sees is the host's clock at the invoke plus the timeout.
+    let deadline = v["deadline_ms"].as_u64().expect("deadline_ms");
+    assert!(
+        (sent_ms + timeout_ms..=received_ms + timeout_ms).contains(&deadline),
+        "deadline: {deadline} is not the invoke's time ({sent_ms}..={received_ms}) plus the \
+         timeout {timeout_ms} ms"
+    );
+    // The function measures its remaining time against the guest's clock. Under the emulated
+    // test host that clock drifts from the host's (seconds seen); report it, bound it loosely.
+    let guest_now = v["now_ms"].as_u64().expect("now_ms") as i64;
+    let skew = if guest_now < sent_ms as i64 {
+        guest_now - sent_ms as i64
+    } else {
+        (guest_now - received_ms as i64).max(0)
+    };
+    eprintln!(
+        "deadline: {} ms remaining as the function saw it; guest clock skew {skew} ms",
+        deadline as i64 - guest_now
+    );
+    assert!(
+        skew.abs() < 30_000,
+        "deadline: the guest's clock is {skew} ms off the host's"
+    );
+}
+
+fn epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The function's stdout and stderr come back line by line, tagged with the request id.
+async fn check_logs(envt: &mut Environment<MicrovmSandbox>) {
+    let r = envt
+        .invoke(req(json!({"op": "log", "lines": 3})))
+        .await
+        .expect("the log invoke");
+    assert_eq!(ok_json(&r), json!({"logged": 3}), "logs: the response");
+    assert!(r.init_duration.is_none(), "logs: a warm invoke");
+    let lines: Vec<String> = r
+        .logs
+        .iter()
+        .map(|l| String::from_utf8_lossy(&l.line).into_owned())
+        .collect();
+    for want in [
+        "stdout line 0",
+        "stdout line 2",
+        "stderr line 0",
+        "stderr line 2",
+    ] {
+        assert!(
+            lines.iter().any(|l| l == want),
+            "logs: missing {want:?} in {lines:?}"
+        );
+    }
+    assert!(
+        r.logs
+            .iter()
+            .all(|l| l.request_id.as_deref() == Some(r.request_id.as_str())),
+        "logs: every line is tagged with the request id {}: {:?}",
+        r.request_id,
+        r.logs
+    );
+    assert!(
+        String::from_utf8_lossy(&r.logs_tail).contains("stdout line 2"),
+        "logs: the tail holds the last lines"
+    );
+}
+
+/// A handled error is the function's errorType and errorMessage; the VM stays.
+async fn check_handled_error(envt: &mut Environment<MicrovmSandbox>, vmm: u32) {
+    let r = envt
+        .invoke(req(json!({"op": "error"})))
+        .await
+        .expect("the error invoke");
+    let e = r.result.expect_err("handled error: the invoke fails");
+    assert_eq!(e.error_type, "EchoError", "handled error: errorType");
+    assert_eq!(
+        e.error_message, "handled failure",
+        "handled error: errorMessage"
+    );
+    let body: Value = serde_json::from_slice(&e.body).expect("handled error: a JSON body");
+    assert_eq!(
+        (&body["errorType"], &body["errorMessage"]),
+        (&json!("EchoError"), &json!("handled failure")),
+        "handled error: the body"
+    );
+    assert_eq!(
+        envt.sandbox().and_then(|s| s.vmm_pid()),
+        Some(vmm),
+        "handled error: the same VM stays warm"
+    );
+}
+
+/// A panic is an error of the invoke, not of the environment.
+async fn check_panic(envt: &mut Environment<MicrovmSandbox>, vmm: u32) {
+    let r = envt
+        .invoke(req(json!({"op": "panic"})))
+        .await
+        .expect("the panic invoke");
+    let e = r.result.expect_err("panic: the invoke fails");
+    assert!(
+        e.error_message.contains("function panicked on purpose"),
+        "panic: the message: {e:?}"
+    );
+    let r = envt
+        .invoke(req(json!({"op": "echo", "after": "panic"})))
+        .await
+        .expect("the invoke after the panic");
+    assert_eq!(
+        ok_json(&r)["after"],
+        "panic",
+        "panic: the next invoke works"
+    );
+    assert_eq!(
+        envt.sandbox().and_then(|s| s.vmm_pid()),
+        Some(vmm),
+        "panic: the same VM answers afterwards"
+    );
+}
+
+/// A 5 MB response comes back whole.
+async fn check_5mb_response(envt: &mut Environment<MicrovmSandbox>) {
+    let r = envt
+        .invoke(req(json!({"op": "big", "bytes": 5_000_000})))
+        .await
+        .expect("the 5 MB invoke");
+    let body = r.result.expect("5 MB: the invoke succeeds");
+    assert_eq!(body.len(), 5_000_002, "5 MB: a JSON string of 5,000,000 x");
+    assert!(
+        body[1..body.len() - 1].iter().all(|&b| b == b'x'),
+        "5 MB: the bytes arrived intact"
+    );
+}
+
+/// A runtime that exits gets `Runtime.ExitError`; the next invoke works, in a new VM, and the old
+/// VMM process is gone.
+async fn check_exit_then_a_working_invoke(envt: &mut Environment<MicrovmSandbox>, vmm: u32) {
+    let r = envt
+        .invoke(req(json!({"op": "exit", "code": 3})))
+        .await
+        .expect("the exit invoke has a result");
+    let e = r.result.expect_err("exit: the invoke fails");
+    assert_eq!(e.error_type, "Runtime.ExitError", "exit: errorType ({e:?})");
+    assert!(
+        e.error_message.contains("exit status 3"),
+        "exit: errorMessage: {}",
+        e.error_message
+    );
+    let r = envt
+        .invoke(req(json!({"op": "echo", "after": "exit"})))
+        .await
+        .expect("the invoke after the exit");
+    assert_eq!(ok_json(&r)["after"], "exit", "exit: the next invoke works");
+    assert!(
+        r.init_duration.is_some(),
+        "exit: the next invoke is a cold start"
+    );
+    let new_vmm = envt.sandbox().and_then(|s| s.vmm_pid());
+    assert!(
+        new_vmm.is_some_and(|p| p != vmm),
+        "exit: a new VM ({new_vmm:?}, was {vmm})"
+    );
+    assert!(!process_runs(vmm), "exit: the old VMM {vmm} survived");
+}
+
+/// A response over 6 MB is `Function.ResponseSizeTooLarge`.
+async fn check_response_over_6mb(envt: &mut Environment<MicrovmSandbox>) {
+    let r = envt
+        .invoke(req(json!({"op": "big", "bytes": 7_000_000})))
+        .await
+        .expect("the 7 MB invoke has a result");
+    let e = r.result.expect_err("over 6 MB: the invoke fails");
+    assert_eq!(
+        e.error_type, "Function.ResponseSizeTooLarge",
+        "over 6 MB: errorType ({e:?})"
+    );
+}
+
+/// One test for what needs no crash of the VM, then a crash (exit) and the recovery, then the
+/// response over 6 MB (the Rust runtime gives up after its 413): two boots in all, each check
+/// named in its messages.
+#[test]
+fn errors_panic_env_logs_big_responses_and_exit() {
+    let zip = echo_zip();
+    in_kvm_with(
+        "errors_panic_env_logs_big_responses_and_exit",
+        &[&zip],
+        || {
+            watchdog(Duration::from_secs(300));
+            block_on(async {
+                let timeout_ms = 60_000;
+                let started = Instant::now();
+                let mut envt: Environment<MicrovmSandbox> =
+                    Environment::new(config(), function(&zip, timeout_ms, 2));
+                step(started, "cold start, env and deadline");
+                check_env_and_deadline(&mut envt, timeout_ms).await;
+                let vmm = envt.sandbox().and_then(|s| s.vmm_pid()).expect("a VMM");
+                step(started, "logs");
+                check_logs(&mut envt).await;
+                step(started, "handled error");
+                check_handled_error(&mut envt, vmm).await;
+                step(started, "panic");
+                check_panic(&mut envt, vmm).await;
+                step(started, "5 MB response");
+                check_5mb_response(&mut envt).await;
+                step(started, "exit, then a working invoke in a new VM");
+                check_exit_then_a_working_invoke(&mut envt, vmm).await;
+                step(started, "response over 6 MB");
+                check_response_over_6mb(&mut envt).await;
+                step(started, "destroy");
+                envt.destroy().await;
+            });
+        },
+    );
+}
+
+/// `hearth run --sandbox microvm`, the binary itself: the response on stdout, the function's logs
+/// and the REPORT line on stderr, exit status 0; a handled error gives its Lambda-shaped body and
+/// status 1.
 #[test]
 fn hearth_run_in_a_microvm() {
     let zip = echo_zip();
@@ -267,11 +454,13 @@ fn hearth_run_in_a_microvm() {
             eprintln!("hearth run {event}: {}\n{stdout}{stderr}", out.status);
             (out.status.code(), stdout, stderr)
         };
-        let (code, stdout, stderr) = run(r#"{"op":"echo","x":1}"#);
+        let (code, stdout, stderr) = run(r#"{"op":"log","lines":2}"#);
         assert_eq!(code, Some(0), "{stderr}");
         let v: Value = serde_json::from_str(stdout.trim()).expect("the response is JSON");
-        assert_eq!(v, json!({"op": "echo", "x": 1}));
-        assert!(stderr.contains("echo function init"), "{stderr}");
+        assert_eq!(v, json!({"logged": 2}));
+        for line in ["echo function init", "stdout line 1", "stderr line 1"] {
+            assert!(stderr.contains(line), "logs: {line:?} missing: {stderr}");
+        }
         assert!(
             stderr.contains("REPORT RequestId: ")
                 && stderr.contains("Memory Size: 256 MB")

@@ -1,12 +1,19 @@
-//! `hearth serve`: the Lambda API on one address, metadata under one data directory.
+//! `hearth serve`: the Lambda API on one address, metadata under one data directory, and the
+//! agent that runs the functions in the same process, reached over its invoke-proxy socket.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 
-use crate::{AppState, Auth, NoAgent, Partition, Store, app, server};
+use hearth_agent::environment::EnvironmentConfig;
+use hearth_agent::host::{Agent, AgentConfig};
+use hearth_agent::sandbox::run::SandboxKind;
+
+use crate::invoker::ProxyInvoker;
+use crate::{AppState, Auth, Partition, Store, app, server};
 
 /// `hearth serve` options.
 #[derive(Debug, Clone, clap::Args)]
@@ -29,6 +36,35 @@ pub struct ServeArgs {
     /// The 12-digit account id in ARNs.
     #[arg(long, default_value = "000000000000")]
     pub account_id: String,
+    /// Directory that `Code.S3Bucket`/`S3Key` read from: a bucket is a folder under it, a key a
+    /// path inside that (default: `<data-dir>/objects`).
+    #[arg(long, conflicts_with = "s3_endpoint")]
+    pub object_store_dir: Option<PathBuf>,
+    /// Read `S3Bucket`/`S3Key` from this S3-compatible endpoint instead (credentials and region
+    /// from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION).
+    #[arg(long)]
+    pub s3_endpoint: Option<String>,
+    /// The agent's invoke-proxy socket (default: `<data-dir>/agent.sock`).
+    #[arg(long)]
+    pub agent_socket: Option<PathBuf>,
+    /// Where functions run (default: microvm on hardware KVM, else container).
+    #[arg(long, value_enum)]
+    pub sandbox: Option<SandboxKind>,
+    /// The static hearth-init binary (default: next to this program or in the build folder).
+    #[arg(long, env = "HEARTH_INIT")]
+    pub init: Option<PathBuf>,
+    /// Seconds an idle execution environment is kept warm.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_timeout: u64,
+    /// Seconds an execution environment lives at most.
+    #[arg(long, default_value_t = 7200, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_lifetime: u64,
+    /// The code cache's size bound in MiB (under `<data-dir>/code-cache`).
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..))]
+    pub code_cache_mib: u64,
+    /// Seconds in-flight invokes get to finish at shutdown.
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_grace: u64,
 }
 
 impl ServeArgs {
@@ -87,8 +123,42 @@ pub fn run(args: ServeArgs) -> anyhow::Result<u8> {
         .thread_name("hearth-api")
         .build()
         .context("starting the async runtime")?;
+    let sandbox = args.sandbox.unwrap_or_else(default_sandbox);
+    let hearth_binary = std::env::current_exe().context("finding the hearth binary")?;
+    let agent_config = AgentConfig {
+        socket: args
+            .agent_socket
+            .clone()
+            .unwrap_or_else(|| args.data_dir.join("agent.sock")),
+        sandbox,
+        init_path: args.init.clone(),
+        hearth_binary,
+        state_dir: std::env::temp_dir().join(format!("hearth-agent-{}", std::process::id())),
+        code_source_dir: args.data_dir.join("code"),
+        code_cache_dir: args.data_dir.join("code-cache"),
+        code_cache_max_bytes: args.code_cache_mib << 20,
+        environments: EnvironmentConfig {
+            idle_timeout: Duration::from_secs(args.idle_timeout),
+            max_lifetime: Duration::from_secs(args.max_lifetime),
+            reap_interval: Duration::from_secs(1),
+        },
+        concurrency: Default::default(),
+        grace: Duration::from_secs(args.shutdown_grace),
+        region: args.region.clone(),
+    };
     runtime.block_on(async move {
-        let state = AppState::new(store, auth, partition, Arc::new(NoAgent));
+        let agent = Agent::start(agent_config.clone())
+            .await
+            .context("starting the agent")?;
+        tracing::info!(sandbox = ?sandbox, kvm = %hearth_vmm::kvm::detect_kind(), socket = %agent.socket().display(), "agent started");
+        let invoker = ProxyInvoker::connect(agent.socket())
+            .context("connecting to the agent's invoke-proxy socket")?;
+        let state = AppState::new(store, auth, partition, Arc::new(invoker))
+            .with_buckets(crate::buckets::Buckets::open_for_serve(
+                &args.data_dir,
+                args.object_store_dir.as_deref(),
+                args.s3_endpoint.as_deref(),
+            )?);
         state.finish_pending();
         state.collect_garbage();
         let listener =
@@ -98,10 +168,21 @@ pub fn run(args: ServeArgs) -> anyhow::Result<u8> {
         println!("hearth-api listening on {local}");
         use std::io::Write as _;
         let _ = std::io::stdout().flush();
-        server::serve(listener, app(state), shutdown_signal()).await?;
+        let served = server::serve(listener, app(state), shutdown_signal()).await;
+        agent.shutdown().await;
+        let _ = std::fs::remove_dir_all(&agent_config.state_dir);
+        served?;
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(0)
+}
+
+/// MicroVMs where the host has hardware KVM, containers elsewhere.
+fn default_sandbox() -> SandboxKind {
+    match hearth_vmm::kvm::detect_kind() {
+        hearth_vmm::kvm::KvmKind::Hardware(_) => SandboxKind::Microvm,
+        _ => SandboxKind::Container,
+    }
 }
 
 async fn shutdown_signal() {

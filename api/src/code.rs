@@ -1,5 +1,6 @@
-//! Function code: a base64 zip is decoded, its central directory read (never extracted) to sum
-//! the unzipped size, then stored content-addressed.
+//! Function code: a base64 zip (or an object read from a bucket, see [`crate::buckets`]) is
+//! checked, its central directory read (never extracted) to sum the unzipped size, then stored
+//! content-addressed.
 
 use std::io::Cursor;
 
@@ -90,10 +91,15 @@ pub fn accept_zip(store: &Store, zip_b64: &str, dry_run: bool) -> Result<CodeInf
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(zip_b64.as_bytes())
         .map_err(CodeError::Base64)?;
-    let info = inspect(&bytes)?;
+    accept_bytes(store, &bytes, dry_run)
+}
+
+/// Checks a zip (size, structure, unzipped size) and stores it unless `dry_run`. Blocking.
+pub fn accept_bytes(store: &Store, bytes: &[u8], dry_run: bool) -> Result<CodeInfo, ApiError> {
+    let info = inspect(bytes)?;
     if !dry_run {
         store
-            .put_code(&info.sha256_hex, &bytes)
+            .put_code(&info.sha256_hex, bytes)
             .map_err(|e| ApiError::internal("storing the function code failed", &e))?;
     }
     Ok(info)

@@ -1,7 +1,8 @@
 //! `hearth-api`: the AWS Lambda HTTP API (control plane and Invoke) that Hearth serves.
 //!
-//! Owns: the HTTP frontend (axum), SigV4 authentication, Lambda-shaped errors, and the embedded
-//! metadata store of functions, versions, aliases and settings.
+//! Owns: the HTTP frontend (axum), SigV4 authentication, Lambda-shaped errors, the embedded
+//! metadata store of functions, versions, aliases and settings, and reading `S3Bucket`/`S3Key`
+//! code from the configured object store ([`buckets`]).
 //!
 //! Relies on: the agent's invoke-proxy socket for every invoke, through the [`Invoker`] trait
 //! (until the agent exists, [`NoAgent`] answers every RequestResponse/Event invoke with a
@@ -12,6 +13,7 @@
 
 pub mod auth;
 pub mod body;
+pub mod buckets;
 pub mod cli;
 pub mod code;
 pub mod error;
@@ -48,6 +50,8 @@ struct Inner {
     code_uploads: tokio::sync::Semaphore,
     /// Resolved invoke targets, tagged with the store generation they were read at.
     invoke_cache: routes::invoke::InvokeCache,
+    /// Where `S3Bucket`/`S3Key` code is read from; set once by [`AppState::with_buckets`].
+    buckets: std::sync::OnceLock<buckets::Buckets>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -73,6 +77,7 @@ impl AppState {
                 invoker,
                 code_uploads,
                 invoke_cache: routes::invoke::InvokeCache::default(),
+                buckets: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -83,6 +88,20 @@ impl AppState {
 
     pub fn partition(&self) -> &Partition {
         &self.inner.partition
+    }
+
+    /// Serves `S3Bucket`/`S3Key` code from `buckets` (without it, such code is refused). Set it
+    /// once, before serving; a second call is ignored.
+    pub fn with_buckets(self, buckets: buckets::Buckets) -> Self {
+        if self.inner.buckets.set(buckets).is_err() {
+            tracing::warn!("the object store was already set; keeping the first");
+        }
+        self
+    }
+
+    /// The object store `S3Bucket`/`S3Key` name, when one is configured.
+    pub fn buckets(&self) -> Option<&buckets::Buckets> {
+        self.inner.buckets.get()
     }
 
     /// Brings every function left `Pending` or `InProgress` (by a crash or restart) to its final

@@ -23,6 +23,14 @@ enum Scenario {
     /// Boot microVMs with `hearth vmm`: process start to guest init and to vsock ready, and the VMM's
     /// memory with an idle guest (inside the test host where there is no hardware KVM).
     Boot(scenario::boot::BootArgs),
+    /// The warm invoke round trip of an echo function through one sandbox (container or microVM;
+    /// the microVM one inside the test host where there is no hardware KVM).
+    SandboxInvoke(scenario::sandbox_invoke::SandboxInvokeArgs),
+    /// The cold start of `hearth run`: process start to the response, one fresh sandbox each.
+    RunCold(scenario::run_cold::RunColdArgs),
+    /// The Lambda API frontend's own cost: warm invoke latency and throughput of an echo function
+    /// through `hearth serve` (HTTP, SigV4) next to the same through the invoke-proxy socket.
+    Api(scenario::api::ApiArgs),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +45,9 @@ fn main() -> ExitCode {
     let report = match &cli.scenario {
         Scenario::Testhost(args) => scenario::testhost::run(args),
         Scenario::Boot(args) => scenario::boot::run(args),
+        Scenario::SandboxInvoke(args) => scenario::sandbox_invoke::run(args),
+        Scenario::RunCold(args) => scenario::run_cold::run(args),
+        Scenario::Api(args) => scenario::api::run(args),
     };
     match report.and_then(|report| scenario::finish(&report, &cli.common)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -41,7 +41,22 @@ fn a_corrupt_kernel_is_refused() {
     let mut c = VmConfig::new(&kernel);
     c.control_socket = Some(dir.path("control.sock"));
     let err = spawn_error(&c);
-    assert!(err.contains("is not a loadable bzImage"), "{err}");
+    assert!(err.contains("is not a loadable kernel"), "{err}");
+}
+
+#[test]
+fn a_truncated_elf_kernel_is_refused() {
+    let dir = VmDir::new();
+    let vmlinux = kernel()
+        .vmlinux
+        .expect("`hearth image` extracts the ELF kernel");
+    let real = std::fs::read(vmlinux).expect("read the cached ELF kernel");
+    let kernel = dir.path("vmlinux");
+    std::fs::write(&kernel, &real[..real.len() / 8]).expect("write");
+    let mut c = VmConfig::new(&kernel);
+    c.control_socket = Some(dir.path("control.sock"));
+    let err = spawn_error(&c);
+    assert!(err.contains("is not a loadable kernel"), "{err}");
 }
 
 #[test]

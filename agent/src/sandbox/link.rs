@@ -129,6 +129,7 @@ impl HostLink {
             request_id: request_id.clone(),
             payload: request.payload,
             deadline_ms,
+            host_time_ms: now_ms,
             invoked_function_arn: self.arn.clone(),
             trace_id: request.trace_id,
             client_context: request.client_context,

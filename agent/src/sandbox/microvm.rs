@@ -7,9 +7,14 @@
 //! to the guest's [`CONTROL_PORT`] through the VMM's Unix socket (`CONNECT 1025`) and speaks the
 //! function conversation ([`super::link::HostLink`], the same as the container sandbox's).
 //!
+//! A microVM takes one invoke at a time: the function's `max_concurrency` (Lambda's
+//! `AWS_LAMBDA_MAX_CONCURRENCY`) is forced to 1 here ([`one_at_a_time`]); only containers, the
+//! managed-instances mode, run several invokes at once in one environment.
+//!
 //! Destroying one kills the VMM process (SIGKILL) and reaps it: the guest and everything in it end
 //! with it. A timed-out invoke marks the sandbox dead, so its environment destroys it.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -90,7 +95,7 @@ impl MicrovmConfig {
         std::fs::write(&path, bytes).map_err(setup("write the guest initramfs"))?;
         Ok(MicrovmConfig {
             hearth_binary,
-            kernel: kernel.vmlinuz,
+            kernel: kernel.boot_image().to_path_buf(),
             state_dir,
             vcpus: 1,
             boot_timeout: Duration::from_secs(60),
@@ -167,6 +172,7 @@ impl Sandbox for MicrovmSandbox {
         config: &MicrovmConfig,
         function: &FunctionSpec,
     ) -> Result<(Self, InitReport), SandboxError> {
+        let function = &*one_at_a_time(function);
         let dir = config
             .state_dir
             .join(format!("hearth-vm-{}", &super::new_request_id()[..18]));
@@ -337,6 +343,20 @@ impl Drop for MicrovmSandbox {
     }
 }
 
+/// `function` with `max_concurrency` 1, as a microVM runs it (borrowed when it already is).
+pub fn one_at_a_time(function: &FunctionSpec) -> Cow<'_, FunctionSpec> {
+    if function.bundle.max_concurrency <= 1 {
+        return Cow::Borrowed(function);
+    }
+    tracing::info!(
+        asked = function.bundle.max_concurrency,
+        "a microVM takes one invoke at a time: AWS_LAMBDA_MAX_CONCURRENCY is 1 here"
+    );
+    let mut single = function.clone();
+    single.bundle.max_concurrency = 1;
+    Cow::Owned(single)
+}
+
 /// Reads the init's `Hello` and `Ready`.
 async fn read_ready(conn: &mut UnixStream) -> Result<Ready, hearth_guest::protocol::ProtocolError> {
     use hearth_guest::protocol::ProtocolError;
@@ -452,6 +472,49 @@ mod tests {
         };
         server.await.unwrap();
         assert!(err.to_string().contains("CONNECT 9 refused"), "{err}");
+    }
+
+    fn spec(max_concurrency: u32) -> FunctionSpec {
+        FunctionSpec {
+            bundle: super::super::Bundle {
+                function_name: "f".into(),
+                function_version: "$LATEST".into(),
+                function_arn: "arn:aws:lambda:us-east-1:000000000000:function:f".into(),
+                runtime: "provided.al2023".into(),
+                handler: "bootstrap".into(),
+                memory_mb: 128,
+                timeout_ms: 3000,
+                region: "us-east-1".into(),
+                log_group: "/aws/lambda/f".into(),
+                log_stream: "s".into(),
+                env: Vec::new(),
+                credentials: None,
+                max_concurrency,
+                code_len: 0,
+            },
+            code: b"zip".to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_microvm_takes_one_invoke_at_a_time() {
+        for asked in [0, 1, 2, 64] {
+            let function = spec(asked);
+            let single = one_at_a_time(&function);
+            assert!(single.bundle.max_concurrency <= 1, "asked {asked}");
+            assert_eq!(single.code, function.code);
+            assert_eq!(single.bundle.function_arn, function.bundle.function_arn);
+        }
+        // What the guest's init then gives the runtime: no AWS_LAMBDA_MAX_CONCURRENCY above 1.
+        let paths = hearth_guest::runtime::env::Paths {
+            task_root: "/var/task".into(),
+            runtime_dir: "/var/runtime".into(),
+            runtime_api: "127.0.0.1:9001".into(),
+        };
+        let env = hearth_guest::runtime::env::build(&one_at_a_time(&spec(8)).bundle, &paths)
+            .expect("a valid bundle");
+        assert!(!env.contains_key("AWS_LAMBDA_MAX_CONCURRENCY"), "{env:?}");
+        assert!(matches!(one_at_a_time(&spec(1)), Cow::Borrowed(_)));
     }
 
     #[tokio::test]

@@ -52,7 +52,7 @@ pub struct RunArgs {
     /// Print only the last 4 KB of the logs, as `LogType=Tail` does.
     #[arg(long)]
     pub log_tail: bool,
-    /// `AWS_LAMBDA_MAX_CONCURRENCY` (container sandbox).
+    /// `AWS_LAMBDA_MAX_CONCURRENCY` (container sandbox; a microVM takes one invoke at a time).
     #[arg(long, default_value_t = 1)]
     pub max_concurrency: u32,
     /// The function name.

@@ -322,7 +322,7 @@ fn apply_config(cfg: &mut FunctionConfiguration, fields: ConfigFields) -> Result
 
 fn no_object_store() -> ApiError {
     ApiError::InvalidParameterValue(
-        "Hearth has no object store configured: upload the code as Code.ZipFile instead of S3Bucket/S3Key.".into(),
+        "Hearth has no object store configured (hearth serve --object-store-dir or --s3-endpoint): upload the code as ZipFile instead of S3Bucket/S3Key.".into(),
     )
 }
 
@@ -334,6 +334,31 @@ async fn accept_zip(
 ) -> Result<CodeInfo, ApiError> {
     let state = state.clone();
     tokio::task::spawn_blocking(move || code::accept_zip(state.store(), &zip_b64, dry_run))
+        .await
+        .map_err(|e| ApiError::internal("the code check stopped", &e))?
+}
+
+/// Reads `S3Bucket`/`S3Key` from the configured object store (under the zipped code limit, one
+/// of the bounded code-upload slots held meanwhile), then checks and stores it like a `ZipFile`.
+async fn accept_s3(
+    state: &AppState,
+    bucket: &str,
+    key: &str,
+    version: Option<&str>,
+    dry_run: bool,
+) -> Result<CodeInfo, ApiError> {
+    let Some(buckets) = state.buckets() else {
+        return Err(no_object_store());
+    };
+    let _slot = state
+        .inner
+        .code_uploads
+        .acquire()
+        .await
+        .map_err(|e| ApiError::internal("upload gate closed", &e))?;
+    let bytes = buckets.fetch(bucket, key, version).await?;
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || code::accept_bytes(state.store(), &bytes, dry_run))
         .await
         .map_err(|e| ApiError::internal("the code check stopped", &e))?
 }
@@ -461,9 +486,12 @@ async fn create_function(
             "Function already exist: {name}"
         )));
     }
+    let version = req.code.s3_object_version;
     let code = match (req.code.zip_file, req.code.s3_bucket, req.code.s3_key) {
-        (Some(zip), None, None) => accept_zip(&state, zip, false).await?,
-        (None, Some(_), Some(_)) => return Err(no_object_store()),
+        (Some(zip), None, None) if version.is_none() => accept_zip(&state, zip, false).await?,
+        (None, Some(bucket), Some(key)) => {
+            accept_s3(&state, &bucket, &key, version.as_deref(), false).await?
+        }
         _ => {
             return Err(ApiError::InvalidParameterValue(
                 "Please provide a source for function code: either Code.ZipFile, or Code.S3Bucket with Code.S3Key.".into(),
@@ -710,9 +738,12 @@ async fn update_function_code(
         check_not_in_progress(&record.latest)
     })?;
     let dry_run = req.dry_run.unwrap_or(false);
+    let version = req.s3_object_version;
     let code = match (req.zip_file, req.s3_bucket, req.s3_key) {
-        (Some(zip), None, None) => accept_zip(&state, zip, dry_run).await?,
-        (None, Some(_), Some(_)) => return Err(no_object_store()),
+        (Some(zip), None, None) if version.is_none() => accept_zip(&state, zip, dry_run).await?,
+        (None, Some(bucket), Some(key)) => {
+            accept_s3(&state, &bucket, &key, version.as_deref(), dry_run).await?
+        }
         _ => {
             return Err(ApiError::InvalidParameterValue(
                 "Please provide a source for function code: either ZipFile, or S3Bucket with S3Key.".into(),

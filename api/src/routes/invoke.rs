@@ -109,6 +109,7 @@ async fn invoke(
         payload,
         log_tail,
         client_context,
+        reserved_concurrency: reserved,
     };
     let result = state.inner.invoker.invoke(request).await?;
     if invocation_type == InvocationType::Event {

@@ -1,4 +1,5 @@
-"""Starts a real Hearth Lambda API server for the suite and hands out boto3 clients.
+"""Starts a real Hearth Lambda API server for the suite and hands out boto3 clients, and builds
+the `lambda_runtime` echo function (agent/tests/functions/echo) that invoke tests run.
 
 The server command is `$HEARTH_SERVE_CMD` (for example `target/debug/hearth serve`) when set,
 else `target/debug/hearth serve` when that binary has the subcommand, else the `serve` example built by `cargo build -p hearth-api --example serve` (looked up under
@@ -10,6 +11,7 @@ import shlex
 import signal
 import subprocess
 import tempfile
+import zipfile
 from pathlib import Path
 
 import boto3
@@ -104,3 +106,27 @@ def server():
         finally:
             srv.stop()
             srv.log.close()
+
+
+@pytest.fixture(scope="session")
+def echo_zip():
+    """Path of the echo function's zip: built (static, release) with cargo as the agent's Rust tests
+    build it (`hearth_agent::testing::echo_zip`), into target/functions/echo.zip."""
+    source = REPO / "agent/tests/functions/echo"
+    target = REPO / "target/functions"
+    env = dict(os.environ, RUSTFLAGS="-C target-feature=+crt-static", CARGO_TARGET_DIR=str(target))
+    cargo = os.environ.get("CARGO", "cargo")
+    build = subprocess.run([cargo, "build", "--release", "--quiet", "--target", "x86_64-unknown-linux-gnu"],
+                           cwd=source, env=env)
+    if build.returncode != 0:
+        pytest.fail(f"building the echo function in {source} failed (exit {build.returncode})", pytrace=False)
+    binary = (target / "x86_64-unknown-linux-gnu/release/bootstrap").read_bytes()
+    path = target / "echo.zip"
+    partial = target / f"echo.zip.pytest-{os.getpid()}"
+    with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as z:
+        info = zipfile.ZipInfo("bootstrap")
+        info.external_attr = 0o755 << 16
+        info.compress_type = zipfile.ZIP_DEFLATED
+        z.writestr(info, binary)
+    partial.rename(path)
+    return path

@@ -245,14 +245,16 @@ def test_signatures(server):
     assert error_of(e)[:2] == ("UnrecognizedClientException", 403)
 
 
-def test_invoke_without_agent_is_a_service_exception(server):
+def test_invoke_of_a_function_that_cannot_start_is_unhandled(server):
+    """py-fn's bootstrap is a shell script and the sandbox has no shell: its init fails, and the
+    invoke answers as Lambda does for an init failure (200, Unhandled, the error as the body)."""
     c = server.client()
     c.delete_function_concurrency(FunctionName=FN)
-    with pytest.raises(ClientError) as e:
-        c.invoke(FunctionName=FN, Payload=b'{"a": 1}')
-    code, status, err = error_of(e)
-    assert (code, status) == ("ServiceException", 500)
-    assert "agent" in err["Error"]["Message"]
+    r = c.invoke(FunctionName=FN, Payload=b'{"a": 1}')
+    assert r["StatusCode"] == 200
+    assert r["FunctionError"] == "Unhandled"
+    body = json.loads(r["Payload"].read())
+    assert body["errorType"].startswith("Runtime."), body
 
 
 def aws_cli(server, *args):

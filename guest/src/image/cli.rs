@@ -36,6 +36,7 @@ pub fn run(args: ImageArgs) -> anyhow::Result<u8> {
             "version": kernel.version,
             "sha256": kernel.sha256,
             "vmlinuz": kernel.vmlinuz,
+            "vmlinux": kernel.vmlinux,
             "modules_dir": kernel.modules_dir,
             "kernel_release": kernel.kernel_release,
         });
@@ -46,6 +47,9 @@ pub fn run(args: ImageArgs) -> anyhow::Result<u8> {
             kernel.package, kernel.version, kernel.sha256
         );
         println!("vmlinuz: {}", kernel.vmlinuz.display());
+        if let Some(v) = &kernel.vmlinux {
+            println!("vmlinux: {} (what microVMs boot)", v.display());
+        }
         if let Some(m) = &kernel.modules_dir {
             println!("modules: {}", m.display());
         }

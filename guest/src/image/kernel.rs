@@ -39,8 +39,11 @@ pub struct KernelImage {
     pub version: String,
     /// sha256 of the .deb (or of the HEARTH_KERNEL file when there is no fetched kernel).
     pub sha256: String,
-    /// The bzImage to boot.
+    /// The bzImage, as the package ships it (what QEMU boots as the test host's kernel).
     pub vmlinuz: PathBuf,
+    /// The ELF kernel extracted from it by `hearth image` (see [`super::vmlinux`]), when present:
+    /// what microVMs boot, as it skips the guest's own decompression.
+    pub vmlinux: Option<PathBuf>,
     /// `lib/modules/<release>` of the unpacked package; `None` for a HEARTH_KERNEL without a fetched one.
     pub modules_dir: Option<PathBuf>,
     /// `uname -r` of the kernel (e.g. `6.1.0-56-cloud-amd64`), when known.
@@ -65,6 +68,7 @@ impl KernelImage {
                 match found {
                     Ok(k) => Ok(KernelImage {
                         vmlinuz: custom,
+                        vmlinux: None,
                         ..k
                     }),
                     Err(_) => Ok(KernelImage {
@@ -72,6 +76,7 @@ impl KernelImage {
                         version: "custom".into(),
                         sha256: sha256_file(&custom)?,
                         vmlinuz: custom,
+                        vmlinux: None,
                         modules_dir: None,
                         kernel_release: None,
                     }),
@@ -131,7 +136,7 @@ impl KernelImage {
             {
                 tracing::info!(%package, %version, "guest kernel already in the cache and verified");
                 write_current(&kernels, &version)?;
-                return Ok(record.image(&dir));
+                return record.image(&dir).with_vmlinux();
             }
             tracing::warn!(dir = %dir.display(), "cached kernel does not verify; fetching again");
         }
@@ -161,8 +166,50 @@ impl KernelImage {
         write_current(&kernels, &version)?;
         let record = read_record(&dir)?;
         tracing::info!(%package, %version, sha256 = %record.sha256, "guest kernel fetched");
-        Ok(record.image(&dir))
+        record.image(&dir).with_vmlinux()
     }
+
+    /// The kernel a microVM boots: the extracted ELF when there is one, else the bzImage (or
+    /// whatever `HEARTH_KERNEL` names; the VMM takes either format).
+    pub fn boot_image(&self) -> &Path {
+        self.vmlinux.as_deref().unwrap_or(&self.vmlinuz)
+    }
+
+    /// Extracts the ELF kernel next to the bzImage unless it is already there (written to a
+    /// temporary name, then renamed, so a reader never sees half a file).
+    fn with_vmlinux(mut self) -> Result<KernelImage, ImageError> {
+        let target = vmlinux_path(&self.vmlinuz);
+        if !target.is_file() {
+            let image = std::fs::read(&self.vmlinuz).map_err(io_err(&self.vmlinuz))?;
+            let elf = super::vmlinux::extract(&image).map_err(|source| ImageError::Vmlinux {
+                path: self.vmlinuz.clone(),
+                source,
+            })?;
+            let tmp = target.with_extension(format!("tmp-{}", unique_suffix()));
+            std::fs::write(&tmp, &elf).map_err(io_err(&tmp))?;
+            std::fs::rename(&tmp, &target).map_err(io_err(&target))?;
+            tracing::info!(path = %target.display(), bytes = elf.len(), "extracted the ELF kernel");
+        }
+        self.vmlinux = Some(target);
+        Ok(self)
+    }
+}
+
+/// Where the ELF kernel extracted from `vmlinuz` lives: beside it, `vmlinuz` renamed `vmlinux`.
+fn vmlinux_path(vmlinuz: &Path) -> PathBuf {
+    let name = vmlinuz
+        .file_name()
+        .map(|n| n.to_string_lossy().replacen("vmlinuz", "vmlinux", 1))
+        .unwrap_or_else(|| "vmlinux".into());
+    let name = if vmlinuz
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy() == name)
+    {
+        format!("{name}.elf")
+    } else {
+        name
+    };
+    vmlinuz.with_file_name(name)
 }
 
 impl KernelRecord {
@@ -172,6 +219,7 @@ impl KernelRecord {
             version: self.version.clone(),
             sha256: self.sha256.clone(),
             vmlinuz: dir.join(&self.vmlinuz),
+            vmlinux: Some(vmlinux_path(&dir.join(&self.vmlinuz))).filter(|p| p.is_file()),
             modules_dir: Some(dir.join(&self.modules_dir)),
             kernel_release: Some(self.kernel_release.clone()),
         }

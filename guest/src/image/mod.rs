@@ -5,6 +5,7 @@ pub mod cli;
 pub mod initramfs;
 mod kernel;
 pub mod modules;
+pub mod vmlinux;
 
 use std::path::{Path, PathBuf};
 
@@ -81,6 +82,12 @@ pub enum ImageError {
         "the guest kernel {kernel:?} comes without modules (HEARTH_KERNEL set without a fetched kernel?)"
     )]
     NoModules { kernel: PathBuf },
+    #[error("cannot extract the ELF kernel from the bzImage {path:?}")]
+    Vmlinux {
+        path: PathBuf,
+        #[source]
+        source: vmlinux::VmlinuxError,
+    },
     #[error(transparent)]
     Modules(#[from] ModulesError),
     #[error(transparent)]
@@ -360,6 +367,7 @@ mod tests {
             version: "custom".into(),
             sha256: String::new(),
             vmlinuz: "/nonexistent".into(),
+            vmlinux: None,
             modules_dir: None,
             kernel_release: None,
         };

@@ -345,6 +345,7 @@ mod tests {
             run_as: None,
             limits: crate::bundle::Limits::default(),
             isolate: false,
+            set_clock: false,
         };
         let (host, guest) = UnixStream::pair().unwrap();
         host.set_read_timeout(Some(Duration::from_secs(20)))

@@ -65,6 +65,10 @@ pub struct Invoke {
     pub payload: Vec<u8>,
     /// Wall-clock deadline, milliseconds since the Unix epoch.
     pub deadline_ms: u64,
+    /// The host's wall clock when it sent the invoke, milliseconds since the Unix epoch (0:
+    /// unknown). A microVM's init sets the guest's clock from it when they disagree, so that
+    /// the deadline (and anything the function signs with the time) agrees with the host.
+    pub host_time_ms: u64,
     pub invoked_function_arn: String,
     pub trace_id: Option<String>,
     /// Base64 JSON, as the Invoke API's `X-Amz-Client-Context` gives it.
@@ -185,6 +189,7 @@ mod tests {
             request_id: "r-1".into(),
             payload: b"{}".to_vec(),
             deadline_ms: 1,
+            host_time_ms: 0,
             invoked_function_arn: "arn".into(),
             trace_id: None,
             client_context: Some("e30=".into()),

@@ -406,7 +406,15 @@ pub(crate) fn container_init(args: &[OsString]) -> Result<i32, RuntimeError> {
     rt.block_on(async move {
         let link = tokio::net::UnixStream::from_std(link).map_err(step("async link"))?;
         let (r, w) = link.into_split();
-        super::serve_function(RuntimeConfig::lambda(), r, w).await
+        super::serve_function(
+            RuntimeConfig {
+                set_clock: false,
+                ..RuntimeConfig::lambda()
+            },
+            r,
+            w,
+        )
+        .await
     })?;
     Ok(0)
 }

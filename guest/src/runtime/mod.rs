@@ -47,6 +47,10 @@ pub struct RuntimeConfig {
     /// Start the runtime through the `function-exec` helper (own pid and mount namespaces,
     /// seccomp): needs this binary to be `hearth-init` and root; off natively in tests.
     pub isolate: bool,
+    /// Set the clock from each invoke's `host_time_ms` when it is off by more than
+    /// [`session::CLOCK_TOLERANCE_MS`]: in a microVM (whose clock may lag, and after a snapshot
+    /// restore is stale); never in a container, which shares the host's clock.
+    pub set_clock: bool,
 }
 
 impl RuntimeConfig {
@@ -60,6 +64,7 @@ impl RuntimeConfig {
             run_as: Some((FUNCTION_UID, FUNCTION_UID)),
             limits: crate::bundle::Limits::default(),
             isolate: true,
+            set_clock: true,
         }
     }
 }

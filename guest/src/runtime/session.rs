@@ -53,6 +53,37 @@ where
     result
 }
 
+/// How far the guest's clock may be from the host's before the init sets it.
+pub const CLOCK_TOLERANCE_MS: u64 = 10;
+
+/// Sets the wall clock to the host's (see [`RuntimeConfig::set_clock`]); failures are logged.
+fn sync_clock(cfg: &RuntimeConfig, host_time_ms: u64) {
+    if !cfg.set_clock || host_time_ms == 0 {
+        return;
+    }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    if now_ms.abs_diff(host_time_ms) <= CLOCK_TOLERANCE_MS {
+        return;
+    }
+    let ts = libc::timespec {
+        tv_sec: (host_time_ms / 1000) as libc::time_t,
+        tv_nsec: ((host_time_ms % 1000) * 1_000_000) as libc::c_long,
+    };
+    // SAFETY: `ts` is a valid timespec on the stack; clock_settime only reads it.
+    let rc = unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) };
+    if rc == 0 {
+        tracing::info!(
+            behind_ms = host_time_ms as i64 - now_ms as i64,
+            "set the guest clock to the host's"
+        );
+    } else {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot set the guest clock");
+    }
+}
+
 async fn converse(
     cfg: &RuntimeConfig,
     in_rx: &mut mpsc::UnboundedReceiver<Message>,
@@ -117,6 +148,7 @@ async fn converse(
             msg = in_rx.recv() => match msg {
                 None => return Ok(()),
                 Some(Message::Invoke(inv)) => {
+                    sync_clock(cfg, inv.host_time_ms);
                     // Queue it: the runtime will take it after its init.
                     lock(&sink.pending).insert(inv.request_id.clone());
                     let _ = invokes_tx.send(inv);
@@ -135,6 +167,7 @@ async fn converse(
             msg = in_rx.recv() => match msg {
                 None => return Ok(()),
                 Some(Message::Invoke(inv)) => {
+                    sync_clock(cfg, inv.host_time_ms);
                     lock(&sink.pending).insert(inv.request_id.clone());
                     let _ = invokes_tx.send(inv);
                 }

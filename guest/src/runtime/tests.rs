@@ -47,6 +47,7 @@ fn start(code: Vec<u8>, env: Vec<(&str, &str)>) -> Session {
         run_as: None,
         limits: crate::bundle::Limits::default(),
         isolate: false,
+        set_clock: false,
     };
     let (host, guest) = UnixStream::pair().unwrap();
     host.set_read_timeout(Some(Duration::from_secs(20)))
@@ -100,6 +101,7 @@ impl Session {
             request_id: id.into(),
             payload: payload.to_vec(),
             deadline_ms: 1_900_000_000_000,
+            host_time_ms: 0,
             invoked_function_arn: "arn:aws:lambda:us-east-1:000000000000:function:f".into(),
             trace_id: Some("Root=1-abc".into()),
             client_context: Some("e30=".into()),

@@ -85,7 +85,7 @@ pub fn run(args: &BootArgs) -> anyhow::Result<Report> {
         let sample = boot_once(
             args,
             &hearth,
-            &kernel.vmlinuz,
+            kernel.boot_image(),
             &initrd,
             &work.path().join(format!("vm{run}")),
             &ranges_kib,

@@ -1,8 +1,11 @@
-//! The `hearth-perf` scenarios and what they share: the `--json FILE` report, the machine
-//! description, and re-running a scenario inside the test host when this machine has no hardware
-//! KVM.
+//! The `hearth-perf` scenarios ([`api`], [`boot`], [`sandbox_invoke`], [`run_cold`], [`testhost`]) and
+//! what they share: the `--json FILE` report, the machine description, and re-running a scenario
+//! inside the test host when this machine has no hardware KVM.
 
+pub mod api;
 pub mod boot;
+pub mod run_cold;
+pub mod sandbox_invoke;
 pub mod testhost;
 
 use std::path::PathBuf;
@@ -83,12 +86,18 @@ pub fn inner_args(args: &[String]) -> Vec<String> {
 /// Runs this `hearth-perf` command again inside the test host (with this binary packed), streams
 /// its output, and returns the report it printed.
 pub fn rerun_in_testhost(timeout_secs: u64) -> anyhow::Result<Report> {
+    rerun_in_testhost_with(timeout_secs, Vec::new())
+}
+
+/// [`rerun_in_testhost`], with the files `with` (absolute paths) packed too, at the same paths.
+pub fn rerun_in_testhost_with(timeout_secs: u64, with: Vec<PathBuf>) -> anyhow::Result<Report> {
     let exe = std::env::current_exe().context("cannot find the hearth-perf binary to pack")?;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut argv = vec![exe.display().to_string()];
     argv.extend(inner_args(&args));
     let mut config = TesthostConfig::new(argv);
     config.with.push(exe);
+    config.with.extend(with);
     config.timeout = Some(std::time::Duration::from_secs(timeout_secs));
     println!(
         "hearth-perf: /dev/kvm here is {}; running inside the test host",

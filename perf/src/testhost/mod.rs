@@ -536,6 +536,8 @@ struct TesthostKernel {
     /// `<cache>/kernel/<version>`.
     root: PathBuf,
     vmlinuz: PathBuf,
+    /// The extracted ELF kernel, when `hearth image` made it.
+    vmlinux: Option<PathBuf>,
     modules_dir: PathBuf,
     /// The modules the test host loads, in order (host paths, the same inside).
     module_paths: Vec<PathBuf>,
@@ -574,6 +576,7 @@ impl TesthostKernel {
         Ok(Self {
             root,
             vmlinuz,
+            vmlinux: image.vmlinux.clone(),
             modules_dir,
             module_paths,
             guest_modules,
@@ -589,6 +592,10 @@ impl TesthostKernel {
         }
         for entry in [self.root.join("kernel.json"), self.vmlinuz.clone()] {
             packer.add_plain(&entry, &entry)?;
+        }
+        // The ELF kernel the microVMs inside boot (extracted by `hearth image`).
+        if let Some(vmlinux) = &self.vmlinux {
+            packer.add_plain(vmlinux, vmlinux)?;
         }
         for module in self.module_paths.iter().chain(&self.guest_modules) {
             packer.add_plain(module, module)?;

@@ -66,7 +66,7 @@ pub fn config(
     vcpus: u8,
     cmdline_extra: &str,
 ) -> VmConfig {
-    let mut c = VmConfig::new(kernel().vmlinuz);
+    let mut c = VmConfig::new(kernel().boot_image());
     c.initrd = Some(initrd.to_path_buf());
     c.mem_mib = mem_mib;
     c.vcpus = vcpus;

@@ -3,6 +3,11 @@ use lambda_runtime::{Diagnostic, Error, LambdaEvent, service_fn};
 use serde_json::{Value, json};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// When this process started (ns since the epoch): tells one environment from another, where
+/// the pid does not (the function is PID 1 of its own pid namespace).
+static BOOT: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
+static INVOKES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 #[derive(Debug)]
 struct Handled(String);
 
@@ -16,6 +21,7 @@ async fn handle(event: LambdaEvent<Value>) -> Result<Value, Handled> {
     let (payload, ctx) = event.into_parts();
     let op = payload.get("op").and_then(Value::as_str).unwrap_or("echo").to_string();
     let num = |k: &str| payload.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let invokes = INVOKES.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
     match op.as_str() {
         "error" => Err(Handled("handled failure".into())),
         "panic" => panic!("function panicked on purpose"),
@@ -46,6 +52,14 @@ async fn handle(event: LambdaEvent<Value>) -> Result<Value, Handled> {
             Ok(json!({"allocated_mb": v.len() >> 20}))
         }
         "probe" => Ok(probe()),
+        "whoami" => Ok(json!({
+            "boot": BOOT.get().map(|b| b.to_string()),
+            "pid": std::process::id(),
+            "invokes": invokes,
+            "version": std::env::var("AWS_LAMBDA_FUNCTION_VERSION").ok(),
+            "marker": std::env::var("ECHO_MARKER").ok(),
+            "files": task_files(),
+        })),
         "env" => {
             let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
             let env: serde_json::Map<String, Value> =
@@ -101,6 +115,15 @@ fn probe() -> Value {
     })
 }
 
+/// The names in the code folder, sorted.
+fn task_files() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir("/var/task")
+        .map(|d| d.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
 fn status_uid() -> String {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -110,6 +133,7 @@ fn status_uid() -> String {
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
+    let _ = BOOT.set(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
     println!("echo function init");
     if std::env::var("ECHO_FAIL_INIT").is_ok() {
         return Err("init failed on purpose".into());

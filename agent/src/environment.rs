@@ -1,0 +1,590 @@
+//! Execution environments: the assignment and placement of invokes on sandboxes of one host.
+//!
+//! [`Environments`] keeps, per function and version, the idle warm sandboxes of the function's
+//! current revision. An invoke takes a concurrency [`Permit`], then the most recently used idle
+//! environment of its function, version and revision; without one it starts a new sandbox (code
+//! from the [`CodeCache`], then the runtime's init) within the function's scaling rate. An init
+//! failure is the invoke's `Unhandled` function error, as in Lambda.
+//!
+//! Leases: an idle environment is reaped after `idle_timeout`, any environment after
+//! `max_lifetime` (a busy one when its invoke ends). An environment whose invoke failed fatally
+//! (timeout, the runtime's exit or crash) is destroyed, never reused. A request carrying a new
+//! revision of its function retires the environments of the old one. Draining stops new invokes,
+//! lets those in flight finish within a grace period and ends every sandbox.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use crate::code_cache::CodeCache;
+use crate::concurrency::{Concurrency, Permit};
+use crate::proxy::protocol::{
+    self, FunctionErrorKind, InvokeRequest, InvokeResult, LOG_TAIL, Outcome, Timings,
+};
+use crate::proxy::server::{BoxFuture, InvokeHandler};
+use crate::sandbox::{self, Bundle, LogLine, Sandbox, SandboxError};
+
+/// Leases and timing.
+#[derive(Debug, Clone)]
+pub struct EnvironmentConfig {
+    /// An idle environment is ended after this long without an invoke.
+    pub idle_timeout: Duration,
+    /// No environment lives longer than this.
+    pub max_lifetime: Duration,
+    /// How often idle environments are checked.
+    pub reap_interval: Duration,
+}
+
+impl Default for EnvironmentConfig {
+    fn default() -> Self {
+        EnvironmentConfig {
+            idle_timeout: Duration::from_secs(300),
+            max_lifetime: Duration::from_secs(2 * 3600),
+            reap_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Counters, for tests and (later) metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EnvironmentStats {
+    pub idle: usize,
+    pub in_flight: usize,
+    pub started: u64,
+    pub destroyed: u64,
+}
+
+/// One function version: `(function name, version)`.
+type PoolKey = (String, String);
+
+struct Warm<S> {
+    sandbox: S,
+    revision: String,
+    created: Instant,
+    last_used: Instant,
+}
+
+struct Pool<S> {
+    revision: String,
+    /// Most recently used last.
+    idle: Vec<Warm<S>>,
+}
+
+/// The execution environments of one sandbox kind.
+pub struct Environments<S: Sandbox + 'static> {
+    sandbox_config: S::Config,
+    code: CodeCache,
+    limits: Arc<Concurrency>,
+    config: EnvironmentConfig,
+    region: String,
+    pools: Mutex<HashMap<PoolKey, Pool<S>>>,
+    accepting: AtomicBool,
+    in_flight: AtomicUsize,
+    quiet: Notify,
+    started: AtomicU64,
+    destroyed: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Counts an invoke in flight while it lives.
+struct InFlight<'a>(&'a AtomicUsize, &'a Notify);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.0.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.1.notify_waiters();
+        }
+    }
+}
+
+fn service_error(message: impl Into<String>) -> Outcome {
+    Outcome::Error {
+        error_type: "ServiceException".into(),
+        status: 500,
+        message: message.into(),
+    }
+}
+
+fn unhandled(error: &sandbox::FunctionError) -> Outcome {
+    Outcome::FunctionError {
+        kind: FunctionErrorKind::Unhandled,
+        payload: error.body.clone(),
+    }
+}
+
+/// How the sandbox step of an invoke went.
+enum Ran {
+    Done(Box<sandbox::InvokeResponse>),
+    /// A warm environment turned out to be gone before the invoke reached its runtime.
+    WarmGone,
+    Failed(Outcome),
+}
+
+impl<S: Sandbox + 'static> Environments<S>
+where
+    S::Config: 'static,
+{
+    /// Environments of sandboxes made with `sandbox_config`; `region` goes into the functions'
+    /// environment. Starts the reaper, which ends with the last reference.
+    pub fn new(
+        sandbox_config: S::Config,
+        code: CodeCache,
+        limits: Arc<Concurrency>,
+        config: EnvironmentConfig,
+        region: String,
+    ) -> Arc<Self> {
+        let this = Arc::new(Environments {
+            sandbox_config,
+            code,
+            limits,
+            config,
+            region,
+            pools: Mutex::default(),
+            accepting: AtomicBool::new(true),
+            in_flight: AtomicUsize::new(0),
+            quiet: Notify::new(),
+            started: AtomicU64::new(0),
+            destroyed: AtomicU64::new(0),
+        });
+        tokio::spawn(reap_loop(Arc::downgrade(&this)));
+        this
+    }
+
+    pub fn stats(&self) -> EnvironmentStats {
+        EnvironmentStats {
+            idle: lock(&self.pools).values().map(|p| p.idle.len()).sum(),
+            in_flight: self.in_flight.load(Ordering::SeqCst),
+            started: self.started.load(Ordering::SeqCst),
+            destroyed: self.destroyed.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Runs one invoke. Every failure is an outcome.
+    pub async fn invoke(&self, request: InvokeRequest) -> InvokeResult {
+        let started = Instant::now();
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let _in_flight = InFlight(&self.in_flight, &self.quiet);
+        let mut timings = Timings::default();
+        let executed_version = request.function.version.clone();
+        let request_id = if request.request_id.is_empty() {
+            sandbox::new_request_id()
+        } else {
+            request.request_id.clone()
+        };
+        let (outcome, log_tail) = if !self.accepting.load(Ordering::SeqCst) {
+            (
+                service_error("The Hearth agent is shutting down and takes no new invokes."),
+                Vec::new(),
+            )
+        } else {
+            self.run(&request, &request_id, &mut timings).await
+        };
+        timings.total_us = protocol::micros(started.elapsed());
+        InvokeResult {
+            request_id,
+            outcome,
+            log_tail: if request.log_tail {
+                log_tail
+            } else {
+                Vec::new()
+            },
+            executed_version,
+            timings,
+        }
+    }
+
+    async fn run(
+        &self,
+        request: &InvokeRequest,
+        request_id: &str,
+        timings: &mut Timings,
+    ) -> (Outcome, Vec<u8>) {
+        let f = &request.function;
+        let claim = Instant::now();
+        let permit = match self
+            .limits
+            .acquire(&f.function_name, f.reserved_concurrency)
+        {
+            Ok(p) => p,
+            Err(t) => {
+                return (
+                    Outcome::Throttled {
+                        reason: t.reason,
+                        message: t.message,
+                    },
+                    Vec::new(),
+                );
+            }
+        };
+        let key: PoolKey = (f.function_name.clone(), f.version.clone());
+        let mut warm = self.take_idle(&key, &f.revision_id);
+        timings.claim_us = protocol::micros(claim.elapsed());
+        loop {
+            let (env, init) = match warm.take() {
+                Some(env) => (env, None),
+                None => match self.start(request, &permit, timings).await {
+                    Ok(started) => started,
+                    Err(failed) => return failed,
+                },
+            };
+            let was_warm = init.is_none();
+            let invoke = Instant::now();
+            let ran = self.invoke_in(&env, request, request_id, was_warm).await;
+            timings.invoke_us = protocol::micros(invoke.elapsed());
+            match ran {
+                Ran::WarmGone => {
+                    tracing::info!(function = %f.function_name, "warm environment ended between invokes; starting a new one");
+                    self.destroy(env).await;
+                    continue;
+                }
+                Ran::Failed(outcome) => {
+                    self.destroy(env).await;
+                    return (outcome, Vec::new());
+                }
+                Ran::Done(response) => {
+                    let tail = log_tail(request, request_id, &response, init.as_ref());
+                    let outcome = match &response.result {
+                        Ok(payload) => Outcome::Success {
+                            payload: payload.clone(),
+                        },
+                        Err(e) => unhandled(e),
+                    };
+                    self.release(key, env).await;
+                    drop(permit);
+                    return (outcome, tail);
+                }
+            }
+        }
+    }
+
+    /// The most recently used idle environment of `key` at `revision`; retires the idle
+    /// environments of any other revision.
+    fn take_idle(&self, key: &PoolKey, revision: &str) -> Option<Warm<S>> {
+        let mut retired = Vec::new();
+        let found = {
+            let mut pools = lock(&self.pools);
+            let pool = pools.entry(key.clone()).or_insert_with(|| Pool {
+                revision: revision.to_string(),
+                idle: Vec::new(),
+            });
+            if pool.revision != revision {
+                tracing::info!(function = %key.0, version = %key.1, old = %pool.revision, new = %revision, "new revision; retiring its old environments");
+                retired = std::mem::take(&mut pool.idle);
+                pool.revision = revision.to_string();
+            }
+            let mut found = None;
+            while let Some(env) = pool.idle.pop() {
+                if env.sandbox.is_alive() && env.created.elapsed() < self.config.max_lifetime {
+                    found = Some(env);
+                    break;
+                }
+                retired.push(env);
+            }
+            found
+        };
+        if !retired.is_empty() {
+            self.destroy_later(retired);
+        }
+        found
+    }
+
+    /// A new environment: code from the cache, sandbox start and the runtime's init.
+    async fn start(
+        &self,
+        request: &InvokeRequest,
+        permit: &Permit,
+        timings: &mut Timings,
+    ) -> Result<(Warm<S>, Option<sandbox::InitReport>), (Outcome, Vec<u8>)> {
+        let f = &request.function;
+        if let Err(t) = permit.allow_new_environment() {
+            return Err((
+                Outcome::Throttled {
+                    reason: t.reason,
+                    message: t.message,
+                },
+                Vec::new(),
+            ));
+        }
+        let fetch = Instant::now();
+        let code = self.code.get(&f.code_sha256_hex).await.map_err(|e| {
+            tracing::error!(error = %e, function = %f.function_name, "cannot get the function's code");
+            (
+                service_error(format!("The function's code could not be loaded: {e}")),
+                Vec::new(),
+            )
+        })?;
+        timings.code_us = protocol::micros(fetch.elapsed());
+        let spec = sandbox::FunctionSpec {
+            bundle: self.bundle(request),
+            code,
+        };
+        let init = Instant::now();
+        let started = S::start(&self.sandbox_config, &spec).await;
+        timings.init_us = protocol::micros(init.elapsed());
+        match started {
+            Ok((sandbox, report)) => {
+                self.started.fetch_add(1, Ordering::SeqCst);
+                let now = Instant::now();
+                Ok((
+                    Warm {
+                        sandbox,
+                        revision: f.revision_id.clone(),
+                        created: now,
+                        last_used: now,
+                    },
+                    Some(report),
+                ))
+            }
+            Err(SandboxError::Init {
+                error, logs_tail, ..
+            }) => {
+                tracing::info!(function = %f.function_name, error_type = %error.error_type, "init failed");
+                Err((unhandled(&error), cut_tail(logs_tail)))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, function = %f.function_name, "cannot start a sandbox");
+                Err((
+                    service_error(format!("The function's environment could not start: {e}")),
+                    Vec::new(),
+                ))
+            }
+        }
+    }
+
+    fn bundle(&self, request: &InvokeRequest) -> Bundle {
+        let f = &request.function;
+        let region = f
+            .function_arn
+            .split(':')
+            .nth(3)
+            .filter(|r| !r.is_empty())
+            .unwrap_or(&self.region)
+            .to_string();
+        Bundle {
+            function_arn: f.function_arn.clone(),
+            function_name: f.function_name.clone(),
+            function_version: f.version.clone(),
+            runtime: f.runtime.clone(),
+            handler: f.handler.clone(),
+            memory_mb: f.memory_mib,
+            timeout_ms: u64::from(f.timeout_s.max(1)) * 1000,
+            region,
+            log_group: format!("/aws/lambda/{}", f.function_name),
+            log_stream: format!("[{}]{}", f.version, &sandbox::new_request_id()[..8]),
+            env: f.environment.clone(),
+            credentials: None,
+            max_concurrency: 1,
+            code_len: 0,
+        }
+    }
+
+    async fn invoke_in(
+        &self,
+        env: &Warm<S>,
+        request: &InvokeRequest,
+        request_id: &str,
+        was_warm: bool,
+    ) -> Ran {
+        let sreq = sandbox::InvokeRequest {
+            request_id: request_id.to_string(),
+            payload: request.payload.clone(),
+            trace_id: request.trace_id.clone(),
+            client_context: request.client_context.clone(),
+            cognito_identity: None,
+        };
+        match env.sandbox.invoke(sreq).await {
+            Ok(response) => Ran::Done(Box::new(response)),
+            Err(SandboxError::Gone(_)) if was_warm => Ran::WarmGone,
+            Err(SandboxError::Gone(why)) => Ran::Failed(unhandled(&sandbox::FunctionError::new(
+                "Runtime.ExitError",
+                format!(
+                    "RequestId: {request_id} Error: the environment ended during the invoke: {why}"
+                ),
+            ))),
+            Err(e) => Ran::Failed(service_error(format!(
+                "The function's environment failed: {e}"
+            ))),
+        }
+    }
+
+    /// Back to the idle pool if it may be reused, else ended.
+    async fn release(&self, key: PoolKey, mut env: Warm<S>) {
+        let now = Instant::now();
+        let reusable = env.sandbox.is_alive()
+            && self.accepting.load(Ordering::SeqCst)
+            && now.duration_since(env.created) < self.config.max_lifetime;
+        if reusable {
+            let mut pools = lock(&self.pools);
+            if let Some(pool) = pools.get_mut(&key)
+                && pool.revision == env.revision
+            {
+                env.last_used = now;
+                pool.idle.push(env);
+                return;
+            }
+        }
+        self.destroy(env).await;
+    }
+
+    async fn destroy(&self, env: Warm<S>) {
+        self.destroyed.fetch_add(1, Ordering::SeqCst);
+        env.sandbox.destroy().await;
+    }
+
+    fn destroy_later(&self, envs: Vec<Warm<S>>) {
+        self.destroyed
+            .fetch_add(envs.len() as u64, Ordering::SeqCst);
+        tokio::spawn(async move {
+            for env in envs {
+                env.sandbox.destroy().await;
+            }
+        });
+    }
+
+    /// Takes the idle environments past their idle timeout or lifetime, or dead.
+    fn expired(&self) -> Vec<Warm<S>> {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        let mut pools = lock(&self.pools);
+        for pool in pools.values_mut() {
+            let (keep, gone): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut pool.idle).into_iter().partition(|env| {
+                    env.sandbox.is_alive()
+                        && now.duration_since(env.last_used) < self.config.idle_timeout
+                        && now.duration_since(env.created) < self.config.max_lifetime
+                });
+            pool.idle = keep;
+            out.extend(gone);
+        }
+        out
+    }
+
+    /// Stops taking invokes, waits up to `grace` for those in flight, ends every sandbox.
+    pub async fn drain(&self, grace: Duration) {
+        self.accepting.store(false, Ordering::SeqCst);
+        let waited = tokio::time::timeout(grace, async {
+            loop {
+                let quiet = self.quiet.notified();
+                if self.in_flight.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                quiet.await;
+            }
+        })
+        .await;
+        if waited.is_err() {
+            tracing::warn!(
+                left = self.in_flight.load(Ordering::SeqCst),
+                "invokes still running after the grace period; their environments end when they do"
+            );
+        }
+        let all: Vec<Warm<S>> = {
+            let mut pools = lock(&self.pools);
+            pools.drain().flat_map(|(_, p)| p.idle).collect()
+        };
+        tracing::info!(environments = all.len(), "ending idle environments");
+        self.destroyed.fetch_add(all.len() as u64, Ordering::SeqCst);
+        let mut ending = tokio::task::JoinSet::new();
+        for env in all {
+            ending.spawn(env.sandbox.destroy());
+        }
+        while ending.join_next().await.is_some() {}
+    }
+}
+
+async fn reap_loop<S: Sandbox + 'static>(this: Weak<Environments<S>>)
+where
+    S::Config: 'static,
+{
+    loop {
+        let interval = match this.upgrade() {
+            Some(e) => e.config.reap_interval,
+            None => return,
+        };
+        tokio::time::sleep(interval).await;
+        let Some(envs) = this.upgrade() else { return };
+        if !envs.accepting.load(Ordering::SeqCst) {
+            return;
+        }
+        let expired = envs.expired();
+        if !expired.is_empty() {
+            tracing::info!(environments = expired.len(), "reaping idle environments");
+            for env in expired {
+                envs.destroy(env).await;
+            }
+        }
+    }
+}
+
+/// Lambda's tail: init logs (cold start), START, the invoke's logs, END, REPORT; the last 4 KB.
+fn log_tail(
+    request: &InvokeRequest,
+    request_id: &str,
+    response: &sandbox::InvokeResponse,
+    init: Option<&sandbox::InitReport>,
+) -> Vec<u8> {
+    use std::io::Write as _;
+    if !request.log_tail {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    let lines = |logs: &[LogLine], out: &mut Vec<u8>| {
+        for l in logs {
+            out.extend_from_slice(&l.line);
+            out.push(b'\n');
+        }
+    };
+    if let Some(init) = init {
+        lines(&init.logs, &mut out);
+    }
+    let _ = writeln!(
+        out,
+        "START RequestId: {request_id} Version: {}",
+        request.function.version
+    );
+    if response.logs.is_empty() {
+        out.extend_from_slice(&response.logs_tail);
+    } else {
+        lines(&response.logs, &mut out);
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let billed = (ms(response.duration).ceil() as u64).max(1);
+    let init_part = response
+        .init_duration
+        .or(init.map(|i| i.duration))
+        .map(|d| format!("\tInit Duration: {:.2} ms", ms(d)))
+        .unwrap_or_default();
+    let _ = writeln!(out, "END RequestId: {request_id}");
+    let _ = writeln!(
+        out,
+        "REPORT RequestId: {request_id}\tDuration: {:.2} ms\tBilled Duration: {billed} ms\tMemory Size: {} MB\tMax Memory Used: {} MB{init_part}\t",
+        ms(response.duration),
+        request.function.memory_mib,
+        response.max_memory_used_mb,
+    );
+    cut_tail(out)
+}
+
+fn cut_tail(mut bytes: Vec<u8>) -> Vec<u8> {
+    let cut = bytes.len().saturating_sub(LOG_TAIL);
+    bytes.split_off(cut)
+}
+
+impl<S: Sandbox + 'static> InvokeHandler for Environments<S>
+where
+    S::Config: 'static,
+{
+    fn invoke(&self, request: InvokeRequest) -> BoxFuture<'_, InvokeResult> {
+        Box::pin(Environments::invoke(self, request))
+    }
+
+    fn drain(&self, grace: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(Environments::drain(self, grace))
+    }
+}

@@ -1,0 +1,412 @@
+//! [`ProxyServer`]: the agent's end of the invoke-proxy socket.
+//!
+//! One task accepts connections; per connection one task reads frames and spawns a task per
+//! invoke, whose result goes back through the connection's writer as soon as it is ready, so
+//! results leave in the order invokes finish. Shutdown stops accepting and stops reading new
+//! invokes, lets those in flight finish within a grace period, then hands the same grace to the
+//! handler to end its sandboxes.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Notify, mpsc, watch};
+
+use super::protocol::{self, Frame, Hello, InvokeRequest, InvokeResult};
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("{path} exists and is not a socket; refusing to replace it")]
+    NotASocket { path: PathBuf },
+    #[error("cannot bind the invoke-proxy socket {path}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A boxed future, for handlers behind `dyn`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What answers invokes: the agent's execution environments.
+pub trait InvokeHandler: Send + Sync + 'static {
+    /// Runs one invoke; every failure is an [`protocol::Outcome`], never a panic.
+    fn invoke(&self, request: InvokeRequest) -> BoxFuture<'_, InvokeResult>;
+
+    /// Stops taking invokes, lets those in flight finish within `grace`, ends what it runs.
+    fn drain(&self, grace: Duration) -> BoxFuture<'_, ()>;
+}
+
+/// Invokes in flight across all connections.
+#[derive(Default)]
+struct InFlight {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+struct InFlightGuard(Arc<InFlight>);
+
+impl InFlightGuard {
+    fn new(f: &Arc<InFlight>) -> Self {
+        f.count.fetch_add(1, Ordering::SeqCst);
+        InFlightGuard(f.clone())
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// A bound invoke-proxy socket.
+pub struct ProxyServer {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ProxyServer {
+    /// Binds `path`, replacing a stale socket left by an earlier run (never any other file).
+    pub fn bind(path: &Path) -> Result<ProxyServer, ServerError> {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt as _;
+            if !meta.file_type().is_socket() {
+                return Err(ServerError::NotASocket {
+                    path: path.to_path_buf(),
+                });
+            }
+            let _ = std::fs::remove_file(path);
+        }
+        let listener = UnixListener::bind(path).map_err(|source| ServerError::Bind {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(ProxyServer {
+            listener,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serves until `shutdown` turns true, then drains: no new connections or invokes, in-flight
+    /// invokes get up to `grace` to finish, then the handler drains with the same grace.
+    pub async fn run(
+        self,
+        handler: Arc<dyn InvokeHandler>,
+        mut shutdown: watch::Receiver<bool>,
+        grace: Duration,
+    ) {
+        let in_flight = Arc::new(InFlight::default());
+        loop {
+            tokio::select! {
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        break;
+                    }
+                }
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        tokio::spawn(serve_connection(
+                            stream,
+                            handler.clone(),
+                            in_flight.clone(),
+                            shutdown.clone(),
+                        ));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "invoke-proxy accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                },
+            }
+        }
+        drop(self.listener);
+        let _ = std::fs::remove_file(&self.path);
+        let started = tokio::time::Instant::now();
+        tracing::info!(
+            in_flight = in_flight.count.load(Ordering::SeqCst),
+            "invoke proxy draining"
+        );
+        let drained = tokio::time::timeout(grace, async {
+            loop {
+                let idle = in_flight.idle.notified();
+                if in_flight.count.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                left = in_flight.count.load(Ordering::SeqCst),
+                "invokes still in flight after the grace period"
+            );
+        }
+        handler.drain(grace.saturating_sub(started.elapsed())).await;
+    }
+}
+
+async fn serve_connection(
+    stream: UnixStream,
+    handler: Arc<dyn InvokeHandler>,
+    in_flight: Arc<InFlight>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let (mut reader, writer) = stream.into_split();
+    let (frames, frames_rx) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(async move {
+        if let Err(e) = super::write_loop(writer, frames_rx).await {
+            tracing::debug!(error = %e, "invoke-proxy write failed");
+        }
+    });
+    let send = |frame: &Frame| match protocol::encode(frame) {
+        Ok(bytes) => {
+            let _ = frames.send(bytes);
+        }
+        Err(e) => tracing::error!(error = %e, "cannot encode an invoke-proxy frame"),
+    };
+    match protocol::read_frame(&mut reader).await {
+        Ok(Some(Frame::Hello(h))) => match h.check() {
+            Ok(()) => send(&Frame::Hello(Hello::ours("hearth-agent"))),
+            Err(e) => {
+                send(&Frame::Refused(e.to_string()));
+                drop(frames);
+                let _ = writer.await;
+                return;
+            }
+        },
+        Ok(Some(other)) => {
+            tracing::warn!(
+                kind = other.kind(),
+                "invoke-proxy client did not start with Hello"
+            );
+            return;
+        }
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(error = %e, "invoke-proxy client sent a bad first frame");
+            return;
+        }
+    }
+    loop {
+        let frame = tokio::select! {
+            _ = shutdown.changed() => break,
+            frame = protocol::read_frame(&mut reader) => frame,
+        };
+        match frame {
+            Ok(Some(Frame::Invoke(request))) => {
+                let guard = InFlightGuard::new(&in_flight);
+                let handler = handler.clone();
+                let frames = frames.clone();
+                tokio::spawn(async move {
+                    let result = handler.invoke(*request).await;
+                    match protocol::encode(&Frame::Result(Box::new(result))) {
+                        Ok(bytes) => {
+                            let _ = frames.send(bytes);
+                        }
+                        Err(e) => tracing::error!(error = %e, "cannot encode an invoke result"),
+                    }
+                    drop(guard);
+                });
+            }
+            Ok(Some(other)) => {
+                tracing::warn!(
+                    kind = other.kind(),
+                    "unexpected frame from an invoke-proxy client"
+                );
+                break;
+            }
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "bad frame from an invoke-proxy client; closing");
+                break;
+            }
+        }
+    }
+    // The writer ends once every in-flight invoke of this connection has sent its result.
+    drop(frames);
+    let _ = writer.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::client::{ClientError, ProxyClient};
+    use crate::proxy::protocol::{FunctionSpec, InvocationType, Outcome};
+    use tokio::io::AsyncWriteExt as _;
+
+    /// Answers each invoke with its payload after sleeping the milliseconds the payload names:
+    /// the protocol's own behaviour, without sandboxes (those are in tests/environments.rs).
+    struct Sleepy;
+
+    impl InvokeHandler for Sleepy {
+        fn invoke(&self, request: InvokeRequest) -> BoxFuture<'_, InvokeResult> {
+            Box::pin(async move {
+                let ms: u64 = String::from_utf8_lossy(&request.payload)
+                    .parse()
+                    .unwrap_or(0);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                InvokeResult::bare(
+                    request.request_id,
+                    Outcome::Success {
+                        payload: request.payload,
+                    },
+                )
+            })
+        }
+
+        fn drain(&self, _grace: Duration) -> BoxFuture<'_, ()> {
+            Box::pin(async {})
+        }
+    }
+
+    fn request(id: &str, ms: u64) -> InvokeRequest {
+        InvokeRequest {
+            request_id: id.into(),
+            function: FunctionSpec {
+                function_arn: "arn:aws:lambda:us-east-1:000000000000:function:f".into(),
+                function_name: "f".into(),
+                version: "$LATEST".into(),
+                code_sha256_hex: String::new(),
+                runtime: String::new(),
+                handler: String::new(),
+                memory_mib: 128,
+                timeout_s: 3,
+                environment: vec![],
+                reserved_concurrency: None,
+                revision_id: String::new(),
+            },
+            payload: ms.to_string().into_bytes(),
+            invocation_type: InvocationType::RequestResponse,
+            client_context: None,
+            trace_id: None,
+            deadline_ms: 0,
+            log_tail: false,
+        }
+    }
+
+    fn start() -> (tempfile::TempDir, PathBuf, watch::Sender<bool>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy.sock");
+        let server = ProxyServer::bind(&path).unwrap();
+        let (stop, stopped) = watch::channel(false);
+        tokio::spawn(server.run(Arc::new(Sleepy), stopped, Duration::from_secs(5)));
+        (dir, path, stop)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_invokes_in_flight_answered_in_any_order() {
+        let (_dir, path, _stop) = start();
+        let client = ProxyClient::connect(&path).unwrap();
+        let started = tokio::time::Instant::now();
+        let calls: Vec<_> = (0..50u64)
+            .map(|i| {
+                let c = client.clone();
+                tokio::spawn(async move { c.invoke(request(&format!("r{i}"), 300 - i * 5)).await })
+            })
+            .collect();
+        for (i, call) in calls.into_iter().enumerate() {
+            let r = call.await.unwrap().unwrap();
+            assert_eq!(r.request_id, format!("r{i}"));
+            assert_eq!(
+                r.outcome,
+                Outcome::Success {
+                    payload: (300 - i as u64 * 5).to_string().into_bytes()
+                }
+            );
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "not run at once"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_id_in_flight_twice_is_refused() {
+        let (_dir, path, _stop) = start();
+        let client = ProxyClient::connect(&path).unwrap();
+        let (a, b) = tokio::join!(
+            client.invoke(request("same", 200)),
+            client.invoke(request("same", 0))
+        );
+        a.unwrap();
+        assert!(matches!(b, Err(ClientError::DuplicateRequestId(_))));
+        client.invoke(request("same", 0)).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn another_version_and_garbage_are_refused() {
+        let (_dir, path, _stop) = start();
+        let mut s = UnixStream::connect(&path).await.unwrap();
+        let hello = Frame::Hello(Hello {
+            version: protocol::PROTOCOL_VERSION + 1,
+            agent: "future".into(),
+        });
+        s.write_all(&protocol::encode(&hello).unwrap())
+            .await
+            .unwrap();
+        match protocol::read_frame(&mut s).await.unwrap() {
+            Some(Frame::Refused(why)) => assert!(why.contains("version"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(protocol::read_frame(&mut s).await.unwrap().is_none());
+        // Garbage after a good Hello closes the connection; the server keeps serving others.
+        let mut s = UnixStream::connect(&path).await.unwrap();
+        let hello = Frame::Hello(Hello::ours("test"));
+        s.write_all(&protocol::encode(&hello).unwrap())
+            .await
+            .unwrap();
+        assert!(matches!(
+            protocol::read_frame(&mut s).await.unwrap(),
+            Some(Frame::Hello(_))
+        ));
+        s.write_all(&[3, 0, 0, 0, 0xff, 0xff, 0xff]).await.unwrap();
+        assert!(protocol::read_frame(&mut s).await.unwrap().is_none());
+        let client = ProxyClient::connect(&path).unwrap();
+        client.invoke(request("ok", 0)).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_finishes_in_flight_invokes_and_closes_the_socket() {
+        let (_dir, path, stop) = start();
+        let client = ProxyClient::connect(&path).unwrap();
+        let slow = {
+            let c = client.clone();
+            tokio::spawn(async move { c.invoke(request("slow", 500)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop.send(true).unwrap();
+        assert!(slow.await.unwrap().is_ok());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!path.exists());
+        assert!(matches!(
+            client.invoke(request("late", 0)).await,
+            Err(ClientError::Closed(_))
+        ));
+    }
+
+    #[test]
+    fn bind_refuses_to_replace_a_file_that_is_not_a_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("not-a-socket");
+        std::fs::write(&path, b"precious").unwrap();
+        assert!(matches!(
+            ProxyServer::bind(&path),
+            Err(ServerError::NotASocket { .. })
+        ));
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+    }
+}

@@ -1,0 +1,715 @@
+//! `hearth-perf api`: what the Lambda API frontend itself costs on a warm synchronous invoke.
+//!
+//! Starts `hearth serve` (which runs the agent in the same process, its invoke-proxy socket at
+//! `<data-dir>/agent.sock`) on a temporary data directory and a free port, creates the
+//! `lambda_runtime` echo function (`hearth_agent::testing`) and warms it. Then it measures the same
+//! invoke two ways, interleaved so both see the same machine: over HTTP (SigV4-signed, as an SDK
+//! sends it, one keep-alive connection) and straight through the invoke-proxy socket with the
+//! request the frontend would have sent. The paired difference is the frontend's own cost: HTTP,
+//! SigV4 verification, routing and the metadata read. Throughput is measured the same two ways
+//! with several invokes in flight, in one-second windows. A DryRun invoke (authenticated, routed
+//! and resolved, then answered without the agent) times the frontend alone.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context as _, bail, ensure};
+use aws_credential_types::Credentials;
+use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
+use aws_sigv4::sign::v4;
+use base64::Engine as _;
+use bytes::Bytes;
+use hearth_agent::proxy::client::ProxyClient;
+use hearth_agent::proxy::protocol as proxy;
+use http_body_util::{BodyExt as _, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+
+use crate::report::Report;
+
+const KEY: &str = "AKIDHEARTHPERF";
+const SECRET: &str = "hearth-perf-secret";
+const REGION: &str = "us-east-1";
+const FUNCTION: &str = "perf-echo";
+const ROLE: &str = "arn:aws:iam::000000000000:role/hearth-perf";
+
+/// `hearth-perf api` options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ApiArgs {
+    /// Latency samples per path (HTTP and invoke-proxy, interleaved).
+    #[arg(long, default_value_t = 2000)]
+    pub invokes: usize,
+    /// Invokes per path before measuring.
+    #[arg(long, default_value_t = 200)]
+    pub warmup: usize,
+    /// Invokes in flight at once for the throughput figures (HTTP: one connection each).
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// Seconds of throughput measurement per path.
+    #[arg(long, default_value_t = 5)]
+    pub throughput_secs: u64,
+    /// The size of the JSON event sent, in bytes (about).
+    #[arg(long, default_value_t = 64)]
+    pub payload_bytes: usize,
+    /// The function's code zip; by default the echo function is built (`hearth_agent::testing`).
+    #[arg(long)]
+    pub code: Option<PathBuf>,
+    /// The `hearth` binary; by default the one next to `hearth-perf`.
+    #[arg(long)]
+    pub hearth: Option<PathBuf>,
+}
+
+/// A `hearth serve` child process, stopped (SIGTERM, then SIGKILL) when dropped.
+struct Serve {
+    child: Child,
+    address: String,
+    data_dir: PathBuf,
+    log: PathBuf,
+}
+
+impl Serve {
+    fn start(hearth: &Path, work: &Path) -> anyhow::Result<Serve> {
+        let credentials = work.join("credentials");
+        std::fs::write(&credentials, format!("{KEY} {SECRET}\n"))
+            .context("cannot write the credentials file")?;
+        let data_dir = work.join("data");
+        let log = work.join("serve.log");
+        let log_file = std::fs::File::create(&log).context("cannot create the server log")?;
+        let mut child = Command::new(hearth)
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data_dir)
+            .arg("--credentials")
+            .arg(&credentials)
+            .env(
+                "HEARTH_LOG",
+                std::env::var("HEARTH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .spawn()
+            .with_context(|| format!("cannot start {} serve", hearth.display()))?;
+        let stdout = child.stdout.take().context("no stdout from hearth serve")?;
+        let mut line = String::new();
+        let read = BufReader::new(stdout).read_line(&mut line);
+        let address = line
+            .trim()
+            .strip_prefix("hearth-api listening on ")
+            .map(str::to_owned);
+        let serve = Serve {
+            child,
+            address: address.clone().unwrap_or_default(),
+            data_dir,
+            log,
+        };
+        match (read, address) {
+            (Ok(_), Some(_)) => Ok(serve),
+            _ => bail!(
+                "hearth serve did not start (it printed {line:?}); its log: {}",
+                serve.log_tail()
+            ),
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let start = text.len().saturating_sub(2000);
+        let start = (start..text.len())
+            .find(|i| text.is_char_boundary(*i))
+            .unwrap_or(text.len());
+        text[start..].to_owned()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32);
+        if let Some(pid) = pid {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 keep-alive connection that sends SigV4-signed Lambda requests.
+struct Http {
+    sender: SendRequest<Full<Bytes>>,
+    host: String,
+}
+
+/// A response: status and body.
+struct Reply {
+    status: u16,
+    body: Bytes,
+}
+
+impl Http {
+    async fn connect(address: &str) -> anyhow::Result<Http> {
+        let stream = tokio::net::TcpStream::connect(address)
+            .await
+            .with_context(|| format!("cannot connect to {address}"))?;
+        stream.set_nodelay(true).context("TCP_NODELAY")?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .context("HTTP handshake")?;
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(error = %err, "HTTP connection closed");
+            }
+        });
+        Ok(Http {
+            sender,
+            host: address.to_owned(),
+        })
+    }
+
+    /// Builds and signs a request, as the AWS SDKs do.
+    fn signed(
+        &self,
+        method: &str,
+        path: &str,
+        body: Vec<u8>,
+        extra_headers: &[(&str, &str)],
+    ) -> anyhow::Result<http::Request<Full<Bytes>>> {
+        let mut builder = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", &self.host)
+            .header("content-type", "application/json");
+        for (name, value) in extra_headers {
+            builder = builder.header(*name, *value);
+        }
+        let mut request = builder
+            .body(Full::new(Bytes::new()))
+            .context("building a request")?;
+        let identity = Credentials::new(KEY, SECRET, None, None, "hearth-perf").into();
+        let params = v4::SigningParams::builder()
+            .identity(&identity)
+            .region(REGION)
+            .name("lambda")
+            .time(SystemTime::now())
+            .settings(SigningSettings::default())
+            .build()
+            .context("signing parameters")?
+            .into();
+        let uri = format!("http://{}{path}", self.host);
+        let headers: Vec<(String, String)> = request
+            .headers()
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .collect();
+        let signable = SignableRequest::new(
+            method,
+            uri,
+            headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            SignableBody::Bytes(&body),
+        )
+        .context("a signable request")?;
+        let (instructions, _) = sign(signable, &params)
+            .context("signing the request")?
+            .into_parts();
+        instructions.apply_to_request_http1x(&mut request);
+        *request.body_mut() = Full::new(Bytes::from(body));
+        Ok(request)
+    }
+
+    async fn send(&mut self, request: http::Request<Full<Bytes>>) -> anyhow::Result<Reply> {
+        self.sender
+            .ready()
+            .await
+            .context("the HTTP connection closed")?;
+        let response = self
+            .sender
+            .send_request(request)
+            .await
+            .context("the HTTP request failed")?;
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .context("reading the HTTP response")?
+            .to_bytes();
+        Ok(Reply { status, body })
+    }
+
+    async fn call(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<Value> {
+        let bytes = body
+            .map(serde_json::to_vec)
+            .transpose()?
+            .unwrap_or_default();
+        let request = self.signed(method, path, bytes, &[])?;
+        let reply = self.send(request).await?;
+        ensure!(
+            (200..300).contains(&reply.status),
+            "{method} {path}: HTTP {}: {}",
+            reply.status,
+            String::from_utf8_lossy(&reply.body)
+        );
+        if reply.body.is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_slice(&reply.body).with_context(|| format!("{method} {path}: not JSON"))
+    }
+
+    /// One signed RequestResponse invoke; fails unless the function answered `expected`.
+    async fn invoke(&mut self, payload: &[u8], expected: &[u8]) -> anyhow::Result<()> {
+        let request = self.signed(
+            "POST",
+            &format!("/2015-03-31/functions/{FUNCTION}/invocations"),
+            payload.to_vec(),
+            &[],
+        )?;
+        let reply = self.send(request).await?;
+        ensure!(
+            reply.status == 200 && reply.body.as_ref() == expected,
+            "HTTP invoke: {} {}",
+            reply.status,
+            String::from_utf8_lossy(&reply.body)
+        );
+        Ok(())
+    }
+}
+
+/// The request the frontend sends the agent for this function's `$LATEST`.
+fn proxy_request(config: &Value, payload: &[u8], n: u64) -> anyhow::Result<proxy::InvokeRequest> {
+    let text = |k: &str| -> anyhow::Result<String> {
+        config[k]
+            .as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("the function configuration has no {k}"))
+    };
+    let sha = base64::engine::general_purpose::STANDARD
+        .decode(text("CodeSha256")?)
+        .context("CodeSha256 is not base64")?;
+    let timeout_s = config["Timeout"].as_u64().unwrap_or(3) as u32;
+    let deadline_ms = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64 + u64::from(timeout_s) * 1000)
+        .unwrap_or(0);
+    Ok(proxy::InvokeRequest {
+        request_id: format!("hearth-perf-{n}"),
+        function: proxy::FunctionSpec {
+            function_arn: text("FunctionArn")?,
+            function_name: text("FunctionName")?,
+            version: text("Version")?,
+            code_sha256_hex: hex::encode(sha),
+            runtime: text("Runtime")?,
+            handler: text("Handler")?,
+            memory_mib: config["MemorySize"].as_u64().unwrap_or(128) as u32,
+            timeout_s,
+            environment: Vec::new(),
+            reserved_concurrency: None,
+            revision_id: text("RevisionId")?,
+        },
+        payload: payload.to_vec(),
+        invocation_type: proxy::InvocationType::RequestResponse,
+        client_context: None,
+        trace_id: None,
+        deadline_ms,
+        log_tail: false,
+    })
+}
+
+/// One invoke through the invoke-proxy socket; fails unless the function answered `expected`.
+async fn proxy_invoke(
+    client: &ProxyClient,
+    config: &Value,
+    payload: &[u8],
+    expected: &[u8],
+    n: u64,
+) -> anyhow::Result<()> {
+    let result = client
+        .invoke(proxy_request(config, payload, n)?)
+        .await
+        .context("the invoke-proxy invoke failed")?;
+    match result.outcome {
+        proxy::Outcome::Success { payload } if payload == expected => Ok(()),
+        other => bail!("invoke-proxy invoke: {other:?}"),
+    }
+}
+
+/// Microseconds since `start`.
+fn us_since(start: Instant) -> f64 {
+    start.elapsed().as_secs_f64() * 1e6
+}
+
+/// Runs the scenario.
+pub fn run(args: &ApiArgs) -> anyhow::Result<Report> {
+    ensure!(args.invokes > 0, "--invokes must be at least 1");
+    ensure!(args.concurrency > 0, "--concurrency must be at least 1");
+    let hearth = match &args.hearth {
+        Some(path) => path.clone(),
+        None => crate::testhost::find_hearth()?,
+    };
+    let code_path = match &args.code {
+        Some(path) => path.clone(),
+        None => hearth_agent::testing::echo_zip().context("building the echo function")?,
+    };
+    let code = std::fs::read(&code_path)
+        .with_context(|| format!("cannot read {}", code_path.display()))?;
+    let work = tempfile::Builder::new()
+        .prefix("hearth-perf-api-")
+        .tempdir()
+        .context("cannot make a work folder")?;
+    let serve = Serve::start(&hearth, work.path())?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let measured = runtime.block_on(measure(args, &serve, code));
+    let measured = measured.with_context(|| format!("hearth serve's log: {}", serve.log_tail()))?;
+    drop(serve);
+
+    let mut report = Report::new("api", super::machine());
+    report.parameter("invokes", args.invokes);
+    report.parameter("warmup", args.warmup);
+    report.parameter("concurrency", args.concurrency);
+    report.parameter("throughput_secs", args.throughput_secs);
+    report.parameter("payload_bytes", measured.payload_len);
+    report.add("http_invoke", &measured.http, "us");
+    report.add("proxy_invoke", &measured.proxy, "us");
+    let cost: Vec<f64> = measured
+        .http
+        .iter()
+        .zip(&measured.proxy)
+        .map(|(h, p)| h - p)
+        .collect();
+    report.add("frontend_cost", &cost, "us");
+    if let (Some(h), Some(p)) = (
+        report.metrics.get("http_invoke"),
+        report.metrics.get("proxy_invoke"),
+    ) {
+        // The difference of the medians, next to the median of the paired differences.
+        report.parameter("frontend_cost_p50_of_medians_us", h.p50 - p.p50);
+    }
+    report.add("http_dry_run", &measured.dry_run, "us");
+    report.add("http_throughput", &measured.http_rps, "req/s");
+    report.add("proxy_throughput", &measured.proxy_rps, "req/s");
+    Ok(report)
+}
+
+/// What [`measure`] found.
+struct Measured {
+    http: Vec<f64>,
+    proxy: Vec<f64>,
+    dry_run: Vec<f64>,
+    http_rps: Vec<f64>,
+    proxy_rps: Vec<f64>,
+    payload_len: usize,
+}
+
+async fn measure(args: &ApiArgs, serve: &Serve, code: Vec<u8>) -> anyhow::Result<Measured> {
+    let mut http = Http::connect(&serve.address).await?;
+    let create = json!({
+        "FunctionName": FUNCTION,
+        "Runtime": "provided.al2023",
+        "Role": ROLE,
+        "Handler": "bootstrap",
+        "MemorySize": 256,
+        "Timeout": 30,
+        "Code": { "ZipFile": base64::engine::general_purpose::STANDARD.encode(&code) },
+    });
+    http.call("POST", "/2015-03-31/functions", Some(&create))
+        .await
+        .context("CreateFunction")?;
+    let config = wait_active(&mut http).await?;
+
+    let payload =
+        serde_json::to_vec(&json!({ "pad": "x".repeat(args.payload_bytes.saturating_sub(10)) }))?;
+    let expected = payload.clone();
+    let socket = serve.data_dir.join("agent.sock");
+    let proxy = ProxyClient::connect(&socket)
+        .with_context(|| format!("connecting to the invoke-proxy socket {}", socket.display()))?;
+
+    // The first invoke starts the environment (a cold start); then both paths warm up.
+    http.invoke(&payload, &expected)
+        .await
+        .context("the first (cold) invoke")?;
+    let mut n: u64 = 0;
+    for _ in 0..args.warmup {
+        http.invoke(&payload, &expected).await?;
+        n += 1;
+        proxy_invoke(&proxy, &config, &payload, &expected, n).await?;
+    }
+
+    // Latency: interleaved, one invoke in flight.
+    let mut http_us = Vec::with_capacity(args.invokes);
+    let mut proxy_us = Vec::with_capacity(args.invokes);
+    for i in 0..args.invokes {
+        n += 1;
+        // Alternate which path goes first, so neither always follows the other.
+        if i % 2 == 0 {
+            http_us.push(time_http(&mut http, &payload, &expected).await?);
+            proxy_us.push(time_proxy(&proxy, &config, &payload, &expected, n).await?);
+        } else {
+            proxy_us.push(time_proxy(&proxy, &config, &payload, &expected, n).await?);
+            http_us.push(time_http(&mut http, &payload, &expected).await?);
+        }
+    }
+
+    // The frontend alone: a DryRun is authenticated, routed and resolved like an invoke, then
+    // answered (204) without the agent.
+    let mut dry_us = Vec::with_capacity(args.invokes);
+    for _ in 0..args.invokes {
+        dry_us.push(time_dry_run(&mut http, &payload).await?);
+    }
+
+    // Throughput: `concurrency` loops per path, counted in one-second windows.
+    let window = Duration::from_secs(1);
+    let windows = args.throughput_secs.max(1) as usize;
+    let mut connections = Vec::with_capacity(args.concurrency);
+    for _ in 0..args.concurrency {
+        connections.push(Http::connect(&serve.address).await?);
+    }
+    let shared = std::sync::Arc::new((payload.clone(), expected.clone(), config.clone()));
+    let on = shared.clone();
+    // One window first at this concurrency, not counted: the agent starts the extra
+    // environments that this many invokes in flight need.
+    let warm_on = shared.clone();
+    let connections = warm_throughput(connections, move |mut c: Http| {
+        let on = warm_on.clone();
+        async move {
+            c.invoke(&on.0, &on.1).await?;
+            Ok(c)
+        }
+    })
+    .await?;
+    let http_rps = throughput(windows, window, connections, move |mut c: Http| {
+        let on = on.clone();
+        async move {
+            c.invoke(&on.0, &on.1).await?;
+            Ok(c)
+        }
+    })
+    .await?;
+    // Each loop numbers its own request ids, apart from the others'.
+    let proxy_loops: Vec<(ProxyClient, u64)> = (0..args.concurrency)
+        .map(|i| (proxy.clone(), 1_000_000_000 * (i as u64 + 1)))
+        .collect();
+    let on = shared.clone();
+    let proxy_rps = throughput(
+        windows,
+        window,
+        proxy_loops,
+        move |(client, n): (ProxyClient, u64)| {
+            let on = on.clone();
+            async move {
+                proxy_invoke(&client, &on.2, &on.0, &on.1, n).await?;
+                Ok((client, n + 1))
+            }
+        },
+    )
+    .await?;
+    Ok(Measured {
+        http: http_us,
+        proxy: proxy_us,
+        dry_run: dry_us,
+        http_rps,
+        proxy_rps,
+        payload_len: payload.len(),
+    })
+}
+
+async fn time_http(http: &mut Http, payload: &[u8], expected: &[u8]) -> anyhow::Result<f64> {
+    // Signing is the client's work: sign first, then time the request.
+    let request = http.signed(
+        "POST",
+        &format!("/2015-03-31/functions/{FUNCTION}/invocations"),
+        payload.to_vec(),
+        &[],
+    )?;
+    let start = Instant::now();
+    let reply = http.send(request).await?;
+    let us = us_since(start);
+    ensure!(
+        reply.status == 200 && reply.body.as_ref() == expected,
+        "HTTP invoke: {} {}",
+        reply.status,
+        String::from_utf8_lossy(&reply.body)
+    );
+    Ok(us)
+}
+
+async fn time_dry_run(http: &mut Http, payload: &[u8]) -> anyhow::Result<f64> {
+    let request = http.signed(
+        "POST",
+        &format!("/2015-03-31/functions/{FUNCTION}/invocations"),
+        payload.to_vec(),
+        &[("x-amz-invocation-type", "DryRun")],
+    )?;
+    let start = Instant::now();
+    let reply = http.send(request).await?;
+    let us = us_since(start);
+    ensure!(
+        reply.status == 204,
+        "DryRun invoke: {} {}",
+        reply.status,
+        String::from_utf8_lossy(&reply.body)
+    );
+    Ok(us)
+}
+
+async fn time_proxy(
+    proxy: &ProxyClient,
+    config: &Value,
+    payload: &[u8],
+    expected: &[u8],
+    n: u64,
+) -> anyhow::Result<f64> {
+    let request = proxy_request(config, payload, n)?;
+    let start = Instant::now();
+    let result = proxy
+        .invoke(request)
+        .await
+        .context("the invoke-proxy invoke failed")?;
+    let us = us_since(start);
+    match result.outcome {
+        proxy::Outcome::Success { payload } if payload == expected => Ok(us),
+        other => bail!("invoke-proxy invoke: {other:?}"),
+    }
+}
+
+/// Runs one loop per `worker` (each invoke hands the worker back) for `windows` windows and
+/// returns the completed invokes per second of each window.
+async fn throughput<W, F, Fut>(
+    windows: usize,
+    window: Duration,
+    workers: Vec<W>,
+    step: F,
+) -> anyhow::Result<Vec<f64>>
+where
+    W: Send + 'static,
+    F: Fn(W) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<W>> + Send,
+{
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in workers {
+        let (done, stop, step) = (done.clone(), stop.clone(), step.clone());
+        tasks.spawn(async move {
+            let mut worker = worker;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                worker = step(worker).await?;
+                done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok::<_, anyhow::Error>(())
+        });
+    }
+    let mut rates = Vec::with_capacity(windows);
+    let mut last = 0;
+    let mut failure = None;
+    for _ in 0..windows {
+        let start = Instant::now();
+        tokio::time::sleep(window).await;
+        let now = done.load(std::sync::atomic::Ordering::Relaxed);
+        rates.push((now - last) as f64 / start.elapsed().as_secs_f64());
+        last = now;
+        if let Some(Ok(Err(err))) = tasks.try_join_next() {
+            failure = Some(err);
+            break;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => failure = failure.or(Some(err)),
+            Err(err) => failure = failure.or(Some(anyhow::anyhow!("a load task failed: {err}"))),
+        }
+    }
+    match failure {
+        Some(err) => Err(err),
+        None => Ok(rates),
+    }
+}
+
+/// Runs each worker's step a few times at once (the same concurrency as the measurement) and
+/// hands the workers back.
+async fn warm_throughput<W, F, Fut>(workers: Vec<W>, step: F) -> anyhow::Result<Vec<W>>
+where
+    W: Send + 'static,
+    F: Fn(W) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<W>> + Send,
+{
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in workers {
+        let step = step.clone();
+        tasks.spawn(async move {
+            let mut worker = worker;
+            for _ in 0..20 {
+                worker = step(worker).await?;
+            }
+            Ok::<_, anyhow::Error>(worker)
+        });
+    }
+    let mut back = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        back.push(joined.map_err(|e| anyhow::anyhow!("a warm-up task failed: {e}"))??);
+    }
+    Ok(back)
+}
+
+/// Polls GetFunctionConfiguration until the function is Active (60 s at most).
+async fn wait_active(http: &mut Http) -> anyhow::Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let config = http
+            .call(
+                "GET",
+                &format!("/2015-03-31/functions/{FUNCTION}/configuration"),
+                None,
+            )
+            .await?;
+        match config["State"].as_str() {
+            Some("Active") => return Ok(config),
+            Some("Failed") => bail!("the function failed: {config}"),
+            _ if Instant::now() > deadline => bail!("the function never became Active: {config}"),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_proxy_request_matches_the_stored_configuration() {
+        let config = json!({
+            "FunctionName": "f",
+            "FunctionArn": "arn:aws:lambda:us-east-1:000000000000:function:f",
+            "Version": "$LATEST",
+            "CodeSha256": base64::engine::general_purpose::STANDARD.encode([0xabu8; 32]),
+            "Runtime": "provided.al2023",
+            "Handler": "bootstrap",
+            "MemorySize": 256,
+            "Timeout": 30,
+            "RevisionId": "r1",
+        });
+        let request = proxy_request(&config, b"{}", 7).unwrap();
+        assert_eq!(request.request_id, "hearth-perf-7");
+        assert_eq!(request.function.code_sha256_hex, "ab".repeat(32));
+        assert_eq!(request.function.memory_mib, 256);
+        assert_eq!(request.function.timeout_s, 30);
+        assert_eq!(request.function.revision_id, "r1");
+        assert!(proxy_request(&json!({}), b"{}", 1).is_err());
+    }
+}
