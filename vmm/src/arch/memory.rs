@@ -1,7 +1,11 @@
-//! Guest memory: one or two anonymous mappings around the 32-bit MMIO hole.
+//! Guest memory: one or two anonymous mappings around the 32-bit MMIO hole, or, restoring a
+//! snapshot, private (copy-on-write) mappings of its memory file, so that clones of one snapshot
+//! share the pages they have not written through the host's page cache.
 
 use super::layout::{MMIO_GAP_END, MMIO_GAP_START};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use std::fs::File;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 /// Guest memory as the VMM uses it.
 pub type GuestMemory = GuestMemoryMmap<()>;
@@ -12,6 +16,15 @@ pub enum MemoryError {
     /// The mapping failed.
     #[error("cannot map {0} bytes of guest memory")]
     Map(u64, #[source] vm_memory::mmap::FromRangesError),
+    /// Mapping the memory file failed.
+    #[error("cannot map the memory file ({0} bytes at offset {1})")]
+    MapFile(usize, u64, #[source] vm_memory::mmap::MmapRegionError),
+    /// The mapped regions do not form guest memory.
+    #[error("cannot assemble guest memory from the memory file: {0}")]
+    Assemble(String),
+    /// The memory file descriptor could not be duplicated.
+    #[error("cannot duplicate the memory file descriptor")]
+    Dup(#[source] std::io::Error),
 }
 
 /// The RAM ranges for `size` bytes: below the MMIO hole, and the rest from 4 GiB.
@@ -36,6 +49,27 @@ pub fn create(size: u64) -> Result<GuestMemory, MemoryError> {
     GuestMemoryMmap::from_ranges(&ram_ranges(size)).map_err(|e| MemoryError::Map(size, e))
 }
 
+/// Maps `file` (guest RAM of `size` bytes, the regions one after the other) privately: guest
+/// writes go to private copies, never to the file.
+pub fn map_file(file: &File, size: u64) -> Result<GuestMemory, MemoryError> {
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for (addr, len) in ram_ranges(size) {
+        let fd = file.try_clone().map_err(MemoryError::Dup)?;
+        let region = MmapRegionBuilder::new(len)
+            .with_file_offset(FileOffset::new(fd, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| MemoryError::MapFile(len, offset, e))?;
+        let region = GuestRegionMmap::new(region, addr)
+            .ok_or_else(|| MemoryError::Assemble(format!("region at {addr:?} overflows")))?;
+        regions.push(region);
+        offset += len as u64;
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Assemble(e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -43,6 +77,31 @@ mod tests {
     #[test]
     fn small_memory_is_one_range() {
         assert_eq!(ram_ranges(128 << 20), vec![(GuestAddress(0), 128 << 20)]);
+    }
+
+    #[test]
+    fn file_mappings_are_private() {
+        use std::os::unix::fs::FileExt;
+        use vm_memory::Bytes;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mem");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(128 << 20).unwrap();
+        file.write_all_at(b"saved", 0x1000).unwrap();
+        let mem = map_file(&File::open(&path).unwrap(), 128 << 20).unwrap();
+        let mut buf = [0u8; 5];
+        mem.read_slice(&mut buf, GuestAddress(0x1000)).unwrap();
+        assert_eq!(&buf, b"saved");
+        mem.write_slice(b"guest", GuestAddress(0x1000)).unwrap();
+        let mut on_disk = [0u8; 5];
+        file.read_exact_at(&mut on_disk, 0x1000).unwrap();
+        assert_eq!(&on_disk, b"saved");
     }
 
     #[test]
