@@ -1,9 +1,22 @@
-//! `hearth-snapshot`: save and restore of Hearth microVMs, and pools of restored VMs.
+//! `hearth-snapshot`: the files a Hearth microVM snapshot is made of.
 //!
-//! Owns: the snapshot file format (state file and sparse memory file), restore into a fresh
-//! `hearth vmm` process, templates per guest image and memory size, and pools of restored VMs.
+//! Owns: the state file format (`state_file`: magic, a format version of its own, a size cap, a
+//! CRC-64 over the postcard-encoded state) and the memory file (`memory_file`: guest RAM, sparse,
+//! with a digest of its non-zero pages that is checked on the very descriptor the VMM then maps).
+//! Both are untrusted on the way in: every read is bounded and checked before anything is built
+//! from it. Next: templates per guest image and memory size, and pools of restored VMs.
 //!
-//! Relies on: `hearth-vmm` for the state of each component and for the VMM process.
+//! Relies on: nothing of Hearth. `hearth-vmm` depends on this crate: it saves each component's
+//! state beside the component and hands the whole to [`state_file`], and guest RAM to
+//! [`memory_file`].
 //!
-//! Must not touch: function code or invokes (that is `agent`).
+//! Must not touch: function code or invokes (that is `agent`), KVM or devices (that is `vmm`).
 #![forbid(unsafe_code)]
+
+pub mod memory_file;
+pub mod state_file;
+
+pub use memory_file::{
+    Checked, FileIdentity, MemoryFile, MemoryFileError, MemoryFileInfo, WriteStats,
+};
+pub use state_file::{FORMAT_VERSION, MAX_STATE_FILE, StateFileError};

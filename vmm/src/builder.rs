@@ -69,7 +69,7 @@ pub enum BuildError {
 /// A built VM: everything needed to spawn the vCPUs and run the event loop.
 pub struct BuiltVm {
     /// The KVM VM (kept alive for as long as the vCPUs run).
-    pub vm: Vm,
+    pub vm: Arc<Vm>,
     /// Guest memory.
     pub mem: GuestMemory,
     /// The vCPUs, not yet spawned.
@@ -80,19 +80,68 @@ pub struct BuiltVm {
     pub wake: Arc<EventFd>,
     /// Device event subscribers for the event loop.
     pub subscribers: Vec<Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>>>,
+    /// What a snapshot of the VM reads.
+    pub persist: crate::persist::SnapshotParts,
 }
 
 /// The virtio-mmio transport on the MMIO bus.
-struct TransportDevice(MmioTransport);
-
-impl BusDevice for TransportDevice {
+impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        self.0.bus_read(offset, data);
+        self.bus_read(offset, data);
     }
     fn write(&mut self, offset: u64, data: &[u8]) -> BusAction {
-        self.0.bus_write(offset, data);
+        self.bus_write(offset, data);
         BusAction::None
     }
+}
+
+/// The port-IO bus: the serial console (its interrupt `serial_irq` on its GSI) and the legacy
+/// ports. Returns the bus and the console, shared.
+pub(crate) fn port_bus(
+    vm: &Vm,
+    serial: SerialDevice,
+    serial_irq: &EventFd,
+) -> Result<(Bus, Arc<Mutex<SerialDevice>>), BuildError> {
+    // Port IO: unmapped reads float high (0xff), which is what absent COM2-4 and PCI look like.
+    let mut pio = Bus::new(0xff);
+    vm.register_irqfd(serial_irq, SERIAL_GSI)?;
+    let serial = Arc::new(Mutex::new(serial));
+    pio.insert(COM1_PORT, COM1_LEN, serial.clone())?;
+    pio.insert(I8042_DATA, 1, Arc::new(Mutex::new(I8042::data())))?;
+    pio.insert(I8042_CMD, 1, Arc::new(Mutex::new(I8042::command())))?;
+    pio.insert(CMOS_PORT, 2, Arc::new(Mutex::new(Cmos)))?;
+    pio.insert(
+        u64::from(ACPI_SLEEP_PORT),
+        1,
+        Arc::new(Mutex::new(AcpiSleep)),
+    )?;
+    Ok((pio, serial))
+}
+
+/// Puts `transport` behind virtio-mmio window `index`: MMIO bus, ioeventfds, irqfd.
+pub(crate) fn attach_transport(
+    vm: &Vm,
+    mmio: &mut Bus,
+    index: usize,
+    transport: MmioTransport,
+) -> Result<(MmioDeviceInfo, Arc<Mutex<MmioTransport>>), BuildError> {
+    let info = MmioDeviceInfo {
+        base: VIRTIO_MMIO_BASE + index as u64 * VIRTIO_MMIO_SIZE,
+        size: VIRTIO_MMIO_SIZE,
+        gsi: VIRTIO_GSI_BASE + index as u32,
+    };
+    for (queue, evt) in transport
+        .queue_evts()
+        .map_err(|e| BuildError::Virtio(index, e))?
+        .iter()
+        .enumerate()
+    {
+        vm.register_ioevent(evt, info.base + NOTIFY_OFFSET, queue as u32)?;
+    }
+    vm.register_irqfd(transport.irq_evt(), info.gsi)?;
+    let transport = Arc::new(Mutex::new(transport));
+    mmio.insert(info.base, info.size, transport.clone())?;
+    Ok((info, transport))
 }
 
 /// The full kernel command line for `config`.
@@ -111,29 +160,10 @@ fn attach_virtio(
     mmio: &mut Bus,
     index: usize,
     device: Arc<Mutex<dyn VirtioDevice>>,
-) -> Result<MmioDeviceInfo, BuildError> {
-    let info = MmioDeviceInfo {
-        base: VIRTIO_MMIO_BASE + index as u64 * VIRTIO_MMIO_SIZE,
-        size: VIRTIO_MMIO_SIZE,
-        gsi: VIRTIO_GSI_BASE + index as u32,
-    };
+) -> Result<(MmioDeviceInfo, Arc<Mutex<MmioTransport>>), BuildError> {
     let transport =
         MmioTransport::new(mem.clone(), device).map_err(|e| BuildError::Virtio(index, e))?;
-    for (queue, evt) in transport
-        .queue_evts()
-        .map_err(|e| BuildError::Virtio(index, e))?
-        .iter()
-        .enumerate()
-    {
-        vm.register_ioevent(evt, info.base + NOTIFY_OFFSET, queue as u32)?;
-    }
-    vm.register_irqfd(transport.irq_evt(), info.gsi)?;
-    mmio.insert(
-        info.base,
-        info.size,
-        Arc::new(Mutex::new(TransportDevice(transport))),
-    )?;
-    Ok(info)
+    attach_transport(vm, mmio, index, transport)
 }
 
 /// Builds the VM described by `config`. `started` is when the process started (for the
@@ -162,29 +192,20 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<BuiltVm, BuildError>
         "KVM VM created"
     );
 
-    // Port IO: unmapped reads float high (0xff), which is what absent COM2-4 and PCI look like.
-    let mut pio = Bus::new(0xff);
     let log = BoundedLog::create(config.serial_log.as_deref(), config.serial_log_cap)?;
     let (serial, serial_irq) = SerialDevice::new(log)?;
-    vm.register_irqfd(&serial_irq, SERIAL_GSI)?;
-    pio.insert(COM1_PORT, COM1_LEN, Arc::new(Mutex::new(serial)))?;
-    pio.insert(I8042_DATA, 1, Arc::new(Mutex::new(I8042::data())))?;
-    pio.insert(I8042_CMD, 1, Arc::new(Mutex::new(I8042::command())))?;
-    pio.insert(CMOS_PORT, 2, Arc::new(Mutex::new(Cmos)))?;
-    pio.insert(
-        u64::from(ACPI_SLEEP_PORT),
-        1,
-        Arc::new(Mutex::new(AcpiSleep)),
-    )?;
+    let (pio, serial) = port_bus(&vm, serial, &serial_irq)?;
 
     let mut mmio = Bus::new(0);
     let mut devices = Vec::new();
     let mut subscribers: Vec<Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>>> = Vec::new();
+    let mut vsock_parts = None;
     if let Some(vsock_config) = &config.vsock {
-        let (device, subscriber) =
-            crate::vsock::create(vsock_config, &mem).map_err(BuildError::Vsock)?;
-        devices.push(attach_virtio(&vm, &mem, &mut mmio, devices.len(), device)?);
-        subscribers.push(subscriber);
+        let device = crate::vsock::create_device(vsock_config, &mem).map_err(BuildError::Vsock)?;
+        let (info, transport) = attach_virtio(&vm, &mem, &mut mmio, devices.len(), device.clone())?;
+        devices.push(info);
+        subscribers.push(device.clone());
+        vsock_parts = Some((transport, device));
     }
     acpi::write_tables(&mem, config.vcpus, &devices)?;
 
@@ -195,17 +216,21 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<BuiltVm, BuildError>
     for id in 0..config.vcpus {
         let fd = vm.create_vcpu(id, config.vcpus, entry.entry)?;
         let timing = (id == 0).then_some(started);
-        vcpus.push(Vcpu::new(
-            id,
-            fd,
-            pio.clone(),
-            mmio.clone(),
-            sink.clone(),
-            timing,
-        ));
+        let cpuid = vm.vcpu_cpuid(id, config.vcpus).as_slice().to_vec();
+        vcpus.push(
+            Vcpu::new(id, fd, pio.clone(), mmio.clone(), sink.clone(), timing)
+                .with_persist(cpuid, vm.msr_indices().clone()),
+        );
     }
     tracing::debug!(ms = started.elapsed().as_secs_f64() * 1000.0, "VM built");
+    let vm = Arc::new(vm);
     Ok(BuiltVm {
+        persist: crate::persist::SnapshotParts {
+            vm: vm.clone(),
+            mem: mem.clone(),
+            serial,
+            vsock: vsock_parts,
+        },
         vm,
         mem,
         vcpus,

@@ -55,6 +55,13 @@ pub struct VmmArgs {
     /// Run the guest at once instead of waiting for Start on the control socket.
     #[arg(long)]
     pub start: bool,
+    /// Restore the VM from this snapshot state file instead of booting the kernel (needs
+    /// --restore-mem; the configuration must match the snapshot, its kernel and initrd are unused).
+    #[arg(long, requires = "restore_mem")]
+    pub restore_state: Option<PathBuf>,
+    /// The snapshot's memory file (mapped copy-on-write; never written).
+    #[arg(long, requires = "restore_state")]
+    pub restore_mem: Option<PathBuf>,
     /// Exit when standard input reaches end of file (the parent's pipe closed).
     #[arg(long, hide = true)]
     pub exit_on_stdin_eof: bool,
@@ -107,7 +114,18 @@ pub fn run(args: VmmArgs) -> anyhow::Result<u8> {
     let signals = block_termination_signals()?;
     install_kick_handler()?;
     seccomp::install_reporter()?;
-    let built = builder::build(&config, started)?;
+    let built = match (&args.restore_state, &args.restore_mem) {
+        (Some(state), Some(mem)) => crate::restore::restore(
+            &config,
+            &crate::restore::SnapshotFiles {
+                state: state.clone(),
+                mem: mem.clone(),
+            },
+            started,
+        )
+        .context("cannot restore the snapshot")?,
+        _ => builder::build(&config, started)?,
+    };
     let control = match &config.control_socket {
         Some(path) => Some(ControlServer::bind(path)?),
         None => None,
@@ -122,7 +140,8 @@ pub fn run(args: VmmArgs) -> anyhow::Result<u8> {
         handles.push(vcpu.spawn()?);
     }
     let parent = args.exit_on_stdin_eof.then_some(0);
-    let controller = Controller::new(handles, built.events, built.wake, &signals, parent, control)?;
+    let controller = Controller::new(handles, built.events, built.wake, &signals, parent, control)?
+        .with_snapshot(built.persist);
     let mut event_loop = EventLoop::new(controller)?;
     for s in built.subscribers {
         event_loop.add_subscriber(s);

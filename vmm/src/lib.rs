@@ -2,7 +2,8 @@
 //!
 //! Owns: guest memory, vCPU threads, the in-kernel irqchip and PIT, bzImage loading and boot
 //! parameters, ACPI tables, the devices (8250 serial, i8042, virtio-mmio transport, virtio-vsock with
-//! a Unix-socket backend), per-thread seccomp filters, the `hearth vmm` process (one VM a process)
+//! a Unix-socket backend), the saved state of each of those and snapshot/restore of the whole VM
+//! (the file formats are `hearth-snapshot`'s), per-thread seccomp filters, the `hearth vmm` process (one VM a process)
 //! and its control socket, and the Rust API the agent uses to start and control such processes.
 //!
 //! Relies on: `/dev/kvm` being hardware KVM (VMX/SVM), the rust-vmm crates, and a guest kernel and
@@ -14,7 +15,9 @@
 //! Layout: `kvm` (what /dev/kvm is), `config` (the VM description), `arch` (x86_64 memory map,
 //! boot protocol, CPU state, CPUID), `acpi`, `devices` (buses, serial, legacy ports, virtio),
 //! `vstate` (the KVM VM and the vCPU threads), `runtime` (the event loop and VM state machine),
-//! `control` (the control protocol), `seccomp`, `builder` (config to VM), `cli` (`hearth vmm`),
+//! `control` (the control protocol), `seccomp`, `builder` (config to VM), `persist` (a VM's saved
+//! state and taking a snapshot; each component saves its own state beside it), `restore`
+//! (snapshot to VM), `cli` (`hearth vmm`),
 //! `process` (the agent's handle on a `hearth vmm` child), `kvm_test` (running VM tests where
 //! hardware KVM is).
 
@@ -27,8 +30,10 @@ pub mod control;
 pub mod devices;
 pub mod kvm;
 pub mod kvm_test;
+pub mod persist;
 pub mod process;
 pub mod ratelimit;
+pub mod restore;
 pub mod runtime;
 pub mod seccomp;
 pub mod vsock;
@@ -37,3 +42,4 @@ pub mod vstate;
 pub use config::{VmConfig, VsockConfig};
 pub use control::VmState;
 pub use process::{MemoryUsage, ProcessError, VmmProcess};
+pub use restore::SnapshotFiles;

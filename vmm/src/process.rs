@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a control request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a snapshot may take (it writes guest RAM).
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// How much of the child's stderr is kept for error messages.
 const STDERR_KEEP: usize = 16 * 1024;
 
@@ -82,8 +84,8 @@ impl MemoryUsage {
     }
 }
 
-/// Sums `Rss` and `Pss` of `smaps` text, setting apart mappings whose size is one of `guest_sizes`
-/// bytes and that are anonymous (the guest memory regions).
+/// Sums `Rss` and `Pss` of `smaps` text, setting apart writable mappings whose size is one of
+/// `guest_sizes` bytes (the guest memory regions, anonymous or mapped from a snapshot).
 pub fn parse_smaps(smaps: &str, guest_sizes: &[u64]) -> MemoryUsage {
     let mut usage = MemoryUsage {
         rss_kib: 0,
@@ -99,9 +101,11 @@ pub fn parse_smaps(smaps: &str, guest_sizes: &[u64]) -> MemoryUsage {
             && let (Ok(start), Ok(end)) =
                 (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
         {
-            // A mapping header: "start-end perms offset dev inode [path]".
-            let anonymous = fields.nth(4).is_none();
-            in_guest = anonymous && guest_sizes.contains(&end.saturating_sub(start));
+            // A mapping header: "start-end perms offset dev inode [path]". Guest RAM is a
+            // writable private mapping of a region's size: anonymous, or of a snapshot's memory
+            // file after a restore.
+            let writable = fields.next().is_some_and(|p| p.starts_with("rw"));
+            in_guest = writable && guest_sizes.contains(&end.saturating_sub(start));
             continue;
         }
         let value = fields
@@ -142,6 +146,34 @@ impl VmmProcess {
     /// Starts `hearth_binary vmm` for `config` and waits until its VM is built and its control
     /// socket answers. The VM is not running yet: call [`VmmProcess::start`].
     pub fn spawn(hearth_binary: &Path, config: &VmConfig) -> Result<Self, ProcessError> {
+        Self::spawn_with(hearth_binary, config, &[])
+    }
+
+    /// Starts `hearth_binary vmm` restoring the snapshot in `files` with the host side (sockets,
+    /// serial log) `config` describes; `config`'s memory, vCPUs and devices must match the
+    /// snapshot. Waits until the VM is restored: call [`VmmProcess::start`] to run it.
+    pub fn spawn_restored(
+        hearth_binary: &Path,
+        config: &VmConfig,
+        files: &crate::SnapshotFiles,
+    ) -> Result<Self, ProcessError> {
+        Self::spawn_with(
+            hearth_binary,
+            config,
+            &[
+                "--restore-state".into(),
+                files.state.clone().into_os_string(),
+                "--restore-mem".into(),
+                files.mem.clone().into_os_string(),
+            ],
+        )
+    }
+
+    fn spawn_with(
+        hearth_binary: &Path,
+        config: &VmConfig,
+        extra: &[std::ffi::OsString],
+    ) -> Result<Self, ProcessError> {
         config.validate()?;
         let control = config
             .control_socket
@@ -155,6 +187,7 @@ impl VmmProcess {
             .arg("--config-json")
             .arg(json)
             .arg("--exit-on-stdin-eof")
+            .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -246,18 +279,31 @@ impl VmmProcess {
     }
 
     fn request(&self, command: Command) -> Result<VmState, ProcessError> {
+        self.request_within(command, REQUEST_TIMEOUT)
+    }
+
+    fn request_within(&self, command: Command, timeout: Duration) -> Result<VmState, ProcessError> {
         let mut stream = UnixStream::connect(&self.control)
-            .map_err(|e| ProcessError::Control(command, e.into()))?;
-        let io = |e: std::io::Error| ProcessError::Control(command, e.into());
-        stream.set_read_timeout(Some(REQUEST_TIMEOUT)).map_err(io)?;
-        stream
-            .set_write_timeout(Some(REQUEST_TIMEOUT))
-            .map_err(io)?;
-        protocol::write_frame(&mut stream, &Request::new(command))
-            .map_err(|e| ProcessError::Control(command, e))?;
-        let resp: Response =
-            protocol::read_frame(&mut stream).map_err(|e| ProcessError::Control(command, e))?;
+            .map_err(|e| ProcessError::Control(command.clone(), e.into()))?;
+        let io = |e: std::io::Error| ProcessError::Control(command.clone(), e.into());
+        stream.set_read_timeout(Some(timeout)).map_err(io)?;
+        stream.set_write_timeout(Some(timeout)).map_err(io)?;
+        protocol::write_frame(&mut stream, &Request::new(command.clone()))
+            .map_err(|e| ProcessError::Control(command.clone(), e))?;
+        let resp: Response = protocol::read_frame(&mut stream)
+            .map_err(|e| ProcessError::Control(command.clone(), e))?;
         resp.result.map_err(|m| ProcessError::Refused(command, m))
+    }
+
+    /// Writes a snapshot of the paused VM to `files` (the VM stays paused).
+    pub fn snapshot(&self, files: &crate::SnapshotFiles) -> Result<VmState, ProcessError> {
+        self.request_within(
+            Command::Snapshot {
+                state_path: files.state.clone(),
+                mem_path: files.mem.clone(),
+            },
+            SNAPSHOT_TIMEOUT,
+        )
     }
 
     /// Runs the vCPUs for the first time.
@@ -352,6 +398,20 @@ Pss:                 100 kB
         assert_eq!(
             (u.rss_kib, u.guest_rss_kib, u.own_rss_kib(), u.own_pss_kib()),
             (20700, 20000, 700, 400)
+        );
+        // Restored: guest RAM is a private mapping of the memory file.
+        let restored = "\
+7f0000000000-7f0008000000 rw-p 00000000 08:01 99 /snap/vm.mem
+Rss:                5000 kB
+Pss:                2500 kB
+7f2000000000-7f2008000000 r--s 00000000 08:01 98 /other
+Rss:                  10 kB
+Pss:                  10 kB
+";
+        let u = parse_smaps(restored, &[128 << 20]);
+        assert_eq!(
+            (u.guest_rss_kib, u.guest_pss_kib, u.own_rss_kib()),
+            (5000, 2500, 10)
         );
     }
 }

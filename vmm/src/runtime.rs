@@ -17,6 +17,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// How long vCPUs get to acknowledge a pause or resume.
 const ACK_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long vCPUs get to save their state.
+const SAVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the VMM stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +89,7 @@ pub struct Controller {
     control: Option<ControlServer>,
     state: VmState,
     stop: Option<StopReason>,
+    snapshot: Option<crate::persist::SnapshotParts>,
 }
 
 impl Controller {
@@ -110,7 +113,79 @@ impl Controller {
             control,
             state: VmState::Created,
             stop: None,
+            snapshot: None,
         })
+    }
+
+    /// Lets the controller take snapshots of the VM made of `parts`.
+    pub fn with_snapshot(mut self, parts: crate::persist::SnapshotParts) -> Self {
+        self.snapshot = Some(parts);
+        self
+    }
+
+    /// Asks every (paused) vCPU for its state and waits for all of them.
+    fn save_vcpus(&mut self) -> Result<Vec<crate::vstate::vcpu_state::VcpuKvmState>, String> {
+        self.broadcast(VcpuCommand::Save)?;
+        let mut saved: Vec<Option<_>> = (0..self.vcpus.len()).map(|_| None).collect();
+        let deadline = Instant::now() + SAVE_TIMEOUT;
+        while saved.iter().any(Option::is_none) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(VcpuEvent::Saved(id, result)) => {
+                    let state = (*result).map_err(|e| format!("vCPU {id}: {e}"))?;
+                    if let Some(slot) = saved.get_mut(usize::from(id)) {
+                        *slot = Some(state);
+                    }
+                }
+                Ok(VcpuEvent::State(..)) => {}
+                Ok(VcpuEvent::VmExit(_, reason)) => {
+                    self.request_stop(StopReason::Guest(reason));
+                    return Err("the guest ended while saving its vCPUs".into());
+                }
+                Err(_) => {
+                    return Err(format!(
+                        "vCPUs did not save their state within {SAVE_TIMEOUT:?}"
+                    ));
+                }
+            }
+        }
+        Ok(saved.into_iter().flatten().collect())
+    }
+
+    /// Writes a snapshot of the paused VM.
+    fn take_snapshot(
+        &mut self,
+        state_path: &std::path::Path,
+        mem_path: &std::path::Path,
+    ) -> Result<(), String> {
+        if self.snapshot.is_none() {
+            return Err("this VM cannot be snapshotted".into());
+        }
+        let t = Instant::now();
+        let vcpus = self.save_vcpus()?;
+        let vcpu_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let Some(parts) = self.snapshot.as_ref() else {
+            return Err("this VM cannot be snapshotted".into());
+        };
+        let stats = parts.write(vcpus, state_path, mem_path).map_err(|e| {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            msg
+        })?;
+        tracing::info!(
+            ms = t.elapsed().as_secs_f64() * 1000.0,
+            vcpu_ms,
+            memory_ms = stats.memory_ms,
+            state_bytes = stats.state_bytes,
+            memory_written = stats.memory_written,
+            memory_size = stats.memory_size,
+            "snapshot written"
+        );
+        Ok(())
     }
 
     /// The state.
@@ -155,7 +230,7 @@ impl Controller {
                         *a = true;
                     }
                 }
-                Ok(VcpuEvent::State(..)) => {}
+                Ok(VcpuEvent::State(..) | VcpuEvent::Saved(..)) => {}
                 Ok(VcpuEvent::VmExit(_, reason)) => {
                     self.request_stop(StopReason::Guest(reason));
                     return Err("the guest ended while changing state".into());
@@ -191,6 +266,19 @@ impl Controller {
             }
             (Command::Pause, VmState::Paused)
             | (Command::Resume | Command::Start, VmState::Running) => Ok(self.state),
+            (
+                Command::Snapshot {
+                    state_path,
+                    mem_path,
+                },
+                VmState::Paused,
+            ) => {
+                self.take_snapshot(&state_path, &mem_path)?;
+                Ok(self.state)
+            }
+            (Command::Snapshot { .. }, s) => {
+                Err(format!("a snapshot needs the VM paused; it is {s:?}"))
+            }
             (c, s) => Err(format!("{c:?} is not valid while the VM is {s:?}")),
         }
     }
@@ -203,7 +291,7 @@ impl Controller {
                     tracing::info!(vcpu = id, ?reason, "guest asked the VM to end");
                     self.request_stop(StopReason::Guest(reason));
                 }
-                VcpuEvent::State(..) => {}
+                VcpuEvent::State(..) | VcpuEvent::Saved(..) => {}
             }
         }
     }

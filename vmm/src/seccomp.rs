@@ -129,6 +129,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn snapshot_ioctl_numbers_match_the_kvm_structs() {
+        use kvm_bindings::*;
+        use std::mem::size_of;
+        let ioc =
+            |dir: u64, nr: u64, size: usize| (dir << 30) | ((size as u64) << 16) | (0xae << 8) | nr;
+        let (r, rw) = (2, 3);
+        let json = include_str!("../seccomp/filters.json");
+        for (name, value) in [
+            ("KVM_GET_REGS", ioc(r, 0x81, size_of::<kvm_regs>())),
+            ("KVM_GET_SREGS", ioc(r, 0x83, size_of::<kvm_sregs>())),
+            ("KVM_GET_MSRS", ioc(rw, 0x88, size_of::<kvm_msrs>())),
+            ("KVM_GET_LAPIC", ioc(r, 0x8e, size_of::<kvm_lapic_state>())),
+            ("KVM_GET_MP_STATE", ioc(r, 0x98, size_of::<kvm_mp_state>())),
+            (
+                "KVM_GET_VCPU_EVENTS",
+                ioc(r, 0x9f, size_of::<kvm_vcpu_events>()),
+            ),
+            (
+                "KVM_GET_DEBUGREGS",
+                ioc(r, 0xa1, size_of::<kvm_debugregs>()),
+            ),
+            ("KVM_GET_XSAVE", ioc(r, 0xa4, size_of::<kvm_xsave>())),
+            ("KVM_GET_XCRS", ioc(r, 0xa6, size_of::<kvm_xcrs>())),
+            ("KVM_GET_TSC_KHZ", ioc(0, 0xa3, 0)),
+            ("KVM_GET_IRQCHIP", ioc(rw, 0x62, size_of::<kvm_irqchip>())),
+            ("KVM_GET_PIT2", ioc(r, 0x9f, size_of::<kvm_pit_state2>())),
+            ("KVM_GET_CLOCK", ioc(r, 0x7c, size_of::<kvm_clock_data>())),
+        ] {
+            let rule = format!("\"val\": {value}, \"comment\": \"{name} = {value:#x}\"");
+            assert!(json.contains(&rule), "filters.json lacks {rule}");
+        }
+    }
+
+    #[test]
     fn embedded_programs_decode() {
         assert!(program(ThreadKind::Vmm).unwrap().len() > 10);
         assert!(program(ThreadKind::Vcpu).unwrap().len() > 10);

@@ -286,3 +286,88 @@ pub fn wait_any() -> Option<(i32, i32)> {
         }
     }
 }
+
+/// `RNDADDENTROPY`: `_IOW('R', 0x03, int[2])`.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `RNDRESEEDCRNG`: `_IO('R', 0x07)`.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// Credits `bytes` to the kernel's input pool as full entropy and makes the kernel's random
+/// generator reseed from it at once (a clone restored from a snapshot must not repeat the
+/// random numbers of its siblings).
+pub fn add_entropy(bytes: &[u8]) -> Result<(), io::Error> {
+    let urandom = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info = Vec::with_capacity(8 + bytes.len());
+    let bits =
+        i32::try_from(bytes.len() * 8).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let len =
+        i32::try_from(bytes.len()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    info.extend_from_slice(&bits.to_ne_bytes());
+    info.extend_from_slice(&len.to_ne_bytes());
+    info.extend_from_slice(bytes);
+    // SAFETY: RNDADDENTROPY reads a rand_pool_info whose buf_size bytes follow its two ints; the
+    // buffer holds exactly that and lives across the call.
+    if unsafe { libc::ioctl(urandom.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    if unsafe { libc::ioctl(urandom.as_raw_fd(), RNDRESEEDCRNG) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Fills `buf` from the kernel's random generator.
+pub fn random_bytes(buf: &mut [u8]) -> Result<(), io::Error> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: getrandom writes at most `rest.len()` bytes into `rest`.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// CLOCK_REALTIME, ns since the epoch.
+pub fn realtime_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
+}
+
+/// Sets CLOCK_REALTIME to `ns` since the epoch.
+pub fn set_realtime_ns(ns: u64) -> Result<(), io::Error> {
+    let ts = libc::timespec {
+        tv_sec: (ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: clock_settime reads the timespec it is given.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sets the host name.
+pub fn set_hostname(name: &str) -> Result<(), io::Error> {
+    // SAFETY: sethostname reads `name.len()` bytes of `name`.
+    if unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -4,6 +4,11 @@
 //! `/lib/modules/load-order`; brings up `lo`; listens on vsock port [`CONTROL_PORT`]; connects to the
 //! host on port [`READY_PORT`] and sends `Hello` + `Ready`; then serves control connections, one
 //! thread each.
+//!
+//! The ready connection is held by a thread of its own for the VM's life. When it ends (after a
+//! restore from a snapshot the VMM sends a vsock transport reset, which resets every connection
+//! in the guest; or the host closed it), the init connects again and re-announces `Ready`, so
+//! the host learns that a restored guest is up.
 
 use std::fs::File;
 use std::io::Read;
@@ -18,8 +23,8 @@ use super::{InitError, Scratch, chain, fatal, halt, load_modules, mount_common, 
 use crate::console;
 use crate::image::{GUEST_MODULES, INITRAMFS_MODULES_DIR, MODULE_ORDER_FILE};
 use crate::protocol::{
-    CONTROL_PORT, ErrorCode, ErrorReply, GuestStatus, HOST_CID, Hello, Message, ProtocolError,
-    READY_PORT, Ready, check_hello, encode_frame, read_frame, write_frame,
+    CONTROL_PORT, ErrorCode, ErrorReply, GuestStatus, HOST_CID, Hello, MAX_RANDOM, Message,
+    ProtocolError, READY_PORT, Ready, Refresh, check_hello, encode_frame, read_frame, write_frame,
 };
 use crate::runtime::RuntimeConfig;
 
@@ -65,11 +70,12 @@ pub fn run(start_ms: u64) -> ! {
         Err(e) => fatal(&format!("cannot listen on vsock port {CONTROL_PORT}: {e}")),
     };
     // The ready connection stays open for the VM's life.
-    let _ready_conn = match connect_ready(start_ms) {
+    let ready_conn = match connect_ready(start_ms) {
         Ok(c) => c,
         Err(e) => fatal(&chain(&e)),
     };
     console!("ready at {} ms (kernel uptime)", sys::boottime_ms());
+    keep_ready_link(ready_conn, start_ms);
     loop {
         match sys::accept(&listener) {
             Ok(conn) => {
@@ -143,6 +149,47 @@ fn connect_ready(start_ms: u64) -> Result<File, InitError> {
     Ok(conn)
 }
 
+/// Holds the ready connection; when it ends, connects again and re-announces `Ready` (retrying
+/// for as long as it takes: a restored guest has no other way to tell the host it is up).
+fn keep_ready_link(conn: File, start_ms: u64) {
+    let spawned = std::thread::Builder::new()
+        .name("ready-link".into())
+        .spawn(move || {
+            let mut conn = conn;
+            loop {
+                wait_for_end(&mut conn);
+                console!(
+                    "host link reset at {} ms; announcing again",
+                    sys::boottime_ms()
+                );
+                conn = loop {
+                    match connect_ready(start_ms) {
+                        Ok(c) => break c,
+                        Err(e) => console!("cannot reach the host again: {}", chain(&e)),
+                    }
+                };
+                console!("ready again at {} ms (kernel uptime)", sys::boottime_ms());
+            }
+        });
+    if let Err(e) = spawned {
+        console!("cannot start the ready-link thread: {e}");
+    }
+}
+
+/// Returns when `conn` ends: end of file, or an error such as the reset a vsock transport reset
+/// gives every connection. The host sends nothing on it; anything it does send is skipped.
+pub fn wait_for_end(conn: &mut impl Read) {
+    let mut buf = [0u8; 64];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
 /// The guest's status.
 pub fn status() -> GuestStatus {
     let (mem_total_kib, mem_available_kib) = std::fs::read_to_string("/proc/meminfo")
@@ -214,6 +261,45 @@ pub fn handle(req: Message) -> (Message, After) {
         Message::Ping { bytes } => (Message::Pong { bytes }, After::Continue),
         Message::Status => (Message::StatusReply(status()), After::Continue),
         Message::Reboot => (Message::Rebooting, After::Reboot),
+        Message::Refresh(r) => (refresh(&r), After::Continue),
+        Message::Random { len } if len <= MAX_RANDOM => {
+            let mut bytes = vec![0u8; len as usize];
+            match sys::random_bytes(&mut bytes) {
+                Ok(()) => (Message::RandomBytes { bytes }, After::Continue),
+                Err(e) => (
+                    error(ErrorCode::Internal, format!("getrandom: {e}")),
+                    After::Continue,
+                ),
+            }
+        }
+        Message::Random { len } => (
+            error(
+                ErrorCode::BadRequest,
+                format!("{len} random bytes asked; at most {MAX_RANDOM}"),
+            ),
+            After::Continue,
+        ),
+        Message::Clock => (
+            Message::ClockReply {
+                realtime_ns: sys::realtime_ns(),
+            },
+            After::Continue,
+        ),
+        Message::ShiftClock { delta_ns } => {
+            let target = (sys::realtime_ns() as i64).saturating_add(delta_ns).max(0) as u64;
+            match sys::set_realtime_ns(target) {
+                Ok(()) => (
+                    Message::ClockReply {
+                        realtime_ns: sys::realtime_ns(),
+                    },
+                    After::Continue,
+                ),
+                Err(e) => (
+                    error(ErrorCode::Internal, format!("cannot set the clock: {e}")),
+                    After::Continue,
+                ),
+            }
+        }
         other => (
             error(
                 ErrorCode::UnknownRequest,
@@ -221,6 +307,29 @@ pub fn handle(req: Message) -> (Message, After) {
             ),
             After::Continue,
         ),
+    }
+}
+
+/// Applies a `Refresh`: entropy into the kernel's pool (and a reseed), the wall clock, the host
+/// name. A clone restored from a snapshot gets this before any function code runs in it.
+fn refresh(r: &Refresh) -> Message {
+    if let Err(why) = r.check() {
+        return error(ErrorCode::BadRequest, why);
+    }
+    if let Err(e) = sys::add_entropy(&r.entropy) {
+        return error(ErrorCode::Internal, format!("cannot add entropy: {e}"));
+    }
+    if let Err(e) = sys::set_realtime_ns(r.realtime_ns) {
+        return error(ErrorCode::Internal, format!("cannot set the clock: {e}"));
+    }
+    if let Err(e) = sys::set_hostname(&r.identity) {
+        return error(
+            ErrorCode::Internal,
+            format!("cannot set the host name: {e}"),
+        );
+    }
+    Message::Refreshed {
+        realtime_ns: sys::realtime_ns(),
     }
 }
 
@@ -411,6 +520,18 @@ mod tests {
     }
 
     #[test]
+    fn the_ready_link_ends_on_close_and_skips_data() {
+        let (mut host, guest) = UnixStream::pair().unwrap();
+        let waiter = std::thread::spawn(move || {
+            let mut guest = guest;
+            wait_for_end(&mut guest);
+        });
+        host.write_all(b"ignored").unwrap();
+        drop(host);
+        waiter.join().unwrap();
+    }
+
+    #[test]
     fn module_order_file() {
         let order = parse_module_order(
             "/lib/modules/virtio_ring.ko\n\n# comment\n  /lib/modules/virtio.ko \n",
@@ -441,6 +562,45 @@ mod tests {
         let (m, a) = handle(Message::Status);
         assert!(matches!(m, Message::StatusReply(s) if s.role == "vm"));
         assert_eq!(a, After::Continue);
+        let (m, _) = handle(Message::Random { len: 16 });
+        assert!(matches!(m, Message::RandomBytes { bytes } if bytes.len() == 16));
+        let (m, _) = handle(Message::Random {
+            len: MAX_RANDOM + 1,
+        });
+        assert!(matches!(
+            m,
+            Message::Error(ErrorReply {
+                code: ErrorCode::BadRequest,
+                ..
+            })
+        ));
+        let (m, _) = handle(Message::Clock);
+        assert!(matches!(m, Message::ClockReply { realtime_ns } if realtime_ns > 0));
+        // A bad refresh is refused before anything is changed.
+        let (m, _) = handle(Message::Refresh(Refresh {
+            identity: "no spaces".into(),
+            entropy: vec![0; 32],
+            realtime_ns: 0,
+        }));
+        assert!(matches!(
+            m,
+            Message::Error(ErrorReply {
+                code: ErrorCode::BadRequest,
+                ..
+            })
+        ));
+        let (m, _) = handle(Message::Refresh(Refresh {
+            identity: "clone-1".into(),
+            entropy: vec![0; 8],
+            realtime_ns: 0,
+        }));
+        assert!(matches!(
+            m,
+            Message::Error(ErrorReply {
+                code: ErrorCode::BadRequest,
+                ..
+            })
+        ));
         let (m, _) = handle(Message::Pong { bytes: vec![] });
         assert!(matches!(
             m,

@@ -59,6 +59,19 @@ pub fn read_ready<S: Read + ?Sized>(stream: &mut S) -> Result<(Hello, Ready), Pr
     }
 }
 
+/// Most corrections of a refreshed guest's clock.
+pub const CLOCK_ROUNDS: usize = 3;
+/// A refreshed guest's clock is left alone within this of the host's, ns.
+pub const CLOCK_TOLERANCE_NS: u64 = 2_000_000;
+
+/// The host's CLOCK_REALTIME, ns since the epoch (0 before 1970).
+pub fn realtime_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() * 1_000_000_000 + u64::from(d.subsec_nanos()))
+        .unwrap_or(0)
+}
+
 /// A control connection to the init (after the `Hello` exchange).
 #[derive(Debug)]
 pub struct ControlClient<S> {
@@ -123,6 +136,70 @@ impl<S: Read + Write> ControlClient<S> {
             Message::Rebooting => Ok(()),
             other => Err(ProtocolError::Unexpected {
                 expected: "Rebooting",
+                got: other.kind().to_owned(),
+            }),
+        }
+    }
+
+    /// Makes a restored clone unique and current (see [`super::Refresh`]), then corrects the
+    /// guest's wall clock for the time the messages took: it measures the offset over a `Clock`
+    /// round trip and shifts the clock by it, up to [`CLOCK_ROUNDS`] times, until it is within
+    /// [`CLOCK_TOLERANCE_NS`]. Returns the offset left (guest minus host, ns).
+    pub fn refresh(&mut self, refresh: super::Refresh) -> Result<i64, ProtocolError> {
+        match self.request(&Message::Refresh(refresh))? {
+            Message::Refreshed { .. } => {}
+            other => {
+                return Err(ProtocolError::Unexpected {
+                    expected: "Refreshed",
+                    got: other.kind().to_owned(),
+                });
+            }
+        }
+        let mut offset = self.clock_offset()?;
+        for _ in 0..CLOCK_ROUNDS {
+            if offset.unsigned_abs() <= CLOCK_TOLERANCE_NS {
+                break;
+            }
+            match self.request(&Message::ShiftClock { delta_ns: -offset })? {
+                Message::ClockReply { .. } => {}
+                other => {
+                    return Err(ProtocolError::Unexpected {
+                        expected: "ClockReply",
+                        got: other.kind().to_owned(),
+                    });
+                }
+            }
+            offset = self.clock_offset()?;
+        }
+        Ok(offset)
+    }
+
+    /// The guest's wall clock minus the host's at the middle of a `Clock` round trip, ns.
+    pub fn clock_offset(&mut self) -> Result<i64, ProtocolError> {
+        let t0 = realtime_ns();
+        let guest = self.clock()?;
+        let t1 = realtime_ns();
+        let mid = t0 / 2 + t1 / 2;
+        Ok(guest as i64 - mid as i64)
+    }
+
+    /// `len` random bytes from the guest kernel.
+    pub fn random(&mut self, len: u32) -> Result<Vec<u8>, ProtocolError> {
+        match self.request(&Message::Random { len })? {
+            Message::RandomBytes { bytes } => Ok(bytes),
+            other => Err(ProtocolError::Unexpected {
+                expected: "RandomBytes",
+                got: other.kind().to_owned(),
+            }),
+        }
+    }
+
+    /// The guest's wall-clock time, ns since the epoch.
+    pub fn clock(&mut self) -> Result<u64, ProtocolError> {
+        match self.request(&Message::Clock)? {
+            Message::ClockReply { realtime_ns } => Ok(realtime_ns),
+            other => Err(ProtocolError::Unexpected {
+                expected: "ClockReply",
                 got: other.kind().to_owned(),
             }),
         }

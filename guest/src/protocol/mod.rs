@@ -13,7 +13,9 @@
 //!   `Hello`, gets `Hello` back (or `Error` for an unsupported version, then the connection closes),
 //!   then sends requests, each answered by exactly one response, in order:
 //!   `Ping` -> `Pong` (same bytes), `Status` -> `StatusReply`, `Reboot` -> `Rebooting` (then the VM
-//!   reboots, which ends it). A request the init does not know gets `Error`.
+//!   reboots, which ends it), `Refresh` -> `Refreshed` (a clone restored from a snapshot gets its
+//!   identity, entropy and the wall-clock time), `Random` -> `RandomBytes`, `Clock` ->
+//!   `ClockReply`, `ShiftClock` -> `ClockReply`. A request the init does not know gets `Error`.
 //!
 //! Extending: new variants go at the END of [`Message`] (postcard encodes the variant index), and a
 //! change to an existing variant's fields bumps [`PROTOCOL_VERSION`].
@@ -145,6 +147,73 @@ pub enum Message {
     Error(ErrorReply),
     /// Function messages (RUNTIME helper): bundle, invoke, results, logs.
     Function(function::Message),
+    /// Host to init, on a clone restored from a snapshot, before any function code runs in it: a
+    /// fresh identity, entropy to reseed the kernel's random pool with, and the host's wall-clock
+    /// time to set.
+    Refresh(Refresh),
+    /// The init applied a `Refresh`: the guest's wall-clock time (ns since the epoch) after it.
+    Refreshed {
+        realtime_ns: u64,
+    },
+    /// Ask for `len` (at most [`MAX_RANDOM`]) bytes from the guest kernel's random generator.
+    Random {
+        len: u32,
+    },
+    /// The random bytes.
+    RandomBytes {
+        bytes: Vec<u8>,
+    },
+    /// Ask for the guest's wall-clock time.
+    Clock,
+    /// The guest's CLOCK_REALTIME, ns since the epoch.
+    ClockReply {
+        realtime_ns: u64,
+    },
+    /// Move the guest's wall clock by `delta_ns` (the host's correction after measuring the
+    /// offset over a round trip); answered with `ClockReply`.
+    ShiftClock {
+        delta_ns: i64,
+    },
+}
+
+/// The most random bytes one `Random` asks for.
+pub const MAX_RANDOM: u32 = 4096;
+/// The entropy a `Refresh` carries: at least 32 bytes, at most 512.
+pub const REFRESH_ENTROPY: std::ops::RangeInclusive<usize> = 32..=512;
+
+/// What makes a restored clone unique and current.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refresh {
+    /// The clone's identity (becomes the guest's host name): 1 to 64 of `[A-Za-z0-9-]`.
+    pub identity: String,
+    /// Random bytes from the host, credited to the guest kernel's pool before it reseeds.
+    pub entropy: Vec<u8>,
+    /// The host's CLOCK_REALTIME when it sent this, ns since the epoch.
+    pub realtime_ns: u64,
+}
+
+impl Refresh {
+    /// Checks the fields; the reason when they are not acceptable.
+    pub fn check(&self) -> Result<(), String> {
+        if self.identity.is_empty()
+            || self.identity.len() > 64
+            || !self
+                .identity
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err("the identity must be 1 to 64 of [A-Za-z0-9-]".into());
+        }
+        if !REFRESH_ENTROPY.contains(&self.entropy.len()) {
+            return Err(format!(
+                "the entropy must be {} to {} bytes, not {}",
+                REFRESH_ENTROPY.start(),
+                REFRESH_ENTROPY.end(),
+                self.entropy.len()
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Message {
@@ -161,6 +230,13 @@ impl Message {
             Message::Rebooting => "Rebooting",
             Message::Error(_) => "Error",
             Message::Function(_) => "Function",
+            Message::Refresh(_) => "Refresh",
+            Message::Refreshed { .. } => "Refreshed",
+            Message::Random { .. } => "Random",
+            Message::RandomBytes { .. } => "RandomBytes",
+            Message::Clock => "Clock",
+            Message::ClockReply { .. } => "ClockReply",
+            Message::ShiftClock { .. } => "ShiftClock",
         }
     }
 }

@@ -1,14 +1,17 @@
-//! Guest memory: one or two anonymous mappings around the 32-bit MMIO hole.
+//! Guest memory: one or two anonymous mappings around the 32-bit MMIO hole, or, restoring a
+//! snapshot, private (copy-on-write) mappings of its memory file, so that clones of one snapshot
+//! share the pages they have not written through the host's page cache.
 //!
-//! Each mapping starts on a 2 MiB boundary and is advised for transparent huge pages, so that
-//! guest-physical and host-virtual addresses agree modulo 2 MiB and KVM can back the guest with
-//! 2 MiB pages in its two-dimensional page tables. Measured in the test host (nested SVM under
-//! QEMU TCG), a 4 KiB-mapped guest took ~17,000-28,000 nested page faults to boot, each a costly
-//! exit; huge mappings need a few hundred.
+//! Booted guests' anonymous mappings start on a 2 MiB boundary and are advised for transparent
+//! huge pages, so that guest-physical and host-virtual addresses agree modulo 2 MiB and KVM can
+//! back the guest with 2 MiB pages in its two-dimensional page tables. Measured in the test host
+//! (nested SVM under QEMU TCG), a 4 KiB-mapped guest took ~17,000-28,000 nested page faults to
+//! boot, each a costly exit; huge mappings need about 40.
 
 use super::layout::{MMIO_GAP_END, MMIO_GAP_START};
+use std::fs::File;
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 /// Guest memory as the VMM uses it.
 pub type GuestMemory = GuestMemoryMmap<()>;
@@ -22,6 +25,15 @@ pub enum MemoryError {
     /// vm-memory refused the mapping.
     #[error("cannot use the guest memory mapping at {0:#x}: {1}")]
     Region(u64, String),
+    /// Mapping the memory file failed.
+    #[error("cannot map the memory file ({0} bytes at offset {1})")]
+    MapFile(usize, u64, #[source] vm_memory::mmap::MmapRegionError),
+    /// The mapped regions do not form guest memory.
+    #[error("cannot assemble guest memory from the memory file: {0}")]
+    Assemble(String),
+    /// The memory file descriptor could not be duplicated.
+    #[error("cannot duplicate the memory file descriptor")]
+    Dup(#[source] std::io::Error),
 }
 
 /// The size of a huge page, and the alignment of every guest RAM mapping.
@@ -106,6 +118,27 @@ fn map_aligned(len: usize) -> Result<*mut u8, MemoryError> {
     Ok(aligned as *mut u8)
 }
 
+/// Maps `file` (guest RAM of `size` bytes, the regions one after the other) privately: guest
+/// writes go to private copies, never to the file.
+pub fn map_file(file: &File, size: u64) -> Result<GuestMemory, MemoryError> {
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for (addr, len) in ram_ranges(size) {
+        let fd = file.try_clone().map_err(MemoryError::Dup)?;
+        let region = MmapRegionBuilder::new(len)
+            .with_file_offset(FileOffset::new(fd, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| MemoryError::MapFile(len, offset, e))?;
+        let region = GuestRegionMmap::new(region, addr)
+            .ok_or_else(|| MemoryError::Assemble(format!("region at {addr:?} overflows")))?;
+        regions.push(region);
+        offset += len as u64;
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Assemble(e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,6 +161,31 @@ mod tests {
     #[test]
     fn small_memory_is_one_range() {
         assert_eq!(ram_ranges(128 << 20), vec![(GuestAddress(0), 128 << 20)]);
+    }
+
+    #[test]
+    fn file_mappings_are_private() {
+        use std::os::unix::fs::FileExt;
+        use vm_memory::Bytes;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mem");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(128 << 20).unwrap();
+        file.write_all_at(b"saved", 0x1000).unwrap();
+        let mem = map_file(&File::open(&path).unwrap(), 128 << 20).unwrap();
+        let mut buf = [0u8; 5];
+        mem.read_slice(&mut buf, GuestAddress(0x1000)).unwrap();
+        assert_eq!(&buf, b"saved");
+        mem.write_slice(b"guest", GuestAddress(0x1000)).unwrap();
+        let mut on_disk = [0u8; 5];
+        file.read_exact_at(&mut on_disk, 0x1000).unwrap();
+        assert_eq!(&on_disk, b"saved");
     }
 
     #[test]

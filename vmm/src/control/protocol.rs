@@ -10,7 +10,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const MAX_FRAME: usize = 64 * 1024;
 
 /// What the client asks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Run the vCPUs for the first time.
     Start,
@@ -22,6 +22,14 @@ pub enum Command {
     Stop,
     /// Report the state.
     Status,
+    /// Write a snapshot of the paused VM: the state file and the (sparse) memory file, both
+    /// created or replaced, readable by the VMM's user only. The VM stays paused.
+    Snapshot {
+        /// Where the state file goes.
+        state_path: std::path::PathBuf,
+        /// Where the memory file goes.
+        mem_path: std::path::PathBuf,
+    },
 }
 
 /// The VM's state.
@@ -119,6 +127,13 @@ mod tests {
         write_frame(&mut buf, &Request::new(Command::Pause)).unwrap();
         let back: Request = read_frame(&mut buf.as_slice()).unwrap();
         assert_eq!(back, Request::new(Command::Pause));
+        let snap = Request::new(Command::Snapshot {
+            state_path: "/s/state".into(),
+            mem_path: "/s/mem".into(),
+        });
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &snap).unwrap();
+        assert_eq!(read_frame::<Request>(&mut buf.as_slice()).unwrap(), snap);
         let mut buf = Vec::new();
         let resp = Response {
             version: 1,

@@ -2,6 +2,7 @@
 //! over a channel. A command is followed by a signal that makes a blocked `KVM_RUN` return at
 //! once (the handler sets `immediate_exit` in this thread's `kvm_run`).
 
+use super::vcpu_state::VcpuKvmState;
 use crate::devices::bus::{Bus, BusAction};
 use crate::seccomp::{self, ThreadKind};
 use crate::{limited_debug, limited_warn};
@@ -35,6 +36,8 @@ pub enum VcpuCommand {
     Pause,
     /// End the thread.
     Exit,
+    /// Report the vCPU's KVM state ([`VcpuEvent::Saved`]); only while paused.
+    Save,
 }
 
 /// Why the VM ends, as seen from a vCPU.
@@ -51,12 +54,14 @@ pub enum VmExitReason {
 }
 
 /// What a vCPU thread reports to the VMM.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum VcpuEvent {
     /// vCPU `id` entered a new state.
     State(u8, VcpuState),
     /// The guest asked for the VM to end (or it failed).
     VmExit(u8, VmExitReason),
+    /// vCPU `id`'s saved state, or why it could not be saved.
+    Saved(u8, Box<Result<VcpuKvmState, String>>),
 }
 
 /// Where vCPU threads report; `wake` is written after each event so an epoll loop notices.
@@ -162,6 +167,9 @@ pub struct Vcpu {
     /// For the boot vCPU: when the process started, to log the time to the first `KVM_RUN`.
     started: Option<Instant>,
     seccomp: bool,
+    /// The CPUID it was given and the MSRs to save: what a snapshot of it needs.
+    cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
+    msr_indices: Arc<Vec<u32>>,
 }
 
 impl Vcpu {
@@ -182,7 +190,20 @@ impl Vcpu {
             events,
             started,
             seccomp: true,
+            cpuid: Vec::new(),
+            msr_indices: Arc::new(Vec::new()),
         }
+    }
+
+    /// Records the CPUID the vCPU was given and the MSRs KVM lists, for [`VcpuCommand::Save`].
+    pub fn with_persist(
+        mut self,
+        cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
+        msr_indices: Arc<Vec<u32>>,
+    ) -> Self {
+        self.cpuid = cpuid;
+        self.msr_indices = msr_indices;
+        self
     }
 
     /// Runs without a seccomp filter (tests of the vCPU loop itself only).
@@ -251,6 +272,25 @@ impl Vcpu {
             VcpuCommand::Run => VcpuState::Running,
             VcpuCommand::Pause => VcpuState::Paused,
             VcpuCommand::Exit => VcpuState::Exiting,
+            VcpuCommand::Save => {
+                let saved = if from == VcpuState::Paused {
+                    VcpuKvmState::save(self.id, &self.fd, &self.cpuid, &self.msr_indices).map_err(
+                        |e| {
+                            let mut msg = e.to_string();
+                            let mut src = std::error::Error::source(&e);
+                            while let Some(s) = src {
+                                msg.push_str(&format!(": {s}"));
+                                src = s.source();
+                            }
+                            msg
+                        },
+                    )
+                } else {
+                    Err(format!("vCPU {} is not paused", self.id))
+                };
+                self.events.send(VcpuEvent::Saved(self.id, Box::new(saved)));
+                return from;
+            }
         };
         if to != from && to != VcpuState::Exiting {
             self.events.send(VcpuEvent::State(self.id, to));

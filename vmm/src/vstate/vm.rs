@@ -25,6 +25,9 @@ pub enum VmError {
     /// Setting a vCPU's boot state failed.
     #[error("cannot set up vCPU {0}")]
     Vcpu(u8, #[source] regs::RegsError),
+    /// Restoring a vCPU's saved state failed.
+    #[error("cannot restore vCPU {0}")]
+    Restore(u8, #[source] super::vcpu_state::VcpuStateError),
 }
 
 /// A KVM VM with its irqchip, PIT and memory.
@@ -32,6 +35,7 @@ pub struct Vm {
     fd: VmFd,
     supported_cpuid: kvm_bindings::CpuId,
     tsc_deadline: bool,
+    msr_indices: std::sync::Arc<Vec<u32>>,
 }
 
 impl Vm {
@@ -54,6 +58,12 @@ impl Vm {
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmError::Ioctl("KVM_GET_SUPPORTED_CPUID", e))?;
+        let msr_indices = std::sync::Arc::new(
+            kvm.get_msr_index_list()
+                .map_err(|e| VmError::Ioctl("KVM_GET_MSR_INDEX_LIST", e))?
+                .as_slice()
+                .to_vec(),
+        );
         let fd = kvm
             .create_vm()
             .map_err(|e| VmError::Ioctl("KVM_CREATE_VM", e))?;
@@ -84,6 +94,7 @@ impl Vm {
             fd,
             supported_cpuid,
             tsc_deadline,
+            msr_indices,
         })
     }
 
@@ -98,11 +109,42 @@ impl Vm {
             .fd
             .create_vcpu(u64::from(id))
             .map_err(|e| VmError::Ioctl("KVM_CREATE_VCPU", e))?;
-        let mut cpuid = self.supported_cpuid.clone();
-        cpuid::normalize(&mut cpuid, id, count, self.tsc_deadline);
-        vcpu.set_cpuid2(&cpuid)
+        vcpu.set_cpuid2(&self.vcpu_cpuid(id, count))
             .map_err(|e| VmError::Ioctl("KVM_SET_CPUID2", e))?;
         regs::setup_vcpu(&vcpu, entry, id == 0).map_err(|e| VmError::Vcpu(id, e))?;
+        Ok(vcpu)
+    }
+
+    /// The CPUID vCPU `id` of `count` gets on this host.
+    pub fn vcpu_cpuid(&self, id: u8, count: u8) -> kvm_bindings::CpuId {
+        let mut cpuid = self.supported_cpuid.clone();
+        cpuid::normalize(&mut cpuid, id, count, self.tsc_deadline);
+        cpuid
+    }
+
+    /// The MSRs KVM lists for saving a vCPU.
+    pub fn msr_indices(&self) -> &std::sync::Arc<Vec<u32>> {
+        &self.msr_indices
+    }
+
+    /// Creates vCPU `id` of `count` from its saved state; the saved CPUID must be this host's.
+    pub fn restore_vcpu(
+        &self,
+        count: u8,
+        state: &super::vcpu_state::VcpuKvmState,
+    ) -> Result<VcpuFd, VmError> {
+        let id = state.id;
+        let cpuid = self.vcpu_cpuid(id, count);
+        state
+            .check_cpuid(cpuid.as_slice())
+            .map_err(|e| VmError::Restore(id, e))?;
+        let vcpu = self
+            .fd
+            .create_vcpu(u64::from(id))
+            .map_err(|e| VmError::Ioctl("KVM_CREATE_VCPU", e))?;
+        vcpu.set_cpuid2(&cpuid)
+            .map_err(|e| VmError::Ioctl("KVM_SET_CPUID2", e))?;
+        state.restore(&vcpu).map_err(|e| VmError::Restore(id, e))?;
         Ok(vcpu)
     }
 

@@ -52,6 +52,9 @@ pub enum MmioError {
     /// Cloning a queue eventfd failed.
     #[error("cannot clone a queue eventfd")]
     CloneEventFd(#[source] io::Error),
+    /// The saved transport state is invalid.
+    #[error("invalid saved virtio-mmio state")]
+    Restore(#[source] super::persist::PersistError),
 }
 
 /// A virtio device behind a virtio-mmio register window.
@@ -125,6 +128,44 @@ impl MmioTransport {
             queues,
             config_generation: 0,
         })
+    }
+
+    /// The transport's state (the device saves its own).
+    pub fn save(&self) -> super::persist::MmioTransportState {
+        super::persist::MmioTransportState {
+            status: self.status,
+            features_select: self.features_select,
+            driver_features_select: self.driver_features_select,
+            queue_select: self.queue_select,
+            config_generation: self.config_generation,
+            interrupt_status: self.irq.status(),
+            queues: self
+                .queues
+                .iter()
+                .map(super::persist::QueuePersist::from)
+                .collect(),
+        }
+    }
+
+    /// A transport in a saved state, in front of `device` (restored separately, and activated
+    /// by its own restore when the state says DRIVER_OK, with [`MmioTransport::irq`]).
+    pub fn restore(
+        mem: GuestMemory,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        state: &super::persist::MmioTransportState,
+    ) -> Result<Self, MmioError> {
+        super::persist::check_status(state.status).map_err(MmioError::Restore)?;
+        let mut t = Self::new(mem, device)?;
+        let max_sizes = lock(&t.device).queue_max_sizes().to_vec();
+        t.queues = super::persist::build_queues(&state.queues, &max_sizes, None)
+            .map_err(MmioError::Restore)?;
+        t.status = state.status;
+        t.features_select = state.features_select;
+        t.driver_features_select = state.driver_features_select;
+        t.queue_select = state.queue_select;
+        t.config_generation = state.config_generation;
+        t.irq.set_status(state.interrupt_status & 3);
+        Ok(t)
     }
 
     /// The device behind this window.
@@ -634,6 +675,27 @@ mod tests {
         write(&mut t, 0x70, ACKNOWLEDGE | DRIVER | FAILED);
         assert_ne!(read(&mut t, 0x70) & FAILED, 0);
         assert!(!dev.lock().expect("lock").is_activated());
+    }
+
+    #[test]
+    fn transport_state_round_trips() {
+        let (mem, dev, mut t) = setup();
+        negotiate(&mut t);
+        let q0 = TestQueue::new(&mem, GuestAddress(0x1000), 16);
+        set_queue(&mut t, 0, &q0);
+        t.irq().trigger(IrqKind::Vring).expect("irq");
+        let state = t.save();
+        let back = MmioTransport::restore(mem.clone(), dev.clone(), &state).expect("restore");
+        assert_eq!(back.save(), state);
+        let mut bad = state.clone();
+        bad.status = DRIVER_OK;
+        assert!(matches!(
+            MmioTransport::restore(mem.clone(), dev.clone(), &bad),
+            Err(MmioError::Restore(_))
+        ));
+        let mut bad = state;
+        bad.queues.pop();
+        assert!(MmioTransport::restore(mem, dev, &bad).is_err());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! Layout: `mmio.rs` is the transport (registers, status state machine, queue set-up); `queue.rs`
 //! walks descriptor chains the guest hands over and checks every index, address and length;
 //! `vsock/` is the vsock device, generic over its backend (`vsock/unix/` is the Unix-socket one);
+//! `persist.rs` is the saved state of queues and of the transport (each device saves its own);
 //! `ratelimit.rs` keeps guest-triggered logs bounded; `test_utils.rs` lays virtqueues out in
 //! ordinary memory so devices are tested without a guest.
 
@@ -16,6 +17,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 pub mod mmio;
+pub mod persist;
 pub mod queue;
 pub mod ratelimit;
 pub mod test_utils;
@@ -98,6 +100,11 @@ impl IrqTrigger {
     /// Clear the bits in `mask` (the guest writing `InterruptACK`).
     pub fn ack(&self, mask: u32) {
         self.status.fetch_and(!mask, Ordering::SeqCst);
+    }
+
+    /// Set the pending bits to `bits` (restoring a snapshot); signals nothing.
+    pub fn set_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
     }
 
     /// Clear every pending bit (device reset).

@@ -49,10 +49,10 @@ pub enum VsockError {
     Irq(#[source] io::Error),
 }
 
-struct Active {
-    mem: GuestMemory,
-    queues: Vec<Queue>,
-    irq: Arc<IrqTrigger>,
+pub(super) struct Active {
+    pub(super) mem: GuestMemory,
+    pub(super) queues: Vec<Queue>,
+    pub(super) irq: Arc<IrqTrigger>,
 }
 
 /// The virtio-vsock device over backend `B`.
@@ -60,9 +60,9 @@ pub struct Vsock<B> {
     cid: u64,
     backend: B,
     queue_evts: Vec<EventFd>,
-    acked_features: u64,
-    active: Option<Active>,
-    failed: bool,
+    pub(super) acked_features: u64,
+    pub(super) active: Option<Active>,
+    pub(super) failed: bool,
     transport_reset_pending: bool,
     backend_reset_pending: bool,
     scratch: Vec<u8>,
@@ -121,7 +121,7 @@ impl<B: VsockBackend> Vsock<B> {
     }
 
     /// Wake the event loop (from a vCPU thread): it processes `queues` as if notified.
-    fn kick(&self, queues: &[usize]) {
+    pub(super) fn kick(&self, queues: &[usize]) {
         for &q in queues {
             if let Err(e) = self.queue_evts[q].write(1) {
                 tracing::error!(error = %e, "vsock: cannot signal a queue eventfd");
@@ -224,6 +224,12 @@ impl<B: VsockBackend> Vsock<B> {
         self.backend.reset();
         self.transport_reset_pending = true;
         self.deliver_transport_reset()
+    }
+
+    /// Queue a transport reset for the guest without touching the backend (a restored device's
+    /// backend is new); it goes out when the event loop next handles the event queue.
+    pub(super) fn queue_transport_reset(&mut self) {
+        self.transport_reset_pending = true;
     }
 
     /// The guest gave event buffers: deliver a pending transport reset.

@@ -3,7 +3,8 @@
 //!
 //! Files: `packet.rs` parses and writes packets on checked descriptor chains; `device.rs` is the
 //! device (queue processing, transport reset); `event_handler.rs` is what the VMM's event loop
-//! calls; `unix/` is the Unix-socket backend (Firecracker's convention, see its module docs);
+//! calls; `persist.rs` its saved state (queues, features; never host connections); `unix/` is
+//! the Unix-socket backend (Firecracker's convention, see its module docs);
 //! `test_utils.rs` is a guest driver in ordinary memory for tests and benches.
 //!
 //! Wiring it into a VM (one object, shared by the transport and the event loop):
@@ -24,6 +25,7 @@ use std::os::fd::RawFd;
 pub mod device;
 pub mod event_handler;
 pub mod packet;
+pub mod persist;
 pub mod test_utils;
 pub mod unix;
 

@@ -1,0 +1,421 @@
+//! The memory file: guest RAM as one flat file (the regions one after the other), sparse: only
+//! pages that are not all zero are written, the rest stay holes. Its [`MemoryFileInfo`] (size,
+//! non-zero page count and a CRC-64 over the non-zero pages with their indices) goes into the
+//! state file.
+//!
+//! Restoring opens the file once ([`MemoryFile::open`]), checks it on that descriptor (a regular
+//! file of the expected size, owned by this user and writable by nobody else, and the digest of
+//! its non-zero pages, read through the data extents that `SEEK_DATA`/`SEEK_HOLE` report), and
+//! hands that same descriptor to the VMM to map privately. A file swapped or rewritten before the
+//! check is refused; one rewritten after it by its owner is not caught (the owner is trusted).
+//!
+//! Reading all of the data back costs time on every restore, so the writer also records the
+//! file's identity (device, inode, size, change time): a file that still has it has not been
+//! written since (the change time moves on every write and cannot be set back by its owner), and
+//! its contents are not read again. A copy, or a file touched in any way, gets the full check.
+
+use crate::state_file::{CRC64, replace_with};
+use nix::unistd::{Whence, lseek};
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+/// The page size the file is laid out in.
+pub const PAGE_SIZE: usize = 4096;
+/// How much is read at a time when checking the file.
+const READ_CHUNK: usize = 1 << 20;
+
+/// What the state file records about the memory file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryFileInfo {
+    /// The file's size: all of guest RAM, bytes.
+    pub size: u64,
+    /// Pages written (not all zero).
+    pub data_pages: u64,
+    /// CRC-64/XZ over each non-zero page, in order, preceded by its page index (u64 LE).
+    pub digest: u64,
+    /// The file as written, to skip reading it again while it is unchanged.
+    pub identity: Option<FileIdentity>,
+}
+
+/// Which file, and its last change: equal identities mean the same file, not written since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileIdentity {
+    /// Device.
+    pub dev: u64,
+    /// Inode.
+    pub ino: u64,
+    /// Size.
+    pub size: u64,
+    /// Change time, seconds.
+    pub ctime: i64,
+    /// Change time, nanoseconds.
+    pub ctime_nsec: i64,
+}
+
+impl FileIdentity {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        FileIdentity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.len(),
+            ctime: meta.ctime(),
+            ctime_nsec: meta.ctime_nsec(),
+        }
+    }
+}
+
+/// How a memory file was found good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checked {
+    /// The very file written, unchanged since: its contents were not read.
+    Identity,
+    /// Its contents were read and matched the digest.
+    Digest,
+}
+
+/// Figures from writing a memory file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteStats {
+    /// What the state file records.
+    pub info: MemoryFileInfo,
+    /// Bytes written (the rest are holes).
+    pub written_bytes: u64,
+}
+
+/// A memory file could not be written or is not acceptable.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryFileError {
+    /// A region is not a whole number of pages.
+    #[error("a memory region of {0} bytes is not a whole number of {PAGE_SIZE}-byte pages")]
+    RegionSize(usize),
+    /// The file could not be created or written.
+    #[error("cannot write the memory file {0}")]
+    Write(PathBuf, #[source] std::io::Error),
+    /// The file could not be opened or read.
+    #[error("cannot read the memory file {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    /// Seeking for data or holes failed.
+    #[error("cannot find the data in the memory file {0}")]
+    Seek(PathBuf, #[source] nix::Error),
+    /// Not a regular file.
+    #[error("the memory file {0} is not a regular file")]
+    NotRegular(PathBuf),
+    /// Another user owns it, or others may write it.
+    #[error(
+        "the memory file {path} is owned by uid {uid} with mode {mode:o}; it must belong to this user (uid {euid}) and be writable by nobody else"
+    )]
+    Permissions {
+        /// The file.
+        path: PathBuf,
+        /// Its owner.
+        uid: u32,
+        /// Its mode bits.
+        mode: u32,
+        /// This process's effective uid.
+        euid: u32,
+    },
+    /// The file's size is not guest RAM's.
+    #[error("the memory file is {found} bytes; the snapshot's guest RAM is {expected} bytes")]
+    Size {
+        /// The snapshot's size.
+        expected: u64,
+        /// The file's.
+        found: u64,
+    },
+    /// The contents changed since the snapshot was taken (or are corrupted).
+    #[error(
+        "the memory file does not match its snapshot: {found_pages} non-zero pages with digest {found:#018x}, expected {expected_pages} with {expected:#018x}"
+    )]
+    Digest {
+        /// Pages found.
+        found_pages: u64,
+        /// Digest found.
+        found: u64,
+        /// Pages recorded.
+        expected_pages: u64,
+        /// Digest recorded.
+        expected: u64,
+    },
+}
+
+/// Whether `page` is all zero (an OR over the whole page: this vectorizes, an early exit does not).
+fn is_zero(page: &[u8]) -> bool {
+    page.iter().fold(0u8, |acc, &b| acc | b) == 0
+}
+
+/// Feeds the non-zero pages of `bytes` (page `first_page` onwards) into `digest`; returns how many.
+fn digest_pages(
+    digest: &mut crc::Digest<'_, u64, crc::Table<16>>,
+    bytes: &[u8],
+    first_page: u64,
+) -> u64 {
+    let mut n = 0;
+    for (i, page) in bytes.chunks(PAGE_SIZE).enumerate() {
+        if !is_zero(page) {
+            digest.update(&(first_page + i as u64).to_le_bytes());
+            digest.update(page);
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Writes `regions` (guest RAM, in guest-address order) to `path`, leaving zero pages as holes.
+/// The caller makes sure nothing writes the regions meanwhile (the VM is paused).
+pub fn write(path: &Path, regions: &[&[u8]]) -> Result<WriteStats, MemoryFileError> {
+    for r in regions {
+        if r.len() % PAGE_SIZE != 0 {
+            return Err(MemoryFileError::RegionSize(r.len()));
+        }
+    }
+    let io = |e| MemoryFileError::Write(path.to_path_buf(), e);
+    let size: u64 = regions.iter().map(|r| r.len() as u64).sum();
+    let mut digest = CRC64.digest();
+    let (mut data_pages, mut written) = (0u64, 0u64);
+    let file = replace_with(path, |file| {
+        file.set_len(size)?;
+        let mut file_offset = 0u64;
+        for region in regions {
+            let pages = region.len() / PAGE_SIZE;
+            let mut i = 0;
+            while i < pages {
+                let page = &region[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
+                if is_zero(page) {
+                    i += 1;
+                    continue;
+                }
+                // A run of non-zero pages goes out in one write.
+                let start = i;
+                while i < pages && !is_zero(&region[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]) {
+                    i += 1;
+                }
+                let run = &region[start * PAGE_SIZE..i * PAGE_SIZE];
+                let at = file_offset + (start * PAGE_SIZE) as u64;
+                file.write_all_at(run, at)?;
+                data_pages += digest_pages(&mut digest, run, at / PAGE_SIZE as u64);
+                written += run.len() as u64;
+            }
+            file_offset += region.len() as u64;
+        }
+        Ok(())
+    })
+    .map_err(io)?;
+    // After the rename, which may change the file's change time.
+    let meta = file.metadata().map_err(io)?;
+    Ok(WriteStats {
+        info: MemoryFileInfo {
+            size,
+            data_pages,
+            digest: digest.finalize(),
+            identity: Some(FileIdentity::of(&meta)),
+        },
+        written_bytes: written,
+    })
+}
+
+/// A checked memory file, open for mapping.
+#[derive(Debug)]
+pub struct MemoryFile {
+    file: File,
+    info: MemoryFileInfo,
+    checked: Checked,
+}
+
+impl MemoryFile {
+    /// Opens `path`, and checks on that descriptor that it is the memory file `expected` describes.
+    pub fn open(path: &Path, expected: &MemoryFileInfo) -> Result<Self, MemoryFileError> {
+        let io = |e| MemoryFileError::Read(path.to_path_buf(), e);
+        let file = File::open(path).map_err(io)?;
+        let meta = file.metadata().map_err(io)?;
+        if !meta.is_file() {
+            return Err(MemoryFileError::NotRegular(path.to_path_buf()));
+        }
+        let euid = nix::unistd::geteuid().as_raw();
+        if meta.uid() != euid || meta.mode() & 0o022 != 0 {
+            return Err(MemoryFileError::Permissions {
+                path: path.to_path_buf(),
+                uid: meta.uid(),
+                mode: meta.mode() & 0o7777,
+                euid,
+            });
+        }
+        if meta.len() != expected.size {
+            return Err(MemoryFileError::Size {
+                expected: expected.size,
+                found: meta.len(),
+            });
+        }
+        if expected.identity == Some(FileIdentity::of(&meta)) {
+            return Ok(MemoryFile {
+                file,
+                info: *expected,
+                checked: Checked::Identity,
+            });
+        }
+        let (found_pages, found) = digest_file(&file, expected.size, path)?;
+        if found_pages != expected.data_pages || found != expected.digest {
+            return Err(MemoryFileError::Digest {
+                found_pages,
+                found,
+                expected_pages: expected.data_pages,
+                expected: expected.digest,
+            });
+        }
+        Ok(MemoryFile {
+            file,
+            info: *expected,
+            checked: Checked::Digest,
+        })
+    }
+
+    /// How it was found good.
+    pub fn checked(&self) -> Checked {
+        self.checked
+    }
+
+    /// What it holds.
+    pub fn info(&self) -> &MemoryFileInfo {
+        &self.info
+    }
+
+    /// The checked descriptor, to map.
+    pub fn into_file(self) -> File {
+        self.file
+    }
+}
+
+/// The digest of the non-zero pages of `file` (`size` bytes), read through its data extents.
+fn digest_file(file: &File, size: u64, path: &Path) -> Result<(u64, u64), MemoryFileError> {
+    let page = PAGE_SIZE as u64;
+    let mut digest = CRC64.digest();
+    let mut pages = 0u64;
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut pos = 0u64;
+    while pos < size {
+        let data = match lseek(file.as_fd(), pos as i64, Whence::SeekData) {
+            Ok(off) => off as u64,
+            // ENXIO: no data after `pos`.
+            Err(nix::Error::ENXIO) => break,
+            Err(e) => return Err(MemoryFileError::Seek(path.to_path_buf(), e)),
+        };
+        let hole = match lseek(file.as_fd(), data as i64, Whence::SeekHole) {
+            Ok(off) => off as u64,
+            Err(e) => return Err(MemoryFileError::Seek(path.to_path_buf(), e)),
+        };
+        // Whole pages, never before what was already read.
+        let start = (data / page * page).max(pos);
+        let end = hole.div_ceil(page).saturating_mul(page).min(size);
+        let mut at = start;
+        while at < end {
+            let n = ((end - at) as usize).min(READ_CHUNK);
+            file.read_exact_at(&mut buf[..n], at)
+                .map_err(|e| MemoryFileError::Read(path.to_path_buf(), e))?;
+            pages += digest_pages(&mut digest, &buf[..n], at / page);
+            at += n as u64;
+        }
+        pos = end.max(pos + page);
+    }
+    Ok((pages, digest.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn regions() -> (Vec<u8>, Vec<u8>) {
+        let mut low = vec![0u8; 64 * PAGE_SIZE];
+        low[5 * PAGE_SIZE + 3] = 1;
+        low[6 * PAGE_SIZE..7 * PAGE_SIZE].fill(0xaa);
+        low[40 * PAGE_SIZE] = 9;
+        let mut high = vec![0u8; 16 * PAGE_SIZE];
+        high[15 * PAGE_SIZE + PAGE_SIZE - 1] = 7;
+        (low, high)
+    }
+
+    #[test]
+    fn sparse_round_trip_and_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mem");
+        let (low, high) = regions();
+        let stats = write(&path, &[&low, &high]).unwrap();
+        assert_eq!(stats.info.size, 80 * PAGE_SIZE as u64);
+        assert_eq!(stats.info.data_pages, 4);
+        assert_eq!(stats.written_bytes, 4 * PAGE_SIZE as u64);
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[..low.len()], &low[..]);
+        assert_eq!(&bytes[low.len()..], &high[..]);
+        // Holes are holes where the file system keeps them (tmpfs and ext4 do).
+        let blocks = std::fs::metadata(&path).unwrap().blocks() * 512;
+        assert!(blocks < bytes.len() as u64, "{blocks} bytes allocated");
+        let checked = MemoryFile::open(&path, &stats.info).unwrap();
+        assert_eq!(checked.info(), &stats.info);
+        assert_eq!(checked.checked(), Checked::Identity);
+        let copy = dir.path().join("copy");
+        std::fs::copy(&path, &copy).unwrap();
+        let checked = MemoryFile::open(&copy, &stats.info).unwrap();
+        assert_eq!(checked.checked(), Checked::Digest);
+    }
+
+    #[test]
+    fn changed_truncated_or_foreign_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mem");
+        let (low, high) = regions();
+        let info = write(&path, &[&low, &high]).unwrap().info;
+        // One byte changed in a data page, then in a hole.
+        for at in [6 * PAGE_SIZE as u64 + 10, 20 * PAGE_SIZE as u64] {
+            let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            let mut old = [0u8; 1];
+            File::open(&path)
+                .unwrap()
+                .read_exact_at(&mut old, at)
+                .unwrap();
+            f.write_all_at(&[old[0] ^ 0x10], at).unwrap();
+            let err = MemoryFile::open(&path, &info).unwrap_err();
+            assert!(matches!(err, MemoryFileError::Digest { .. }), "{err}");
+            f.write_all_at(&old, at).unwrap();
+            let back = MemoryFile::open(&path, &info).unwrap();
+            assert_eq!(back.checked(), Checked::Digest, "written since: read again");
+        }
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(info.size - PAGE_SIZE as u64).unwrap();
+        assert!(matches!(
+            MemoryFile::open(&path, &info),
+            Err(MemoryFileError::Size { .. })
+        ));
+        f.set_len(info.size).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666))
+            .unwrap();
+        assert!(matches!(
+            MemoryFile::open(&path, &info),
+            Err(MemoryFileError::Permissions { .. })
+        ));
+        assert!(matches!(
+            MemoryFile::open(&dir.path().join("missing"), &info),
+            Err(MemoryFileError::Read(..))
+        ));
+        assert!(matches!(
+            write(&path, &[&low[..100]]),
+            Err(MemoryFileError::RegionSize(100))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn digest_of_the_file_is_the_digest_written(pages in proptest::collection::vec((0usize..48, any::<u8>()), 0..12)) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("mem");
+            let mut mem = vec![0u8; 48 * PAGE_SIZE];
+            for (p, v) in &pages {
+                mem[p * PAGE_SIZE + (*v as usize % PAGE_SIZE)] = *v;
+            }
+            let info = write(&path, &[&mem]).unwrap().info;
+            prop_assert_eq!(std::fs::read(&path).unwrap(), mem);
+            prop_assert!(MemoryFile::open(&path, &info).is_ok());
+        }
+    }
+}

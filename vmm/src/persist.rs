@@ -1,0 +1,153 @@
+//! A whole VM's saved state (what the state file holds: each component's state, saved beside
+//! the component) and taking a snapshot of a paused VM: the vCPUs save themselves on their own
+//! threads (`vstate::vcpu_state`), this module saves the rest and writes the state file and the
+//! sparse memory file (`hearth_snapshot`). Restoring is `restore`.
+
+use crate::arch::memory::GuestMemory;
+use crate::devices::serial::{SerialDevice, SerialPersist};
+use crate::devices::virtio::MmioTransport;
+use crate::devices::virtio::persist::MmioTransportState;
+use crate::devices::virtio::vsock::persist::VsockState;
+use crate::devices::virtio::vsock::{Vsock, VsockUnixBackend};
+use crate::vstate::vcpu_state::VcpuKvmState;
+use crate::vstate::vm::Vm;
+use crate::vstate::vm_state::{VmKvmState, VmStateError};
+use hearth_snapshot::{MemoryFileError, MemoryFileInfo, StateFileError, memory_file, state_file};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+/// Taking a snapshot failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// A vCPU could not be saved.
+    #[error("cannot save vCPU {0}: {1}")]
+    Vcpu(u8, String),
+    /// The VM's KVM state could not be saved.
+    #[error(transparent)]
+    Vm(#[from] VmStateError),
+    /// The memory file could not be written.
+    #[error(transparent)]
+    Memory(#[from] MemoryFileError),
+    /// The state file could not be written.
+    #[error(transparent)]
+    State(#[from] StateFileError),
+}
+
+/// The vsock device and its transport, saved.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VsockSnapshot {
+    /// The virtio-mmio transport.
+    pub transport: MmioTransportState,
+    /// The device.
+    pub device: VsockState,
+}
+
+/// Everything the state file holds.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmmState {
+    /// Guest RAM, bytes.
+    pub mem_bytes: u64,
+    /// The memory file.
+    pub memory: MemoryFileInfo,
+    /// The VM's KVM state.
+    pub vm: VmKvmState,
+    /// Each vCPU, in index order.
+    pub vcpus: Vec<VcpuKvmState>,
+    /// The serial console.
+    pub serial: SerialPersist,
+    /// The vsock device, if the VM has one.
+    pub vsock: Option<VsockSnapshot>,
+}
+
+/// Figures from taking a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SnapshotStats {
+    /// The state file's size, bytes.
+    pub state_bytes: u64,
+    /// Bytes of guest RAM written to the memory file (the rest are holes).
+    pub memory_written: u64,
+    /// Guest RAM, bytes.
+    pub memory_size: u64,
+    /// Milliseconds writing the memory file.
+    pub memory_ms: f64,
+}
+
+/// The vsock transport and device of a running VM.
+pub type VsockParts = (
+    Arc<Mutex<MmioTransport>>,
+    Arc<Mutex<Vsock<VsockUnixBackend>>>,
+);
+
+/// The parts of a running VM a snapshot reads, shared with the event loop.
+pub struct SnapshotParts {
+    /// The KVM VM.
+    pub vm: Arc<Vm>,
+    /// Guest memory.
+    pub mem: GuestMemory,
+    /// The serial console.
+    pub serial: Arc<Mutex<SerialDevice>>,
+    /// The vsock transport and device.
+    pub vsock: Option<VsockParts>,
+}
+
+/// Guest RAM as byte slices, in guest-address order.
+///
+/// The caller makes sure nothing writes guest memory while the slices live: the vCPUs are paused
+/// and the devices run only on the calling (event-loop) thread.
+fn guest_ram(mem: &GuestMemory) -> Vec<&[u8]> {
+    mem.iter()
+        .map(|region| {
+            // SAFETY: the region is a live mapping of `len()` bytes owned by `mem`, which outlives
+            // the returned slices (they borrow it); nothing writes it meanwhile (see above).
+            unsafe { std::slice::from_raw_parts(region.as_ptr(), region.len() as usize) }
+        })
+        .collect()
+}
+
+impl SnapshotParts {
+    /// Writes the snapshot of the paused VM whose vCPUs saved `vcpus`.
+    pub fn write(
+        &self,
+        vcpus: Vec<VcpuKvmState>,
+        state_path: &Path,
+        mem_path: &Path,
+    ) -> Result<SnapshotStats, SnapshotError> {
+        let vm = VmKvmState::save(&self.vm)?;
+        let serial = self
+            .serial
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .save();
+        let vsock = self
+            .vsock
+            .as_ref()
+            .map(|(transport, device)| VsockSnapshot {
+                transport: transport
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .save(),
+                device: device.lock().unwrap_or_else(PoisonError::into_inner).save(),
+            });
+        let t = Instant::now();
+        let written = memory_file::write(mem_path, &guest_ram(&self.mem))?;
+        let memory_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let state = VmmState {
+            mem_bytes: written.info.size,
+            memory: written.info,
+            vm,
+            vcpus,
+            serial,
+            vsock,
+        };
+        let state_bytes = state_file::write(state_path, &state)?;
+        Ok(SnapshotStats {
+            state_bytes,
+            memory_written: written.written_bytes,
+            memory_size: written.info.size,
+            memory_ms,
+        })
+    }
+}

@@ -1,0 +1,201 @@
+//! Builds a VM from a snapshot instead of a kernel: reads and checks the state file, checks the
+//! memory file on the descriptor it then maps privately (copy on write), and restores the KVM
+//! VM, each vCPU and each device from its saved state. Nothing is built from the snapshot before
+//! it is checked against the configuration (memory size, vCPU count, devices, vsock cid); a
+//! snapshot that does not fit gives an error, never a guest on bad state.
+
+use crate::arch::memory::{self, MemoryError};
+use crate::builder::{self, BuildError, BuiltVm};
+use crate::config::VmConfig;
+use crate::devices::serial::{BoundedLog, SerialDevice};
+use crate::devices::virtio::MmioTransport;
+use crate::devices::virtio::vsock::Vsock;
+use crate::devices::virtio::vsock::persist::VsockPersistError;
+use crate::kvm;
+use crate::persist::{SnapshotParts, VmmState};
+use crate::vstate::vcpu::{EventSink, Vcpu};
+use crate::vstate::vm::{Vm, VmError};
+use crate::vstate::vm_state::VmStateError;
+use hearth_snapshot::{MemoryFile, MemoryFileError, StateFileError, state_file};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Where a snapshot is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotFiles {
+    /// The state file.
+    pub state: PathBuf,
+    /// The memory file.
+    pub mem: PathBuf,
+}
+
+/// Restoring failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The state file is unreadable, corrupted or of another version.
+    #[error(transparent)]
+    StateFile(#[from] StateFileError),
+    /// The memory file does not match the state file.
+    #[error(transparent)]
+    MemoryFile(#[from] MemoryFileError),
+    /// The snapshot does not fit the configuration, or contradicts itself.
+    #[error("the snapshot does not match the VM configuration: {0}")]
+    Mismatch(String),
+    /// The host has no hardware KVM.
+    #[error(transparent)]
+    Kvm(#[from] kvm::KvmError),
+    /// Guest memory could not be mapped.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// KVM set-up or a vCPU restore failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The VM-wide KVM state could not be restored.
+    #[error(transparent)]
+    VmState(#[from] VmStateError),
+    /// A device could not be built.
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    /// The vsock device could not be restored.
+    #[error(transparent)]
+    Vsock(#[from] VsockPersistError),
+    /// The vsock transport could not be restored.
+    #[error("cannot restore the vsock transport")]
+    Transport(#[source] crate::devices::virtio::MmioError),
+}
+
+fn mismatch(what: String) -> RestoreError {
+    RestoreError::Mismatch(what)
+}
+
+/// Checks the snapshot against itself and the configuration before anything is built from it.
+fn check(state: &VmmState, config: &VmConfig) -> Result<(), RestoreError> {
+    if state.mem_bytes != config.mem_bytes() || state.memory.size != state.mem_bytes {
+        return Err(mismatch(format!(
+            "the snapshot has {} bytes of guest RAM (memory file {}), the configuration {}",
+            state.mem_bytes,
+            state.memory.size,
+            config.mem_bytes()
+        )));
+    }
+    if state.vcpus.len() != usize::from(config.vcpus) {
+        return Err(mismatch(format!(
+            "the snapshot has {} vCPUs, the configuration {}",
+            state.vcpus.len(),
+            config.vcpus
+        )));
+    }
+    for (i, v) in state.vcpus.iter().enumerate() {
+        if usize::from(v.id) != i {
+            return Err(mismatch(format!("vCPU {i} is saved as vCPU {}", v.id)));
+        }
+    }
+    if state.vsock.is_some() != config.vsock.is_some() {
+        return Err(mismatch(format!(
+            "the snapshot {} a vsock device, the configuration {}",
+            if state.vsock.is_some() {
+                "has"
+            } else {
+                "has no"
+            },
+            if config.vsock.is_some() {
+                "has one"
+            } else {
+                "none"
+            }
+        )));
+    }
+    Ok(())
+}
+
+/// Builds the VM saved in `files` with the devices' host side as `config` says.
+pub fn restore(
+    config: &VmConfig,
+    files: &SnapshotFiles,
+    started: Instant,
+) -> Result<BuiltVm, RestoreError> {
+    config.validate()?;
+    let state: VmmState = state_file::read(&files.state)?;
+    check(&state, config)?;
+    let ms = |what: &str| tracing::debug!(ms = started.elapsed().as_secs_f64() * 1000.0, "{what}");
+    ms("state file read");
+    let mem_file = MemoryFile::open(&files.mem, &state.memory)?;
+    tracing::debug!(
+        ms = started.elapsed().as_secs_f64() * 1000.0,
+        how = ?mem_file.checked(),
+        "memory file checked"
+    );
+    let mem_file = mem_file.into_file();
+    let mem = memory::map_file(&mem_file, state.mem_bytes)?;
+    drop(mem_file);
+    kvm::require_hardware()?;
+    let vm = Vm::new(&mem)?;
+    ms("KVM VM created");
+
+    let log = BoundedLog::create(config.serial_log.as_deref(), config.serial_log_cap)
+        .map_err(BuildError::from)?;
+    let (serial, serial_irq) =
+        SerialDevice::restore(log, &state.serial).map_err(BuildError::from)?;
+    let (pio, serial) = builder::port_bus(&vm, serial, &serial_irq)?;
+
+    let mut mmio = crate::devices::bus::Bus::new(0);
+    let mut subscribers: Vec<Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>>> = Vec::new();
+    let mut vsock_parts = None;
+    if let (Some(vsock_config), Some(saved)) = (&config.vsock, &state.vsock) {
+        let backend = crate::vsock::bind_backend(vsock_config).map_err(BuildError::Vsock)?;
+        let device = Arc::new(Mutex::new(Vsock::restore(backend, &saved.device)?));
+        let dyn_device: Arc<Mutex<dyn crate::devices::virtio::VirtioDevice>> = device.clone();
+        let transport = MmioTransport::restore(mem.clone(), dyn_device, &saved.transport)
+            .map_err(RestoreError::Transport)?;
+        device
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .resume(&saved.device, &mem, transport.irq())?;
+        let (_info, transport) = builder::attach_transport(&vm, &mut mmio, 0, transport)?;
+        subscribers.push(device.clone());
+        vsock_parts = Some((transport, device));
+    }
+
+    let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?);
+    let (sink, events) = EventSink::new(wake.clone());
+    let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for saved in &state.vcpus {
+        let fd = vm.restore_vcpu(config.vcpus, saved)?;
+        let cpuid = vm.vcpu_cpuid(saved.id, config.vcpus).as_slice().to_vec();
+        let timing = (saved.id == 0).then_some(started);
+        vcpus.push(
+            Vcpu::new(
+                saved.id,
+                fd,
+                pio.clone(),
+                mmio.clone(),
+                sink.clone(),
+                timing,
+            )
+            .with_persist(cpuid, vm.msr_indices().clone()),
+        );
+    }
+    state.vm.restore(&vm)?;
+    ms("VM restored");
+    let vm = Arc::new(vm);
+    Ok(BuiltVm {
+        persist: SnapshotParts {
+            vm: vm.clone(),
+            mem: mem.clone(),
+            serial,
+            vsock: vsock_parts,
+        },
+        vm,
+        mem,
+        vcpus,
+        events,
+        wake,
+        subscribers,
+    })
+}

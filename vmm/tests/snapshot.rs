@@ -1,0 +1,391 @@
+//! Snapshot and restore of a booted guest (through the test host where this machine has no
+//! hardware KVM): boot, wait for the init's Ready, pause, snapshot, kill; restore in a new
+//! `hearth vmm` process, where the init re-announces Ready after the vsock transport reset and
+//! answers a ping; then corrupted, truncated and mismatched snapshot files are refused with a clear
+//! error before any guest runs.
+
+mod common;
+
+use common::*;
+use hearth_guest::protocol::client::ControlClient;
+use hearth_vmm::kvm_test::{hearth_binary, in_kvm};
+use hearth_vmm::{SnapshotFiles, VmConfig, VmState, VmmProcess};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// How many restores of the one snapshot the test times.
+const RESTORES: usize = 3;
+/// The guest kernel zeroes pages it frees (the unpacked initramfs image, boot-time buffers), so
+/// they stay holes in the memory file instead of being written as stale data.
+const TEMPLATE_CMDLINE: &str = "init_on_free=1";
+
+/// Unwraps a control result, or fails with the VMM's exit status and stderr.
+fn ok<T>(vmm: &mut VmmProcess, what: &str, r: Result<T, hearth_vmm::ProcessError>) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => {
+            let status = vmm.wait(Duration::from_secs(2));
+            panic!(
+                "{what}: {e} ({e:?}); VMM status {status:?}; stderr:\n{}",
+                vmm.stderr_tail()
+            )
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Restoring `files` with `config` must fail before the guest runs, with `needle` in the error.
+fn refused(config: &VmConfig, files: &SnapshotFiles, needle: &str) {
+    match VmmProcess::spawn_restored(&hearth_binary(), config, files) {
+        Ok(vmm) => {
+            let status = vmm.status();
+            panic!(
+                "a bad snapshot ({needle}) was restored: {status:?}\n{}",
+                vmm.stderr_tail()
+            )
+        }
+        Err(e) => {
+            let text = format!("{e}");
+            assert!(text.contains(needle), "expected `{needle}` in: {text}");
+            eprintln!("refused as expected: {}", text.lines().last().unwrap_or(""));
+        }
+    }
+}
+
+fn copy_files(from: &SnapshotFiles, dir: &VmDir, tag: &str) -> SnapshotFiles {
+    let to = SnapshotFiles {
+        state: dir.path(&format!("{tag}.state")),
+        mem: dir.path(&format!("{tag}.mem")),
+    };
+    std::fs::copy(&from.state, &to.state).expect("copy the state file");
+    std::fs::copy(&from.mem, &to.mem).expect("copy the memory file");
+    to
+}
+
+fn flip_byte(path: &Path, at: u64) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open");
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).expect("read");
+    f.write_all_at(&[b[0] ^ 0x5a], at).expect("write");
+}
+
+/// The first offset of a non-zero byte in the memory file (a page the guest wrote).
+fn first_data_offset(path: &Path) -> u64 {
+    let bytes = std::fs::read(path).expect("read the memory file");
+    bytes
+        .iter()
+        .position(|&b| b != 0)
+        .expect("guest RAM has data") as u64
+}
+
+#[test]
+fn snapshot_restore_and_bad_snapshot_files() {
+    in_kvm("snapshot_restore_and_bad_snapshot_files", || {
+        let dir = VmDir::new();
+        let initrd = guest_initrd(&dir);
+        let listener = ready_listener(&dir);
+        let config = config(&dir, &initrd, 128, 1, TEMPLATE_CMDLINE);
+        let mut vmm = VmmProcess::spawn(&hearth_binary(), &config).expect("spawn hearth vmm");
+        {
+            let r = vmm.start();
+            ok(&mut vmm, "start", r);
+        }
+        let (ready_conn, ready) = match wait_ready(&listener, &mut vmm, READY_TIMEOUT) {
+            Ok(r) => r,
+            Err(e) => panic!(
+                "{e}\nVMM stderr:\n{}\nserial:\n{}",
+                vmm.stderr_tail(),
+                serial_tail(&dir)
+            ),
+        };
+        eprintln!("booted: ready at {} ms kernel time", ready.ready_ms);
+        let mut client = ControlClient::connect_uds(&dir.uds()).expect("control port");
+        assert_eq!(client.ping(b"before".to_vec()).expect("ping"), b"before");
+
+        // Snapshot creation needs a paused VM.
+        let files = SnapshotFiles {
+            state: dir.path("vm.state"),
+            mem: dir.path("vm.mem"),
+        };
+        match vmm.snapshot(&files) {
+            Err(hearth_vmm::ProcessError::Refused(_, m)) => assert!(m.contains("paused"), "{m}"),
+            other => panic!("a running VM was snapshotted: {other:?}"),
+        }
+        assert_eq!(
+            {
+                let r = vmm.pause();
+                ok(&mut vmm, "pause", r)
+            },
+            VmState::Paused
+        );
+        let t = Instant::now();
+        let r = vmm.snapshot(&files);
+        let snapshot_ms = ms(t.elapsed());
+        assert_eq!(ok(&mut vmm, "snapshot", r), VmState::Paused);
+        let state_len = std::fs::metadata(&files.state).expect("state file").len();
+        let mem_meta = std::fs::metadata(&files.mem).expect("memory file");
+        eprintln!(
+            "snapshot: {snapshot_ms:.1} ms; state file {state_len} bytes; memory file {} bytes, {} allocated",
+            mem_meta.len(),
+            mem_meta.blocks() * 512
+        );
+        assert_eq!(mem_meta.len(), 128 << 20);
+        assert!(
+            mem_meta.blocks() * 512 < mem_meta.len(),
+            "the memory file is not sparse"
+        );
+        eprintln!("VMM log:\n{}", vmm.stderr_tail());
+        drop(client);
+        drop(ready_conn);
+        drop(vmm);
+
+        // Restore the one snapshot several times, each in a fresh process.
+        for run in 0..RESTORES {
+            let t = Instant::now();
+            let mut restored = match VmmProcess::spawn_restored(&hearth_binary(), &config, &files) {
+                Ok(v) => v,
+                Err(e) => panic!("restore: {e}"),
+            };
+            let spawned = t.elapsed();
+            {
+                let r = restored.start();
+                ok(&mut restored, "start the restored VM", r);
+            }
+            let (_ready_conn, again) = match wait_ready(&listener, &mut restored, READY_TIMEOUT) {
+                Ok(r) => r,
+                Err(e) => panic!(
+                    "{e}\nVMM stderr:\n{}\nserial:\n{}",
+                    restored.stderr_tail(),
+                    serial_tail(&dir)
+                ),
+            };
+            let to_ready = t.elapsed();
+            let mut client =
+                ControlClient::connect_uds(&dir.uds()).expect("control port after restore");
+            let payload: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
+            assert_eq!(client.ping(payload.clone()).expect("ping"), payload);
+            let to_ping = t.elapsed();
+            assert_eq!(again.init_start_ms, ready.init_start_ms, "the same init");
+            let status = client.status().expect("status");
+            assert_eq!(status.cpus_online, 1);
+            eprintln!(
+                "restore {run}: process ready {:.1} ms, guest Ready {:.1} ms, ping answered {:.1} ms",
+                ms(spawned),
+                ms(to_ready),
+                ms(to_ping)
+            );
+            let mem = restored.memory_usage().expect("memory usage");
+            eprintln!(
+                "restore {run}: RSS {} KiB (guest RAM {} KiB, the VMM's own {} KiB), PSS {} KiB",
+                mem.rss_kib,
+                mem.guest_rss_kib,
+                mem.own_rss_kib(),
+                mem.pss_kib
+            );
+            assert!(mem.guest_rss_kib > 0, "{mem:?}");
+            if run == 0 {
+                eprintln!("restored VMM log:\n{}", restored.stderr_tail());
+            }
+            drop(client);
+            let status = restored.stop().expect("stop");
+            assert!(status.success(), "{status}: {}", restored.stderr_tail());
+        }
+
+        // Damaged and mismatched snapshots: a clear error, no guest.
+        let t = copy_files(&files, &dir, "truncated");
+        let len = std::fs::metadata(&t.state).expect("meta").len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&t.state)
+            .expect("open")
+            .set_len(len / 2)
+            .expect("truncate");
+        refused(&config, &t, "truncated");
+
+        let c = copy_files(&files, &dir, "corrupted");
+        flip_byte(&c.state, len - 10);
+        refused(&config, &c, "corrupted");
+
+        let v = copy_files(&files, &dir, "version");
+        flip_byte(&v.state, 8);
+        refused(&config, &v, "format version");
+
+        let m = copy_files(&files, &dir, "memory");
+        flip_byte(&m.mem, first_data_offset(&m.mem));
+        refused(&config, &m, "does not match its snapshot");
+
+        let s = copy_files(&files, &dir, "short");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&s.mem)
+            .expect("open")
+            .set_len((128 << 20) - 4096)
+            .expect("truncate");
+        refused(&config, &s, "the snapshot's guest RAM is");
+
+        let mut bigger = config.clone();
+        bigger.mem_mib = 256;
+        refused(&bigger, &files, "does not match the VM configuration");
+        let mut two = config.clone();
+        two.vcpus = 2;
+        refused(&two, &files, "vCPUs");
+
+        // The good snapshot still restores after all that; a restored VM is snapshotted onto the
+        // very files it was restored from (mapped while they are replaced), and that restores too.
+        let mut second = VmmProcess::spawn_restored(&hearth_binary(), &config, &files)
+            .expect("restore the good snapshot");
+        {
+            let r = second.start();
+            ok(&mut second, "start", r);
+        }
+        let ready_conn = match wait_ready(&listener, &mut second, READY_TIMEOUT) {
+            Ok((conn, _)) => conn,
+            Err(e) => panic!("{e}\n{}", second.stderr_tail()),
+        };
+        {
+            let r = second.pause();
+            ok(&mut second, "pause the restored VM", r);
+            let r = second.snapshot(&files);
+            ok(
+                &mut second,
+                "snapshot the restored VM onto its own files",
+                r,
+            );
+        }
+        drop(ready_conn);
+        let status = second.stop().expect("stop");
+        assert!(status.success(), "{status}: {}", second.stderr_tail());
+        let mut third = VmmProcess::spawn_restored(&hearth_binary(), &config, &files)
+            .expect("restore the snapshot of a restored VM");
+        {
+            let r = third.start();
+            ok(&mut third, "start", r);
+        }
+        let _ready_conn = match wait_ready(&listener, &mut third, READY_TIMEOUT) {
+            Ok((conn, _)) => conn,
+            Err(e) => panic!("{e}\n{}", third.stderr_tail()),
+        };
+        let mut client = ControlClient::connect_uds(&dir.uds()).expect("control port");
+        assert_eq!(client.ping(b"third".to_vec()).expect("ping"), b"third");
+    });
+}
+
+/// Clones of one snapshot in the uniqueness test.
+const CLONES: usize = 20;
+/// The most a clone's wall clock may differ from the host's after its refresh.
+const CLOCK_SKEW: Duration = Duration::from_millis(50);
+
+fn realtime_ns() -> u64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the clock is after 1970");
+    d.as_secs() * 1_000_000_000 + u64::from(d.subsec_nanos())
+}
+
+fn host_entropy() -> Vec<u8> {
+    use std::io::Read;
+    let mut bytes = vec![0u8; 64];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .expect("read /dev/urandom");
+    bytes
+}
+
+#[test]
+fn clones_are_unique_and_current() {
+    in_kvm("clones_are_unique_and_current", || {
+        let dir = VmDir::new();
+        let initrd = guest_initrd(&dir);
+        let listener = ready_listener(&dir);
+        let config = config(&dir, &initrd, 128, 1, TEMPLATE_CMDLINE);
+        let mut vmm = VmmProcess::spawn(&hearth_binary(), &config).expect("spawn hearth vmm");
+        {
+            let r = vmm.start();
+            ok(&mut vmm, "start", r);
+        }
+        let (ready_conn, _) = match wait_ready(&listener, &mut vmm, READY_TIMEOUT) {
+            Ok(r) => r,
+            Err(e) => panic!("{e}\n{}\n{}", vmm.stderr_tail(), serial_tail(&dir)),
+        };
+        {
+            let r = vmm.pause();
+            ok(&mut vmm, "pause", r);
+        }
+        let files = SnapshotFiles {
+            state: dir.path("template.state"),
+            mem: dir.path("template.mem"),
+        };
+        {
+            let r = vmm.snapshot(&files);
+            ok(&mut vmm, "snapshot", r);
+        }
+        drop(ready_conn);
+        drop(vmm);
+
+        let mut before = std::collections::HashSet::new();
+        let mut after = std::collections::HashSet::new();
+        let mut worst_skew = 0i64;
+        for i in 0..CLONES {
+            let t = Instant::now();
+            let mut clone = VmmProcess::spawn_restored(&hearth_binary(), &config, &files)
+                .unwrap_or_else(|e| panic!("restore clone {i}: {e}"));
+            {
+                let r = clone.start();
+                ok(&mut clone, "start the clone", r);
+            }
+            // Held while the clone lives: the init announces itself again when it closes.
+            let _ready_conn = match wait_ready(&listener, &mut clone, READY_TIMEOUT) {
+                Ok((conn, _)) => conn,
+                Err(e) => panic!("clone {i}: {e}\n{}", clone.stderr_tail()),
+            };
+            let mut client = ControlClient::connect_uds(&dir.uds()).expect("control port");
+            // For the record: what the clone's generator gives before it is refreshed.
+            before.insert(client.random(32).expect("random before the refresh"));
+            let left = client
+                .refresh(hearth_guest::protocol::Refresh {
+                    identity: format!("clone-{i}"),
+                    entropy: host_entropy(),
+                    realtime_ns: realtime_ns(),
+                })
+                .expect("refresh");
+            let bytes = client.random(32).expect("random");
+            assert!(
+                after.insert(bytes),
+                "clone {i} returned random bytes another clone returned"
+            );
+            let t0 = realtime_ns();
+            let guest = client.clock().expect("clock");
+            let t1 = realtime_ns();
+            let skew = guest as i64 - ((t0 / 2 + t1 / 2) as i64);
+            worst_skew = worst_skew.max(skew.abs());
+            assert!(
+                skew.unsigned_abs() < CLOCK_SKEW.as_nanos() as u64,
+                "clone {i}: the guest clock is {skew} ns off the host's (round trip {} ns)",
+                t1 - t0
+            );
+            eprintln!(
+                "clone {i}: ready and refreshed in {:.1} ms; clock offset after the refresh {:.3} ms, now {:.3} ms",
+                ms(t.elapsed()),
+                left as f64 / 1e6,
+                skew as f64 / 1e6
+            );
+            drop(client);
+            let status = clone.stop().expect("stop");
+            assert!(status.success(), "{status}: {}", clone.stderr_tail());
+        }
+        eprintln!(
+            "{CLONES} clones: {} distinct random values before the refresh, {} after; worst clock skew {:.3} ms",
+            before.len(),
+            after.len(),
+            worst_skew as f64 / 1e6
+        );
+    });
+}
