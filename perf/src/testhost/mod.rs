@@ -99,7 +99,7 @@ pub struct TesthostArgs {
     #[arg(long = "with", value_name = "PATH")]
     pub with: Vec<PathBuf>,
     /// Memory of the test host in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = 2048)]
+    #[arg(long, value_name = "MIB", default_value_t = 3072)]
     pub memory: u32,
     /// Virtual CPUs of the test host. One by default: with two, QEMU's multi-threaded TCG has hung
     /// now and then while the nested guest boots (seen under load on a 2-core machine), and one is
@@ -160,7 +160,7 @@ impl TesthostConfig {
             argv,
             with: Vec::new(),
             env: Vec::new(),
-            memory_mib: 2048,
+            memory_mib: 3072,
             cpus: DEFAULT_CPUS,
             timeout: Some(Duration::from_secs(1800)),
             kernel_log: false,
@@ -634,7 +634,7 @@ mod tests {
         let config = TesthostConfig::from_args(cli.args).expect("config");
         assert_eq!(config.argv, ["sh", "-c", "exit 7"]);
         assert_eq!(config.with, [PathBuf::from("/a"), PathBuf::from("b")]);
-        assert_eq!(config.memory_mib, 2048);
+        assert_eq!(config.memory_mib, 3072);
         assert_eq!(config.cpus, DEFAULT_CPUS);
         assert_eq!(config.timeout, Some(Duration::from_secs(1800)));
         assert!(config.strip);
