@@ -5,8 +5,9 @@
 //! code from the configured object store ([`buckets`]).
 //!
 //! Relies on: the agent's invoke-proxy socket for every invoke, through the [`Invoker`] trait
-//! (until the agent exists, [`NoAgent`] answers every RequestResponse/Event invoke with a
-//! `ServiceException`).
+//! (`invoker::ProxyInvoker`, which `hearth serve` wires to the agent it starts in the same
+//! process; [`NoAgent`] answers every invoke with a `ServiceException` where no agent runs).
+//! Event invokes answer a clear `ServiceException` until the agent's durable async queue exists.
 //!
 //! Must not touch: sandboxes or VMs directly; every invoke goes through the agent.
 #![forbid(unsafe_code)]
