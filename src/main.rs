@@ -26,6 +26,8 @@ enum Command {
     Image(hearth_guest::image::cli::ImageArgs),
     /// Run one microVM in this process (normally started by the agent, not by hand).
     Vmm(hearth_vmm::cli::VmmArgs),
+    /// Run `hearth vmm` jailed (as root): namespaces, pivot_root, cgroup, rlimits, unprivileged ids.
+    Jail(hearth_agent::jail::JailArgs),
     /// Run a command inside the QEMU test host, which gives machines without hardware KVM a real KVM.
     Testhost(hearth_perf::testhost::TesthostArgs),
     /// Tell what this host offers Hearth: the kind of /dev/kvm, the kernel cache, the tools.
@@ -46,6 +48,7 @@ fn main() -> ExitCode {
         Command::Run(args) => hearth_agent::sandbox::run::run(args),
         Command::Image(args) => hearth_guest::image::cli::run(args),
         Command::Vmm(args) => hearth_vmm::cli::run(args),
+        Command::Jail(args) => hearth_agent::jail::run(args),
         Command::Testhost(args) => hearth_perf::testhost::run(args),
         Command::Doctor => doctor(),
     };

@@ -32,7 +32,7 @@ fn main() {
     };
     let out =
         PathBuf::from(std::env::var("OUT_DIR").unwrap_or_else(|_| panic!("OUT_DIR is not set")));
-    for name in ["vcpu", "vmm", "clone3"] {
+    for name in ["vcpu", "vmm", "uffd", "clone3"] {
         let Some(prog) = filters.get(name) else {
             panic!("{} has no `{name}` filter", src.display())
         };

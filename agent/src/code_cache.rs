@@ -13,8 +13,13 @@
 //! The source today is the API's code folder (`<data-dir>/code/<hex>.zip`, see
 //! `hearth_api::store`), read with plain file reads through [`DirectorySource`]: the
 //! `object_store` crate's `LocalFileSystem` would add some twenty crates to do the same read, so
-//! it comes with the S3-compatible source, behind the same [`CodeSource`] trait. File IO runs on
-//! tokio's blocking pool; io_uring for it is future work (see `../shared/dependencies.md`).
+//! it comes with the S3-compatible source, behind the same [`CodeSource`] trait.
+//!
+//! File IO runs on tokio's blocking pool, through std by default or through io_uring when asked
+//! ([`FileIo::Uring`]: a whole read or a synced write is one linked submission on the thread's
+//! ring, see `code_cache/uring.rs`; std where io_uring is refused). io_uring did not measure
+//! faster here: the figures are in the crate docs (`cargo bench -p hearth-agent --bench
+//! code_cache_io`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write as _;
@@ -24,6 +29,8 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
+
+mod uring;
 
 /// Why code could not be had.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +55,57 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CodeCacheError + '_ {
     move |source| CodeCacheError::Io {
         path: path.to_path_buf(),
         source,
+    }
+}
+
+/// How the cache reads and writes its files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FileIo {
+    /// `std::fs`: open, read, close; open, write, fdatasync, close. The default: io_uring did not
+    /// measure faster here (figures in the crate docs).
+    #[default]
+    Std,
+    /// io_uring: each read or synced write is one linked submission on the thread's ring; std
+    /// where io_uring is refused.
+    Uring,
+}
+
+impl FileIo {
+    /// What is really used: [`FileIo::Std`] where io_uring is refused.
+    pub fn effective(self) -> FileIo {
+        match self {
+            FileIo::Uring if uring::available() => FileIo::Uring,
+            _ => FileIo::Std,
+        }
+    }
+
+    /// Reads the file at `path`, whose expected length (from the cache's index) is `len`.
+    pub fn read(self, path: &Path, len: Option<u64>) -> std::io::Result<Vec<u8>> {
+        if let (FileIo::Uring, Some(len)) = (self, len)
+            && let Some(read) = uring::read(path, len)
+        {
+            return read;
+        }
+        std::fs::read(path)
+    }
+
+    /// Creates `path` (which must not exist), writes `bytes` to it and syncs its data.
+    pub fn write_synced(self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+        if self == FileIo::Uring {
+            match uring::write_synced(path, bytes) {
+                Some(written) => return written,
+                // Refused, or a short write: start again with std.
+                None => {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
+        let mut f = std::fs::File::options()
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        f.write_all(bytes)?;
+        f.sync_data()
     }
 }
 
@@ -135,6 +193,7 @@ pub struct CodeCacheStats {
 struct Inner {
     dir: PathBuf,
     max_bytes: u64,
+    file_io: FileIo,
     source: Box<dyn CodeSource>,
     lru: Mutex<Lru>,
     fills: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -159,11 +218,21 @@ fn is_digest(s: &str) -> bool {
 
 impl CodeCache {
     /// Opens (or creates) the cache in `dir`, holding at most `max_bytes` (beyond the entry being
-    /// read), filled from `source`.
+    /// read), filled from `source`, with the default [`FileIo`].
     pub fn open(
         dir: &Path,
         max_bytes: u64,
         source: impl CodeSource,
+    ) -> Result<CodeCache, CodeCacheError> {
+        Self::open_with(dir, max_bytes, source, FileIo::default())
+    }
+
+    /// [`CodeCache::open`] with the file IO chosen.
+    pub fn open_with(
+        dir: &Path,
+        max_bytes: u64,
+        source: impl CodeSource,
+        file_io: FileIo,
     ) -> Result<CodeCache, CodeCacheError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let mut found = Vec::new();
@@ -187,6 +256,7 @@ impl CodeCache {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
                 max_bytes,
+                file_io: file_io.effective(),
                 source: Box::new(source),
                 lru: Mutex::new(lru),
                 fills: Mutex::default(),
@@ -234,6 +304,11 @@ impl CodeCache {
         lock(&self.inner.lru).bytes
     }
 
+    /// The file IO in use.
+    pub fn file_io(&self) -> FileIo {
+        self.inner.file_io
+    }
+
     pub fn stats(&self) -> &CodeCacheStats {
         &self.inner.stats
     }
@@ -259,7 +334,8 @@ impl Inner {
     /// Runs on the blocking pool under the digest's fill lock.
     fn get_blocking(&self, digest: &str) -> Result<Vec<u8>, CodeCacheError> {
         let path = self.dir.join(digest);
-        match std::fs::read(&path) {
+        let known = lock(&self.lru).entries.get(digest).map(|&(size, _)| size);
+        match self.file_io.read(&path, known) {
             Ok(bytes) => {
                 if hex::encode(Sha256::digest(&bytes)) == digest {
                     self.stats.hits.fetch_add(1, Ordering::Relaxed);
@@ -294,9 +370,7 @@ impl Inner {
             crate::sandbox::new_request_id()
         ));
         let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_data()?;
+            self.file_io.write_synced(&tmp, &bytes)?;
             std::fs::rename(&tmp, &path)
         };
         if let Err(e) = write() {
@@ -440,6 +514,64 @@ mod tests {
             std::fs::read(cache.entry_path(&d)).unwrap(),
             b"the real code"
         );
+    }
+
+    #[test]
+    fn both_file_io_paths_read_and_write_the_same_bytes() {
+        assert_eq!(
+            FileIo::Uring.effective(),
+            FileIo::Uring,
+            "io_uring is refused on this machine (kernel.io_uring_disabled, seccomp?)"
+        );
+        for file_io in [FileIo::Std, FileIo::Uring] {
+            let tmp = tempfile::tempdir().unwrap();
+            let p = tmp.path().join("f");
+            file_io.write_synced(&p, b"hello").unwrap();
+            assert_eq!(
+                file_io.write_synced(&p, b"again").unwrap_err().kind(),
+                std::io::ErrorKind::AlreadyExists,
+                "{file_io:?} creates exclusively"
+            );
+            assert_eq!(file_io.read(&p, Some(5)).unwrap(), b"hello");
+            assert_eq!(file_io.read(&p, None).unwrap(), b"hello");
+            // Another length than the index says: read whole all the same.
+            std::fs::write(&p, b"longer now").unwrap();
+            assert_eq!(file_io.read(&p, Some(5)).unwrap(), b"longer now");
+            std::fs::write(&p, b"ab").unwrap();
+            assert_eq!(file_io.read(&p, Some(5)).unwrap(), b"ab");
+            let big: Vec<u8> = (0..3_000_000u32).map(|i| i as u8).collect();
+            let q = tmp.path().join("big");
+            file_io.write_synced(&q, &big).unwrap();
+            assert_eq!(file_io.read(&q, Some(big.len() as u64)).unwrap(), big);
+            assert_eq!(
+                file_io
+                    .read(&tmp.path().join("missing"), Some(1))
+                    .unwrap_err()
+                    .kind(),
+                std::io::ErrorKind::NotFound
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn the_cache_works_the_same_over_std_file_io() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir(tmp.path().join("store")).unwrap();
+        let cache = CodeCache::open_with(
+            &tmp.path().join("cache"),
+            1 << 20,
+            DirectorySource {
+                dir: tmp.path().join("store"),
+            },
+            FileIo::Std,
+        )
+        .unwrap();
+        assert_eq!(cache.file_io(), FileIo::Std);
+        let d = put(&tmp.path().join("store"), b"plain code");
+        assert_eq!(cache.get(&d).await.unwrap(), b"plain code");
+        std::fs::write(cache.entry_path(&d), b"plain evil").unwrap();
+        assert_eq!(cache.get(&d).await.unwrap(), b"plain code");
+        assert_eq!(cache.stats().corrupt.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

@@ -11,6 +11,12 @@
 //! (timeout, the runtime's exit or crash) is destroyed, never reused. A request carrying a new
 //! revision of its function retires the environments of the old one. Draining stops new invokes,
 //! lets those in flight finish within a grace period and ends every sandbox.
+//!
+//! Observability: every invoke's stages, outcome and environment changes are recorded in a
+//! [`Metrics`] (the process's own unless given one), which also reads the environments by state,
+//! the invokes in flight and the code cache's size from here when scraped. Each invoke that reached
+//! its function logs Lambda's `REPORT` record (target `hearth::report`, level info, with the request
+//! id as a field); the other events on the invoke path carry the request id too.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -21,6 +27,7 @@ use tokio::sync::Notify;
 
 use crate::code_cache::CodeCache;
 use crate::concurrency::{Concurrency, Permit};
+use crate::metrics::{Collect, EndReason, GaugeSet, InvokeRecord, Metrics, OutcomeKind};
 use crate::proxy::protocol::{
     self, FunctionErrorKind, InvokeRequest, InvokeResult, LOG_TAIL, Outcome, Timings,
 };
@@ -83,13 +90,37 @@ pub struct Environments<S: Sandbox + 'static> {
     pools: Mutex<HashMap<PoolKey, Pool<S>>>,
     accepting: AtomicBool,
     in_flight: AtomicUsize,
+    /// Environments starting (sandbox start and init).
+    starting: AtomicUsize,
+    /// Environments running an invoke.
+    busy: AtomicUsize,
     quiet: Notify,
     started: AtomicU64,
     destroyed: AtomicU64,
+    metrics: Arc<Metrics>,
 }
+
+/// The target of the `REPORT` records.
+pub const REPORT_TARGET: &str = "hearth::report";
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Counts one while it lives.
+struct Counted<'a>(&'a AtomicUsize);
+
+impl<'a> Counted<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Counted(n)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Counts an invoke in flight while it lives.
@@ -118,6 +149,23 @@ fn unhandled(error: &sandbox::FunctionError) -> Outcome {
     }
 }
 
+fn outcome_kind(outcome: &Outcome) -> OutcomeKind {
+    match outcome {
+        Outcome::Success { .. } => OutcomeKind::Success,
+        Outcome::FunctionError { .. } => OutcomeKind::FunctionError,
+        Outcome::Throttled { .. } => OutcomeKind::Throttled,
+        Outcome::Error { .. } => OutcomeKind::Error,
+    }
+}
+
+/// Where one invoke's time went, while it runs.
+#[derive(Default)]
+struct Stages {
+    record: InvokeRecord,
+    /// When the sandbox answered (the response stage starts).
+    answered: Option<Instant>,
+}
+
 /// How the sandbox step of an invoke went.
 enum Ran {
     Done(Box<sandbox::InvokeResponse>),
@@ -131,13 +179,34 @@ where
     S::Config: 'static,
 {
     /// Environments of sandboxes made with `sandbox_config`; `region` goes into the functions'
-    /// environment. Starts the reaper, which ends with the last reference.
+    /// environment. Starts the reaper, which ends with the last reference. Records into the
+    /// process's [`Metrics::global`].
     pub fn new(
         sandbox_config: S::Config,
         code: CodeCache,
         limits: Arc<Concurrency>,
         config: EnvironmentConfig,
         region: String,
+    ) -> Arc<Self> {
+        Self::with_metrics(
+            sandbox_config,
+            code,
+            limits,
+            config,
+            region,
+            Metrics::global().clone(),
+        )
+    }
+
+    /// [`Environments::new`], recording into `metrics` (which reads the gauges from here while
+    /// this lives).
+    pub fn with_metrics(
+        sandbox_config: S::Config,
+        code: CodeCache,
+        limits: Arc<Concurrency>,
+        config: EnvironmentConfig,
+        region: String,
+        metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         let this = Arc::new(Environments {
             sandbox_config,
@@ -148,12 +217,22 @@ where
             pools: Mutex::default(),
             accepting: AtomicBool::new(true),
             in_flight: AtomicUsize::new(0),
+            starting: AtomicUsize::new(0),
+            busy: AtomicUsize::new(0),
             quiet: Notify::new(),
             started: AtomicU64::new(0),
             destroyed: AtomicU64::new(0),
+            metrics,
         });
+        let collector: Arc<dyn Collect> = this.clone();
+        this.metrics.register(Arc::downgrade(&collector));
         tokio::spawn(reap_loop(Arc::downgrade(&this)));
         this
+    }
+
+    /// The metrics this records into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub fn stats(&self) -> EnvironmentStats {
@@ -170,7 +249,7 @@ where
         let started = Instant::now();
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         let _in_flight = InFlight(&self.in_flight, &self.quiet);
-        let mut timings = Timings::default();
+        let mut stages = Stages::default();
         let executed_version = request.function.version.clone();
         let request_id = if request.request_id.is_empty() {
             sandbox::new_request_id()
@@ -183,9 +262,32 @@ where
                 Vec::new(),
             )
         } else {
-            self.run(&request, &request_id, &mut timings).await
+            self.run(&request, &request_id, &mut stages).await
         };
-        timings.total_us = protocol::micros(started.elapsed());
+        let mut record = stages.record;
+        record.response = stages.answered.map(|t| t.elapsed());
+        record.total = started.elapsed();
+        let kind = outcome_kind(&outcome);
+        if let Outcome::Throttled { reason, .. } = &outcome {
+            self.metrics.throttled(*reason);
+        }
+        self.metrics.invoke(kind, &record);
+        tracing::debug!(
+            request_id = %request_id,
+            function = %request.function.function_name,
+            outcome = kind.as_str(),
+            cold = record.cold,
+            total_us = protocol::micros(record.total),
+            "invoke finished"
+        );
+        let us = |d: Option<Duration>| d.map(protocol::micros).unwrap_or(0);
+        let timings = Timings {
+            claim_us: us(record.claim),
+            code_us: us(record.code),
+            init_us: us(record.init),
+            invoke_us: us(record.invoke),
+            total_us: protocol::micros(record.total),
+        };
         InvokeResult {
             request_id,
             outcome,
@@ -203,7 +305,7 @@ where
         &self,
         request: &InvokeRequest,
         request_id: &str,
-        timings: &mut Timings,
+        stages: &mut Stages,
     ) -> (Outcome, Vec<u8>) {
         let f = &request.function;
         let claim = Instant::now();
@@ -213,6 +315,7 @@ where
         {
             Ok(p) => p,
             Err(t) => {
+                stages.record.claim = Some(claim.elapsed());
                 return (
                     Outcome::Throttled {
                         reason: t.reason,
@@ -224,31 +327,39 @@ where
         };
         let key: PoolKey = (f.function_name.clone(), f.version.clone());
         let mut warm = self.take_idle(&key, &f.revision_id);
-        timings.claim_us = protocol::micros(claim.elapsed());
+        stages.record.claim = Some(claim.elapsed());
         loop {
             let (env, init) = match warm.take() {
                 Some(env) => (env, None),
-                None => match self.start(request, &permit, timings).await {
+                None => match self.start(request, request_id, &permit, stages).await {
                     Ok(started) => started,
                     Err(failed) => return failed,
                 },
             };
             let was_warm = init.is_none();
             let invoke = Instant::now();
-            let ran = self.invoke_in(&env, request, request_id, was_warm).await;
-            timings.invoke_us = protocol::micros(invoke.elapsed());
+            let ran = {
+                let _busy = Counted::new(&self.busy);
+                self.invoke_in(&env, request, request_id, was_warm).await
+            };
+            let answered = Instant::now();
+            stages.record.invoke = Some(answered.duration_since(invoke));
+            stages.answered = Some(answered);
             match ran {
                 Ran::WarmGone => {
-                    tracing::info!(function = %f.function_name, "warm environment ended between invokes; starting a new one");
-                    self.destroy(env).await;
+                    tracing::info!(request_id, function = %f.function_name, "warm environment ended between invokes; starting a new one");
+                    self.destroy(env, EndReason::Expired).await;
                     continue;
                 }
                 Ran::Failed(outcome) => {
-                    self.destroy(env).await;
+                    tracing::warn!(request_id, function = %f.function_name, "the environment failed during the invoke; destroying it");
+                    self.destroy(env, EndReason::Failed).await;
                     return (outcome, Vec::new());
                 }
                 Ran::Done(response) => {
-                    let tail = log_tail(request, request_id, &response, init.as_ref());
+                    stages.record.function = Some(response.duration);
+                    let report = report(request, request_id, &response, init.as_ref());
+                    let tail = log_tail(request, request_id, &response, init.as_ref(), &report);
                     let outcome = match &response.result {
                         Ok(payload) => Outcome::Success {
                             payload: payload.clone(),
@@ -267,6 +378,7 @@ where
     /// environments of any other revision.
     fn take_idle(&self, key: &PoolKey, revision: &str) -> Option<Warm<S>> {
         let mut retired = Vec::new();
+        let mut expired = Vec::new();
         let found = {
             let mut pools = lock(&self.pools);
             let pool = pools.entry(key.clone()).or_insert_with(|| Pool {
@@ -284,12 +396,15 @@ where
                     found = Some(env);
                     break;
                 }
-                retired.push(env);
+                expired.push(env);
             }
             found
         };
         if !retired.is_empty() {
-            self.destroy_later(retired);
+            self.destroy_later(retired, EndReason::Retired);
+        }
+        if !expired.is_empty() {
+            self.destroy_later(expired, EndReason::Expired);
         }
         found
     }
@@ -298,8 +413,9 @@ where
     async fn start(
         &self,
         request: &InvokeRequest,
+        request_id: &str,
         permit: &Permit,
-        timings: &mut Timings,
+        stages: &mut Stages,
     ) -> Result<(Warm<S>, Option<sandbox::InitReport>), (Outcome, Vec<u8>)> {
         let f = &request.function;
         if let Err(t) = permit.allow_new_environment() {
@@ -311,25 +427,28 @@ where
                 Vec::new(),
             ));
         }
+        stages.record.cold = true;
+        let _starting = Counted::new(&self.starting);
         let fetch = Instant::now();
         let code = self.code.get(&f.code_sha256_hex).await.map_err(|e| {
-            tracing::error!(error = %e, function = %f.function_name, "cannot get the function's code");
+            tracing::error!(request_id, error = %e, function = %f.function_name, "cannot get the function's code");
             (
                 service_error(format!("The function's code could not be loaded: {e}")),
                 Vec::new(),
             )
         })?;
-        timings.code_us = protocol::micros(fetch.elapsed());
+        stages.record.code = Some(fetch.elapsed());
         let spec = sandbox::FunctionSpec {
             bundle: self.bundle(request),
             code,
         };
         let init = Instant::now();
         let started = S::start(&self.sandbox_config, &spec).await;
-        timings.init_us = protocol::micros(init.elapsed());
+        stages.record.init = Some(init.elapsed());
         match started {
             Ok((sandbox, report)) => {
                 self.started.fetch_add(1, Ordering::SeqCst);
+                self.metrics.environment_started();
                 let now = Instant::now();
                 Ok((
                     Warm {
@@ -344,11 +463,11 @@ where
             Err(SandboxError::Init {
                 error, logs_tail, ..
             }) => {
-                tracing::info!(function = %f.function_name, error_type = %error.error_type, "init failed");
+                tracing::info!(request_id, function = %f.function_name, error_type = %error.error_type, "init failed");
                 Err((unhandled(&error), cut_tail(logs_tail)))
             }
             Err(e) => {
-                tracing::error!(error = %e, function = %f.function_name, "cannot start a sandbox");
+                tracing::error!(request_id, error = %e, function = %f.function_name, "cannot start a sandbox");
                 Err((
                     service_error(format!("The function's environment could not start: {e}")),
                     Vec::new(),
@@ -416,10 +535,13 @@ where
     /// Back to the idle pool if it may be reused, else ended.
     async fn release(&self, key: PoolKey, mut env: Warm<S>) {
         let now = Instant::now();
-        let reusable = env.sandbox.is_alive()
-            && self.accepting.load(Ordering::SeqCst)
-            && now.duration_since(env.created) < self.config.max_lifetime;
-        if reusable {
+        let reason = if !env.sandbox.is_alive() {
+            EndReason::Failed
+        } else if !self.accepting.load(Ordering::SeqCst) {
+            EndReason::Drained
+        } else if now.duration_since(env.created) >= self.config.max_lifetime {
+            EndReason::Expired
+        } else {
             let mut pools = lock(&self.pools);
             if let Some(pool) = pools.get_mut(&key)
                 && pool.revision == env.revision
@@ -428,18 +550,21 @@ where
                 pool.idle.push(env);
                 return;
             }
-        }
-        self.destroy(env).await;
+            EndReason::Retired
+        };
+        self.destroy(env, reason).await;
     }
 
-    async fn destroy(&self, env: Warm<S>) {
+    async fn destroy(&self, env: Warm<S>, reason: EndReason) {
         self.destroyed.fetch_add(1, Ordering::SeqCst);
+        self.metrics.environments_ended(reason, 1);
         env.sandbox.destroy().await;
     }
 
-    fn destroy_later(&self, envs: Vec<Warm<S>>) {
+    fn destroy_later(&self, envs: Vec<Warm<S>>, reason: EndReason) {
         self.destroyed
             .fetch_add(envs.len() as u64, Ordering::SeqCst);
+        self.metrics.environments_ended(reason, envs.len() as u64);
         tokio::spawn(async move {
             for env in envs {
                 env.sandbox.destroy().await;
@@ -490,6 +615,8 @@ where
         };
         tracing::info!(environments = all.len(), "ending idle environments");
         self.destroyed.fetch_add(all.len() as u64, Ordering::SeqCst);
+        self.metrics
+            .environments_ended(EndReason::Drained, all.len() as u64);
         let mut ending = tokio::task::JoinSet::new();
         for env in all {
             ending.spawn(env.sandbox.destroy());
@@ -516,10 +643,51 @@ where
         if !expired.is_empty() {
             tracing::info!(environments = expired.len(), "reaping idle environments");
             for env in expired {
-                envs.destroy(env).await;
+                envs.destroy(env, EndReason::Expired).await;
             }
         }
     }
+}
+
+/// Lambda's `REPORT` record of an invoke that reached its function (without a line end), logged
+/// at info (target [`REPORT_TARGET`]) with its figures as fields. Empty, and neither built nor
+/// logged, when neither the log tail nor that log wants it.
+fn report(
+    request: &InvokeRequest,
+    request_id: &str,
+    response: &sandbox::InvokeResponse,
+    init: Option<&sandbox::InitReport>,
+) -> String {
+    let logged = tracing::enabled!(target: REPORT_TARGET, tracing::Level::INFO);
+    if !request.log_tail && !logged {
+        return String::new();
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let duration_ms = ms(response.duration);
+    let billed_ms = (duration_ms.ceil() as u64).max(1);
+    let init_ms = response.init_duration.or(init.map(|i| i.duration)).map(ms);
+    let init_part = init_ms
+        .map(|ms| format!("\tInit Duration: {ms:.2} ms"))
+        .unwrap_or_default();
+    let line = format!(
+        "REPORT RequestId: {request_id}\tDuration: {duration_ms:.2} ms\tBilled Duration: {billed_ms} ms\tMemory Size: {} MB\tMax Memory Used: {} MB{init_part}\t",
+        request.function.memory_mib, response.max_memory_used_mb,
+    );
+    if logged {
+        tracing::info!(
+            target: REPORT_TARGET,
+            request_id,
+            function = %request.function.function_name,
+            version = %request.function.version,
+            duration_ms,
+            billed_duration_ms = billed_ms,
+            memory_size_mb = request.function.memory_mib,
+            max_memory_used_mb = response.max_memory_used_mb,
+            init_duration_ms = init_ms,
+            "{line}"
+        );
+    }
+    line
 }
 
 /// Lambda's tail: init logs (cold start), START, the invoke's logs, END, REPORT; the last 4 KB.
@@ -528,6 +696,7 @@ fn log_tail(
     request_id: &str,
     response: &sandbox::InvokeResponse,
     init: Option<&sandbox::InitReport>,
+    report: &str,
 ) -> Vec<u8> {
     use std::io::Write as _;
     if !request.log_tail {
@@ -553,21 +722,8 @@ fn log_tail(
     } else {
         lines(&response.logs, &mut out);
     }
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let billed = (ms(response.duration).ceil() as u64).max(1);
-    let init_part = response
-        .init_duration
-        .or(init.map(|i| i.duration))
-        .map(|d| format!("\tInit Duration: {:.2} ms", ms(d)))
-        .unwrap_or_default();
     let _ = writeln!(out, "END RequestId: {request_id}");
-    let _ = writeln!(
-        out,
-        "REPORT RequestId: {request_id}\tDuration: {:.2} ms\tBilled Duration: {billed} ms\tMemory Size: {} MB\tMax Memory Used: {} MB{init_part}\t",
-        ms(response.duration),
-        request.function.memory_mib,
-        response.max_memory_used_mb,
-    );
+    let _ = writeln!(out, "{report}");
     cut_tail(out)
 }
 
@@ -586,5 +742,60 @@ where
 
     fn drain(&self, grace: Duration) -> BoxFuture<'_, ()> {
         Box::pin(Environments::drain(self, grace))
+    }
+}
+
+impl<S: Sandbox + 'static> Collect for Environments<S>
+where
+    S::Config: 'static,
+{
+    fn collect(&self, gauges: &mut GaugeSet) {
+        let (idle, warm_functions) = {
+            let pools = lock(&self.pools);
+            let idle: usize = pools.values().map(|p| p.idle.len()).sum();
+            let warm = pools.values().filter(|p| !p.idle.is_empty()).count();
+            (idle, warm)
+        };
+        const ENVS: &str = "hearth_environments";
+        const ENVS_HELP: &str = "Execution environments, by state.";
+        gauges.add(ENVS, ENVS_HELP, &[("state", "idle")], idle as f64);
+        let busy = self.busy.load(Ordering::Relaxed);
+        gauges.add(ENVS, ENVS_HELP, &[("state", "busy")], busy as f64);
+        let starting = self.starting.load(Ordering::Relaxed);
+        gauges.add(ENVS, ENVS_HELP, &[("state", "starting")], starting as f64);
+        gauges.add(
+            "hearth_warm_function_versions",
+            "Function versions with at least one idle environment.",
+            &[],
+            warm_functions as f64,
+        );
+        gauges.add(
+            "hearth_invokes_in_flight",
+            "Invokes the agent is running.",
+            &[],
+            self.in_flight.load(Ordering::Relaxed) as f64,
+        );
+        gauges.add(
+            "hearth_code_cache_bytes",
+            "Bytes the code cache's entries take on disk.",
+            &[],
+            self.code.size_bytes() as f64,
+        );
+        let stats = self.code.stats();
+        const CACHE: &str = "hearth_code_cache_events_total";
+        const CACHE_HELP: &str = "Code cache events: hits, fills from the code source, corrupt entries found, evictions.";
+        for (what, n) in [
+            ("hit", &stats.hits),
+            ("fill", &stats.fills),
+            ("corrupt", &stats.corrupt),
+            ("eviction", &stats.evictions),
+        ] {
+            gauges.add_counter(
+                CACHE,
+                CACHE_HELP,
+                &[("event", what)],
+                n.load(Ordering::Relaxed) as f64,
+            );
+        }
     }
 }

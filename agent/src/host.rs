@@ -1,17 +1,18 @@
 //! The agent as one piece: the code cache, concurrency counting and the execution environments of
-//! the chosen sandbox kind behind an invoke-proxy socket. `hearth serve` starts one in its own
-//! process; [`Agent::shutdown`] drains it.
+//! the chosen sandbox kind behind an invoke-proxy socket, served thread-per-core
+//! ([`crate::cores`]: each core has its own environments, the counters and the cache are shared).
+//! `hearth serve` starts one in its own process; [`Agent::shutdown`] drains it.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
-
 use crate::code_cache::{CodeCache, CodeCacheError, DirectorySource};
 use crate::concurrency::{Concurrency, ConcurrencyConfig};
+use crate::cores::{Cores, CoresConfig, CoresError, HandlerFactory, Listeners};
 use crate::environment::{EnvironmentConfig, Environments};
-use crate::proxy::server::{InvokeHandler, ProxyServer, ServerError};
+use crate::proxy::server::InvokeHandler;
 use crate::sandbox::SandboxError;
 use crate::sandbox::container::{ContainerConfig, ContainerSandbox};
 use crate::sandbox::microvm::{MicrovmConfig, MicrovmSandbox};
@@ -30,8 +31,8 @@ pub enum AgentError {
     },
     #[error("cannot open the code cache")]
     CodeCache(#[source] CodeCacheError),
-    #[error("cannot start the invoke-proxy socket")]
-    Proxy(#[source] ServerError),
+    #[error("cannot start the agent's cores and invoke-proxy listeners")]
+    Cores(#[source] CoresError),
     #[error("cannot create {path}")]
     StateDir {
         path: PathBuf,
@@ -45,6 +46,11 @@ pub enum AgentError {
 pub struct AgentConfig {
     /// The invoke-proxy socket.
     pub socket: PathBuf,
+    /// An optional TCP invoke-proxy listener (port 0 picks one): one `SO_REUSEPORT` socket per
+    /// core.
+    pub tcp_listen: Option<SocketAddr>,
+    /// Worker threads (cores) and their pinning.
+    pub cores: CoresConfig,
     pub sandbox: SandboxKind,
     /// The static `hearth-init` (default: where `hearth_guest::image::locate_init` finds it).
     pub init_path: Option<PathBuf>,
@@ -66,13 +72,37 @@ pub struct AgentConfig {
 
 /// A running agent.
 pub struct Agent {
-    shutdown: watch::Sender<bool>,
-    server: tokio::task::JoinHandle<()>,
+    cores: Cores,
     socket: PathBuf,
+    grace: Duration,
+}
+
+/// The factory of each core's environments, over one sandbox kind.
+fn environments<S>(
+    sandbox: S::Config,
+    code: CodeCache,
+    limits: Arc<Concurrency>,
+    config: &AgentConfig,
+) -> HandlerFactory
+where
+    S: crate::sandbox::Sandbox + 'static,
+    S::Config: 'static,
+{
+    let environments = config.environments.clone();
+    let region = config.region.clone();
+    Arc::new(move |_core| {
+        Environments::<S>::new(
+            sandbox.clone(),
+            code.clone(),
+            limits.clone(),
+            environments.clone(),
+            region.clone(),
+        ) as Arc<dyn InvokeHandler>
+    })
 }
 
 impl Agent {
-    /// Opens the code cache, prepares the sandbox kind and serves the socket.
+    /// Opens the code cache, prepares the sandbox kind and starts the cores serving the socket.
     pub async fn start(config: AgentConfig) -> Result<Agent, AgentError> {
         std::fs::create_dir_all(&config.state_dir).map_err(|source| AgentError::StateDir {
             path: config.state_dir.clone(),
@@ -91,17 +121,11 @@ impl Agent {
             Some(p) => p.clone(),
             None => hearth_guest::image::locate_init().map_err(AgentError::Init)?,
         };
-        let handler: Arc<dyn InvokeHandler> = match config.sandbox {
+        let factory = match config.sandbox {
             SandboxKind::Container => {
                 let mut c = ContainerConfig::new(init);
                 c.state_dir = config.state_dir.clone();
-                Environments::<ContainerSandbox>::new(
-                    c,
-                    code,
-                    limits,
-                    config.environments.clone(),
-                    config.region.clone(),
-                )
+                environments::<ContainerSandbox>(c, code, limits, &config)
             }
             SandboxKind::Microvm => {
                 let c = MicrovmConfig::new(
@@ -113,24 +137,21 @@ impl Agent {
                     kind: SandboxKind::Microvm,
                     source,
                 })?;
-                Environments::<MicrovmSandbox>::new(
-                    c,
-                    code,
-                    limits,
-                    config.environments.clone(),
-                    config.region.clone(),
-                )
+                environments::<MicrovmSandbox>(c, code, limits, &config)
             }
         };
-        let server = ProxyServer::bind(&config.socket).map_err(AgentError::Proxy)?;
-        let (shutdown, rx) = watch::channel(false);
-        let grace = config.grace;
-        let server = tokio::spawn(server.run(handler, rx, grace));
-        tracing::info!(socket = %config.socket.display(), sandbox = ?config.sandbox, "agent serving invokes");
+        let listeners = Listeners {
+            unix: Some(config.socket.clone()),
+            tcp: config.tcp_listen,
+        };
+        let cores = Cores::start(&config.cores, listeners, factory)
+            .await
+            .map_err(AgentError::Cores)?;
+        tracing::info!(socket = %config.socket.display(), tcp = ?cores.tcp_address(), cores = cores.len(), sandbox = ?config.sandbox, "agent serving invokes");
         Ok(Agent {
-            shutdown,
-            server,
+            cores,
             socket: config.socket,
+            grace: config.grace,
         })
     }
 
@@ -139,11 +160,23 @@ impl Agent {
         &self.socket
     }
 
+    /// The TCP invoke-proxy address, when the agent listens on one.
+    pub fn tcp_address(&self) -> Option<SocketAddr> {
+        self.cores.tcp_address()
+    }
+
+    /// Runs invokes from this process without the socket (see [`crate::cores::Dispatcher`]).
+    pub fn dispatcher(&self) -> crate::cores::Dispatcher {
+        self.cores.dispatcher()
+    }
+
+    /// How many cores serve invokes.
+    pub fn cores(&self) -> usize {
+        self.cores.len()
+    }
+
     /// Stops accepting, lets in-flight invokes finish within the grace period, ends the sandboxes.
     pub async fn shutdown(self) {
-        let _ = self.shutdown.send(true);
-        if let Err(e) = self.server.await {
-            tracing::error!(error = %e, "the invoke-proxy server task failed");
-        }
+        self.cores.shutdown(self.grace).await;
     }
 }

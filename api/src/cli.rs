@@ -12,7 +12,16 @@ use hearth_agent::environment::EnvironmentConfig;
 use hearth_agent::host::{Agent, AgentConfig};
 use hearth_agent::sandbox::run::SandboxKind;
 
-use crate::invoker::ProxyInvoker;
+use crate::invoker::{LocalInvoker, ProxyInvoker};
+
+/// How `hearth serve`'s frontend reaches its agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum InvokePath {
+    /// In process, straight to the core that owns the function.
+    Cores,
+    /// Through the invoke-proxy socket.
+    Socket,
+}
 use crate::{AppState, Auth, Partition, Store, app, server};
 
 /// `hearth serve` options.
@@ -47,6 +56,19 @@ pub struct ServeArgs {
     /// The agent's invoke-proxy socket (default: `<data-dir>/agent.sock`).
     #[arg(long)]
     pub agent_socket: Option<PathBuf>,
+    /// Also serve the invoke-proxy protocol over TCP at this address (one SO_REUSEPORT listener
+    /// per agent core; port 0 picks one).
+    #[arg(long)]
+    pub agent_listen: Option<SocketAddr>,
+    /// The agent's worker threads, each pinned to a CPU (default: one per CPU this process may
+    /// use).
+    #[arg(long, default_value_t = 0)]
+    pub agent_cores: usize,
+    /// How the frontend hands invokes to the agent it embeds: `cores` straight to the agent's
+    /// cores in this process (no framing, no socket hop), or `socket` through the invoke-proxy
+    /// socket as a frontend in another process would.
+    #[arg(long, value_enum, default_value_t = InvokePath::Cores)]
+    pub invoke_path: InvokePath,
     /// Where functions run (default: microvm on hardware KVM, else container).
     #[arg(long, value_enum)]
     pub sandbox: Option<SandboxKind>,
@@ -65,7 +87,16 @@ pub struct ServeArgs {
     /// Seconds in-flight invokes get to finish at shutdown.
     #[arg(long, default_value_t = 30)]
     pub shutdown_grace: u64,
+    /// Serve the agent's Prometheus metrics on `GET /metrics` at this address (port 0 picks a
+    /// free port; the chosen address is logged). Default 127.0.0.1:9001, skipped with an error
+    /// logged when that is taken; an address given here must be bound or the server does not
+    /// start.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
 }
+
+/// Where the metrics are served when `--metrics-listen` is not given.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9001";
 
 impl ServeArgs {
     /// Checks every field and reports all problems at once.
@@ -130,6 +161,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<u8> {
             .agent_socket
             .clone()
             .unwrap_or_else(|| args.data_dir.join("agent.sock")),
+        tcp_listen: args.agent_listen,
+        cores: hearth_agent::cores::CoresConfig {
+            threads: args.agent_cores,
+            pin: true,
+        },
         sandbox,
         init_path: args.init.clone(),
         hearth_binary,
@@ -151,9 +187,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<u8> {
             .await
             .context("starting the agent")?;
         tracing::info!(sandbox = ?sandbox, kvm = %hearth_vmm::kvm::detect_kind(), socket = %agent.socket().display(), "agent started");
-        let invoker = ProxyInvoker::connect(agent.socket())
-            .context("connecting to the agent's invoke-proxy socket")?;
-        let state = AppState::new(store, auth, partition, Arc::new(invoker))
+        let metrics = serve_metrics(args.metrics_listen).await?;
+        let invoker: Arc<dyn crate::Invoker> = match args.invoke_path {
+            InvokePath::Cores => Arc::new(LocalInvoker::new(Arc::new(agent.dispatcher()))),
+            InvokePath::Socket => Arc::new(
+                ProxyInvoker::connect(agent.socket())
+                    .context("connecting to the agent's invoke-proxy socket")?,
+            ),
+        };
+        let state = AppState::new(store, auth, partition, invoker)
             .with_buckets(crate::buckets::Buckets::open_for_serve(
                 &args.data_dir,
                 args.object_store_dir.as_deref(),
@@ -170,11 +212,45 @@ pub fn run(args: ServeArgs) -> anyhow::Result<u8> {
         let _ = std::io::stdout().flush();
         let served = server::serve(listener, app(state), shutdown_signal()).await;
         agent.shutdown().await;
+        if let Some(metrics) = metrics {
+            metrics.abort();
+        }
         let _ = std::fs::remove_dir_all(&agent_config.state_dir);
         served?;
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(0)
+}
+
+/// Serves the agent's metrics at `address` (else at [`DEFAULT_METRICS_LISTEN`], if free).
+async fn serve_metrics(
+    address: Option<SocketAddr>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let listener = match address {
+        Some(address) => tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("binding the metrics address {address}"))?,
+        None => {
+            let address: SocketAddr = DEFAULT_METRICS_LISTEN
+                .parse()
+                .context("the default metrics address")?;
+            match tokio::net::TcpListener::bind(address).await {
+                Ok(listener) => listener,
+                Err(e) => {
+                    tracing::error!(error = %e, %address, "cannot serve metrics on the default address; pass --metrics-listen ADDR (port 0 picks a free one)");
+                    return Ok(None);
+                }
+            }
+        }
+    };
+    let local = listener
+        .local_addr()
+        .context("reading the metrics address")?;
+    tracing::info!(address = %local, "metrics on GET /metrics");
+    let metrics = hearth_agent::metrics::Metrics::global().clone();
+    Ok(Some(tokio::spawn(hearth_agent::metrics::serve(
+        listener, metrics,
+    ))))
 }
 
 /// MicroVMs where the host has hardware KVM, containers elsewhere.

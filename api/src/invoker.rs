@@ -166,23 +166,56 @@ pub fn response_from(result: proxy::InvokeResult) -> Result<InvokeResponse, ApiE
     }
 }
 
+/// Event invokes wait for the async queue.
+fn refuse_event(request: &InvokeRequest) -> Result<(), ApiError> {
+    if request.invocation_type == InvocationType::Event {
+        return Err(ApiError::Service(
+            "Event invokes need Hearth's async queue, which this server does not have yet; invoke with RequestResponse".into(),
+        ));
+    }
+    Ok(())
+}
+
 impl Invoker for ProxyInvoker {
     fn invoke(
         &self,
         request: InvokeRequest,
     ) -> Pin<Box<dyn Future<Output = Result<InvokeResponse, ApiError>> + Send + '_>> {
         Box::pin(async move {
-            if request.invocation_type == InvocationType::Event {
-                return Err(ApiError::Service(
-                    "Event invokes need Hearth's async queue, which this server does not have yet; invoke with RequestResponse".into(),
-                ));
-            }
+            refuse_event(&request)?;
             let result = self
                 .client
                 .invoke(Self::request(request))
                 .await
                 .map_err(|e| ApiError::internal("the agent did not answer the invoke", &e))?;
             response_from(result)
+        })
+    }
+}
+
+/// The invoker of a frontend that embeds its agent (`hearth serve`): the same invoke-proxy
+/// requests and results as [`ProxyInvoker`], handed to the agent's cores in process
+/// (`hearth_agent::cores::Dispatcher`) instead of framed through its socket. The socket stays
+/// for everything outside the process (pollers, benchmarks, a frontend elsewhere).
+#[derive(Clone)]
+pub struct LocalInvoker {
+    agent: std::sync::Arc<dyn hearth_agent::proxy::server::InvokeHandler>,
+}
+
+impl LocalInvoker {
+    pub fn new(agent: std::sync::Arc<dyn hearth_agent::proxy::server::InvokeHandler>) -> Self {
+        LocalInvoker { agent }
+    }
+}
+
+impl Invoker for LocalInvoker {
+    fn invoke(
+        &self,
+        request: InvokeRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<InvokeResponse, ApiError>> + Send + '_>> {
+        Box::pin(async move {
+            refuse_event(&request)?;
+            response_from(self.agent.invoke(ProxyInvoker::request(request)).await)
         })
     }
 }

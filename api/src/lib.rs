@@ -4,9 +4,11 @@
 //! metadata store of functions, versions, aliases and settings, and reading `S3Bucket`/`S3Key`
 //! code from the configured object store ([`buckets`]).
 //!
-//! Relies on: the agent's invoke-proxy socket for every invoke, through the [`Invoker`] trait
-//! (`invoker::ProxyInvoker`, which `hearth serve` wires to the agent it starts in the same
-//! process; [`NoAgent`] answers every invoke with a `ServiceException` where no agent runs).
+//! Relies on: the agent for every invoke, through the [`Invoker`] trait: `invoker::LocalInvoker`
+//! hands the invoke-proxy requests to the cores of the agent `hearth serve` starts in the same
+//! process, `invoker::ProxyInvoker` sends them over the agent's invoke-proxy socket
+//! (`--invoke-path socket`); [`NoAgent`] answers every invoke with a `ServiceException` where no
+//! agent runs.
 //! Event invokes answer a clear `ServiceException` until the agent's durable async queue exists.
 //!
 //! Must not touch: sandboxes or VMs directly; every invoke goes through the agent.

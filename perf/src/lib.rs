@@ -17,7 +17,9 @@
 //!   cost: invoke latency and throughput over HTTP next to the invoke-proxy socket), `boot` (microVM boot times and the VMM's
 //!   memory; inside the test host where there is no hardware KVM), `sandbox-invoke` (the warm
 //!   invoke round trip through a container or microVM sandbox), `run-cold` (the cold start of
-//!   `hearth run`) and `testhost` (the test host's own cost). Each prints a table and writes a
+//!   `hearth run`), `testhost` (the test host's own cost), and through the agent's invoke-proxy
+//!   socket `warm-invoke` (latency and platform overhead at 1, 8, 64 callers), `throughput`
+//!   (invokes/s at saturation, CPU per invoke) and `cold-start`. Each prints a table and writes a
 //!   [`report::Report`]. The sandbox scenarios run the echo function of
 //!   `hearth_agent::testing` (cargo feature `testing`), the same one the agent's tests run.
 

@@ -23,6 +23,10 @@ enum Scenario {
     /// Boot microVMs with `hearth vmm`: process start to guest init and to vsock ready, and the VMM's
     /// memory with an idle guest (inside the test host where there is no hardware KVM).
     Boot(scenario::boot::BootArgs),
+    /// Snapshot restore of a booted microVM: restore to the guest answering on vsock (file-mapped,
+    /// userfaultfd, userfaultfd with a prefetched working set), snapshot create time and file sizes,
+    /// memory per idle clone, restores per second (inside the test host without hardware KVM).
+    Restore(scenario::restore::RestoreArgs),
     /// The warm invoke round trip of an echo function through one sandbox (container or microVM;
     /// the microVM one inside the test host where there is no hardware KVM).
     SandboxInvoke(scenario::sandbox_invoke::SandboxInvokeArgs),
@@ -31,6 +35,14 @@ enum Scenario {
     /// The Lambda API frontend's own cost: warm invoke latency and throughput of an echo function
     /// through `hearth serve` (HTTP, SigV4) next to the same through the invoke-proxy socket.
     Api(scenario::api::ApiArgs),
+    /// Warm invoke latency through the agent's invoke-proxy socket at 1, 8 and 64 concurrent
+    /// callers, and the platform overhead (latency minus the function's own duration).
+    WarmInvoke(scenario::warm_invoke::WarmInvokeArgs),
+    /// Warm invokes per second at saturation through the invoke-proxy socket, CPU time per invoke,
+    /// and the in-process cost of the concurrency check and the metrics recording.
+    Throughput(scenario::throughput::ThroughputArgs),
+    /// Invokes that start a new execution environment, through the invoke-proxy socket.
+    ColdStart(scenario::cold_start::ColdStartArgs),
 }
 
 fn main() -> ExitCode {
@@ -45,9 +57,13 @@ fn main() -> ExitCode {
     let report = match &cli.scenario {
         Scenario::Testhost(args) => scenario::testhost::run(args),
         Scenario::Boot(args) => scenario::boot::run(args),
+        Scenario::Restore(args) => scenario::restore::run(args),
         Scenario::SandboxInvoke(args) => scenario::sandbox_invoke::run(args),
         Scenario::RunCold(args) => scenario::run_cold::run(args),
         Scenario::Api(args) => scenario::api::run(args),
+        Scenario::WarmInvoke(args) => scenario::warm_invoke::run(args),
+        Scenario::Throughput(args) => scenario::throughput::run(args),
+        Scenario::ColdStart(args) => scenario::cold_start::run(args),
     };
     match report.and_then(|report| scenario::finish(&report, &cli.common)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,8 +1,11 @@
 //! `hearth-snapshot`: the files a Hearth microVM snapshot is made of.
 //!
 //! Owns: the state file format (`state_file`: magic, a format version of its own, a size cap, a
-//! CRC-64 over the postcard-encoded state) and the memory file (`memory_file`: guest RAM, sparse,
-//! with a digest of its non-zero pages that is checked on the very descriptor the VMM then maps).
+//! CRC-64 over the postcard-encoded state), the memory file (`memory_file`: guest RAM, sparse,
+//! with a digest of its non-zero pages that is checked on the very descriptor the VMM then maps;
+//! written without faulting in pages never touched, using `pagemap`: this process's page table
+//! flags) and the working-set file (`working_set`: the pages a userfaultfd restore served, checked,
+//! to prefetch on the next restore).
 //! Both are untrusted on the way in: every read is bounded and checked before anything is built
 //! from it. Next: templates per guest image and memory size, and pools of restored VMs.
 //!
@@ -14,9 +17,12 @@
 #![forbid(unsafe_code)]
 
 pub mod memory_file;
+pub mod pagemap;
 pub mod state_file;
+pub mod working_set;
 
 pub use memory_file::{
-    Checked, FileIdentity, MemoryFile, MemoryFileError, MemoryFileInfo, WriteStats,
+    Checked, FileIdentity, MemoryFile, MemoryFileError, MemoryFileInfo, Region, WriteStats,
 };
 pub use state_file::{FORMAT_VERSION, MAX_STATE_FILE, StateFileError};
+pub use working_set::{WorkingSet, WorkingSetError};

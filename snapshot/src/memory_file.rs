@@ -14,6 +14,7 @@
 //! written since (the change time moves on every write and cannot be set back by its owner), and
 //! its contents are not read again. A copy, or a file touched in any way, gets the full check.
 
+use crate::pagemap::{PageKind, Pagemap};
 use crate::state_file::{CRC64, replace_with};
 use nix::unistd::{Whence, lseek};
 use serde::{Deserialize, Serialize};
@@ -23,7 +24,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 /// The page size the file is laid out in.
-pub const PAGE_SIZE: usize = 4096;
+pub const PAGE_SIZE: usize = crate::pagemap::PAGE_SIZE;
 /// How much is read at a time when checking the file.
 const READ_CHUNK: usize = 1 << 20;
 
@@ -163,57 +164,251 @@ fn digest_pages(
     n
 }
 
+/// One region of guest RAM to write.
+#[derive(Debug, Clone, Copy)]
+pub struct Region<'a> {
+    /// The region as mapped in this process.
+    pub bytes: &'a [u8],
+    /// The file (and offset in it) the mapping shows wherever it holds no private page: the
+    /// memory file of a restored VM (mapped privately, or served through userfaultfd). `None`:
+    /// anonymous memory, zero wherever no page was ever touched.
+    pub backing: Option<(&'a File, u64)>,
+}
+
+impl<'a> Region<'a> {
+    /// Anonymous memory (or any bytes of this process).
+    pub fn anonymous(bytes: &'a [u8]) -> Self {
+        Region {
+            bytes,
+            backing: None,
+        }
+    }
+}
+
 /// Writes `regions` (guest RAM, in guest-address order) to `path`, leaving zero pages as holes.
 /// The caller makes sure nothing writes the regions meanwhile (the VM is paused).
 pub fn write(path: &Path, regions: &[&[u8]]) -> Result<WriteStats, MemoryFileError> {
+    let regions: Vec<Region<'_>> = regions.iter().map(|r| Region::anonymous(r)).collect();
+    write_regions(path, &regions)
+}
+
+/// Writes `regions` to `path` sparsely without touching a page that was never touched.
+///
+/// Each page's contents come from where they are: a page the process holds privately (written,
+/// copied on write, swapped out) from the mapping; any other page of a file-backed region from
+/// the backing file (`pread`, only inside its data extents, found with `SEEK_DATA`/`SEEK_HOLE`);
+/// an untouched page of anonymous memory is zero and is skipped unread. Which pages are private
+/// comes from `/proc/self/pagemap` ([`crate::pagemap`]); where it cannot be read, every page of
+/// the mapping is read (correct, but holes get faulted in). All-zero pages stay holes.
+pub fn write_regions(path: &Path, regions: &[Region<'_>]) -> Result<WriteStats, MemoryFileError> {
     for r in regions {
-        if r.len() % PAGE_SIZE != 0 {
-            return Err(MemoryFileError::RegionSize(r.len()));
+        if r.bytes.len() % PAGE_SIZE != 0 {
+            return Err(MemoryFileError::RegionSize(r.bytes.len()));
         }
     }
     let io = |e| MemoryFileError::Write(path.to_path_buf(), e);
-    let size: u64 = regions.iter().map(|r| r.len() as u64).sum();
-    let mut digest = CRC64.digest();
-    let (mut data_pages, mut written) = (0u64, 0u64);
+    let size: u64 = regions.iter().map(|r| r.bytes.len() as u64).sum();
+    let mut pagemap = match Pagemap::open() {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::warn!(error = %e, "no /proc/self/pagemap: reading every page of guest RAM");
+            None
+        }
+    };
+    let mut out_stats = (0u64, 0u64, 0u64);
     let file = replace_with(path, |file| {
         file.set_len(size)?;
+        let mut out = SparseOut::new(file);
+        let mut kinds = Vec::new();
         let mut file_offset = 0u64;
         for region in regions {
-            let pages = region.len() / PAGE_SIZE;
-            let mut i = 0;
-            while i < pages {
-                let page = &region[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
-                if is_zero(page) {
-                    i += 1;
-                    continue;
+            let pages = region.bytes.len() / PAGE_SIZE;
+            let addr = region.bytes.as_ptr() as usize;
+            match &mut pagemap {
+                // Page-aligned: a mapping (guest RAM always is).
+                Some(map) if addr.is_multiple_of(PAGE_SIZE) => {
+                    map.kinds(addr, pages, &mut kinds)?
                 }
-                // A run of non-zero pages goes out in one write.
-                let start = i;
-                while i < pages && !is_zero(&region[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]) {
-                    i += 1;
+                _ => {
+                    kinds.clear();
+                    kinds.resize(pages, PageKind::Private);
                 }
-                let run = &region[start * PAGE_SIZE..i * PAGE_SIZE];
-                let at = file_offset + (start * PAGE_SIZE) as u64;
-                file.write_all_at(run, at)?;
-                data_pages += digest_pages(&mut digest, run, at / PAGE_SIZE as u64);
-                written += run.len() as u64;
             }
-            file_offset += region.len() as u64;
+            let data = match region.backing {
+                Some((backing, at)) => data_extents(backing, at, region.bytes.len() as u64)?,
+                None => Vec::new(),
+            };
+            write_region(
+                &mut out,
+                region,
+                &kinds,
+                &data,
+                file_offset / PAGE_SIZE as u64,
+            )?;
+            file_offset += region.bytes.len() as u64;
         }
+        out.flush()?;
+        out_stats = (out.data_pages, out.written, out.digest.finalize());
         Ok(())
     })
     .map_err(io)?;
+    let (data_pages, written, digest) = out_stats;
     // After the rename, which may change the file's change time.
     let meta = file.metadata().map_err(io)?;
     Ok(WriteStats {
         info: MemoryFileInfo {
             size,
             data_pages,
-            digest: digest.finalize(),
+            digest,
             identity: Some(FileIdentity::of(&meta)),
         },
         written_bytes: written,
     })
+}
+
+/// Where the contents of a run of pages come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// Zero: skipped unread.
+    Zero,
+    /// The mapping.
+    Mapping,
+    /// The backing file.
+    Backing,
+}
+
+/// Writes one region, whose first page is page `first_page` of the memory file.
+fn write_region(
+    out: &mut SparseOut<'_>,
+    region: &Region<'_>,
+    kinds: &[PageKind],
+    data: &[(u64, u64)],
+    first_page: u64,
+) -> std::io::Result<()> {
+    let pages = kinds.len();
+    let page_len = PAGE_SIZE as u64;
+    let mut extents = data.iter().peekable();
+    let mut source_of = |i: usize| -> Source {
+        match kinds[i] {
+            PageKind::Private => Source::Mapping,
+            PageKind::Absent | PageKind::File if region.backing.is_some() => {
+                let at = i as u64 * page_len;
+                while extents.peek().is_some_and(|&&(_, end)| end <= at) {
+                    extents.next();
+                }
+                match extents.peek() {
+                    Some(&&(start, _)) if start < at + page_len => Source::Backing,
+                    _ => Source::Zero,
+                }
+            }
+            // A file page without a backing file: read what the mapping shows.
+            PageKind::File => Source::Mapping,
+            PageKind::Absent => Source::Zero,
+        }
+    };
+    let mut buf = Vec::new();
+    let mut i = 0;
+    while i < pages {
+        let source = source_of(i);
+        let start = i;
+        i += 1;
+        while i < pages && i - start < READ_CHUNK / PAGE_SIZE && source_of(i) == source {
+            i += 1;
+        }
+        let bytes: &[u8] = match source {
+            Source::Zero => continue,
+            Source::Mapping => &region.bytes[start * PAGE_SIZE..i * PAGE_SIZE],
+            Source::Backing => {
+                let Some((backing, at)) = region.backing else {
+                    continue;
+                };
+                buf.resize((i - start) * PAGE_SIZE, 0);
+                backing.read_exact_at(&mut buf, at + start as u64 * page_len)?;
+                &buf
+            }
+        };
+        for (k, page) in bytes.chunks(PAGE_SIZE).enumerate() {
+            if !is_zero(page) {
+                out.push(first_page + (start + k) as u64, page)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The data extents of `file` in `[at, at + len)`, relative to `at`, rounded out to whole pages.
+fn data_extents(file: &File, at: u64, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    let page = PAGE_SIZE as u64;
+    let end = at + len;
+    let mut extents = Vec::new();
+    let mut pos = at;
+    while pos < end {
+        let data = match lseek(file.as_fd(), pos as i64, Whence::SeekData) {
+            Ok(off) => off as u64,
+            Err(nix::Error::ENXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        if data >= end {
+            break;
+        }
+        let hole = lseek(file.as_fd(), data as i64, Whence::SeekHole)? as u64;
+        let (s, e) = (
+            data / page * page,
+            hole.div_ceil(page).saturating_mul(page).min(end),
+        );
+        extents.push((s.max(at) - at, e - at));
+        pos = e.max(pos + page);
+    }
+    Ok(extents)
+}
+
+/// The memory file being written: non-zero pages gathered into runs, digested in order.
+struct SparseOut<'f> {
+    file: &'f File,
+    pending: Vec<u8>,
+    pending_page: u64,
+    digest: crc::Digest<'static, u64, crc::Table<16>>,
+    data_pages: u64,
+    written: u64,
+}
+
+impl<'f> SparseOut<'f> {
+    fn new(file: &'f File) -> Self {
+        SparseOut {
+            file,
+            pending: Vec::with_capacity(READ_CHUNK),
+            pending_page: 0,
+            digest: CRC64.digest(),
+            data_pages: 0,
+            written: 0,
+        }
+    }
+
+    /// Adds non-zero page `index`; pages must come in increasing order.
+    fn push(&mut self, index: u64, page: &[u8]) -> std::io::Result<()> {
+        let next = self.pending_page + (self.pending.len() / PAGE_SIZE) as u64;
+        if !self.pending.is_empty() && (index != next || self.pending.len() >= READ_CHUNK) {
+            self.flush()?;
+        }
+        if self.pending.is_empty() {
+            self.pending_page = index;
+        }
+        self.digest.update(&index.to_le_bytes());
+        self.digest.update(page);
+        self.pending.extend_from_slice(page);
+        self.data_pages += 1;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.pending.is_empty() {
+            self.file
+                .write_all_at(&self.pending, self.pending_page * PAGE_SIZE as u64)?;
+            self.written += self.pending.len() as u64;
+            self.pending.clear();
+        }
+        Ok(())
+    }
 }
 
 /// A checked memory file, open for mapping.

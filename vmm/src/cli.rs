@@ -6,10 +6,12 @@ use crate::builder;
 use crate::config::{DEFAULT_SERIAL_LOG_CAP, VmConfig, VsockConfig};
 use crate::control::Command;
 use crate::control::server::ControlServer;
+use crate::restore::RestoreMode;
 use crate::runtime::{Controller, EventLoop, StopReason, block_termination_signals};
 use crate::seccomp::{self, ThreadKind};
 use crate::vstate::vcpu::install_kick_handler;
 use anyhow::{Context, bail};
+use hearth_snapshot::WorkingSet;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -62,6 +64,18 @@ pub struct VmmArgs {
     /// The snapshot's memory file (mapped copy-on-write; never written).
     #[arg(long, requires = "restore_state")]
     pub restore_mem: Option<PathBuf>,
+    /// How guest RAM is restored: `file` maps the memory file copy-on-write (clones share its
+    /// pages); `uffd` fills anonymous memory from it on first touch through userfaultfd.
+    #[arg(long, value_enum, default_value_t = RestoreModeArg::File, requires = "restore_state")]
+    pub restore_mode: RestoreModeArg,
+    /// With `--restore-mode uffd`: copy the pages of this working-set file in before the vCPUs
+    /// run (one recorded with --record-ws on an earlier restore of the same snapshot).
+    #[arg(long)]
+    pub prefetch_ws: Option<PathBuf>,
+    /// With `--restore-mode uffd`: record the pages served and write them to `<memory file>.ws`
+    /// when the VM stops.
+    #[arg(long)]
+    pub record_ws: bool,
     /// Exit when standard input reaches end of file (the parent's pipe closed).
     #[arg(long, hide = true)]
     pub exit_on_stdin_eof: bool,
@@ -70,7 +84,32 @@ pub struct VmmArgs {
     pub no_seccomp: bool,
 }
 
+/// `--restore-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RestoreModeArg {
+    /// Map the memory file copy-on-write.
+    File,
+    /// Serve guest RAM from the memory file through userfaultfd.
+    Uffd,
+}
+
 impl VmmArgs {
+    /// The restore mode these flags describe.
+    pub fn restore_mode(&self) -> anyhow::Result<RestoreMode> {
+        match self.restore_mode {
+            RestoreModeArg::File => {
+                if self.prefetch_ws.is_some() || self.record_ws {
+                    bail!("--prefetch-ws and --record-ws need --restore-mode uffd");
+                }
+                Ok(RestoreMode::File)
+            }
+            RestoreModeArg::Uffd => Ok(RestoreMode::Uffd {
+                prefetch_ws: self.prefetch_ws.clone(),
+                record_ws: self.record_ws,
+            }),
+        }
+    }
+
     /// The VM configuration these flags describe.
     pub fn to_config(&self) -> anyhow::Result<VmConfig> {
         let config = if let Some(path) = &self.config {
@@ -114,17 +153,20 @@ pub fn run(args: VmmArgs) -> anyhow::Result<u8> {
     let signals = block_termination_signals()?;
     install_kick_handler()?;
     seccomp::install_reporter()?;
-    let built = match (&args.restore_state, &args.restore_mem) {
-        (Some(state), Some(mem)) => crate::restore::restore(
+    let mode = args.restore_mode()?;
+    let (built, uffd) = match (&args.restore_state, &args.restore_mem) {
+        (Some(state), Some(mem)) => crate::restore::restore_with(
             &config,
             &crate::restore::SnapshotFiles {
                 state: state.clone(),
                 mem: mem.clone(),
             },
+            &mode,
+            !args.no_seccomp,
             started,
         )
         .context("cannot restore the snapshot")?,
-        _ => builder::build(&config, started)?,
+        _ => (builder::build(&config, started)?, None),
     };
     let control = match &config.control_socket {
         Some(path) => Some(ControlServer::bind(path)?),
@@ -172,6 +214,20 @@ pub fn run(args: VmmArgs) -> anyhow::Result<u8> {
     // Keep guest memory and the VM alive until every vCPU thread is gone (joined above).
     drop(built.vm);
     drop(built.mem);
+    if let (
+        Some(server),
+        Some(mem),
+        RestoreMode::Uffd {
+            record_ws: true, ..
+        },
+    ) = (&uffd, &args.restore_mem, &mode)
+    {
+        let path = WorkingSet::path_for(mem);
+        let pages = server
+            .save_working_set(&path)
+            .with_context(|| format!("cannot write the working set {}", path.display()))?;
+        tracing::info!(pages, path = %path.display(), "working set recorded");
+    }
     tracing::info!(
         ?reason,
         ms = started.elapsed().as_secs_f64() * 1000.0,

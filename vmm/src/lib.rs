@@ -17,7 +17,8 @@
 //! `vstate` (the KVM VM and the vCPU threads), `runtime` (the event loop and VM state machine),
 //! `control` (the control protocol), `seccomp`, `builder` (config to VM), `persist` (a VM's saved
 //! state and taking a snapshot; each component saves its own state beside it), `restore`
-//! (snapshot to VM), `cli` (`hearth vmm`),
+//! (snapshot to VM), `uffd` (the userfaultfd restore mode: guest RAM served from the memory file
+//! by a handler thread), `cli` (`hearth vmm`),
 //! `process` (the agent's handle on a `hearth vmm` child), `kvm_test` (running VM tests where
 //! hardware KVM is).
 
@@ -36,10 +37,11 @@ pub mod ratelimit;
 pub mod restore;
 pub mod runtime;
 pub mod seccomp;
+pub mod uffd;
 pub mod vsock;
 pub mod vstate;
 
 pub use config::{VmConfig, VsockConfig};
 pub use control::VmState;
 pub use process::{MemoryUsage, ProcessError, VmmProcess};
-pub use restore::SnapshotFiles;
+pub use restore::{RestoreMode, SnapshotFiles};

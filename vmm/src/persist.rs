@@ -93,16 +93,18 @@ pub struct SnapshotParts {
     pub vsock: Option<VsockParts>,
 }
 
-/// Guest RAM as byte slices, in guest-address order.
+/// Guest RAM as regions to write, in guest-address order: each a byte slice, with the memory file
+/// it shows where it holds no private page (a restored VM's, mapped or served by userfaultfd).
 ///
 /// The caller makes sure nothing writes guest memory while the slices live: the vCPUs are paused
 /// and the devices run only on the calling (event-loop) thread.
-fn guest_ram(mem: &GuestMemory) -> Vec<&[u8]> {
+fn guest_ram(mem: &GuestMemory) -> Vec<memory_file::Region<'_>> {
     mem.iter()
-        .map(|region| {
+        .map(|region| memory_file::Region {
             // SAFETY: the region is a live mapping of `len()` bytes owned by `mem`, which outlives
             // the returned slices (they borrow it); nothing writes it meanwhile (see above).
-            unsafe { std::slice::from_raw_parts(region.as_ptr(), region.len() as usize) }
+            bytes: unsafe { std::slice::from_raw_parts(region.as_ptr(), region.len() as usize) },
+            backing: region.file_offset().map(|f| (f.file(), f.start())),
         })
         .collect()
 }
@@ -132,7 +134,7 @@ impl SnapshotParts {
                 device: device.lock().unwrap_or_else(PoisonError::into_inner).save(),
             });
         let t = Instant::now();
-        let written = memory_file::write(mem_path, &guest_ram(&self.mem))?;
+        let written = memory_file::write_regions(mem_path, &guest_ram(&self.mem))?;
         let memory_ms = t.elapsed().as_secs_f64() * 1000.0;
         let state = VmmState {
             mem_bytes: written.info.size,

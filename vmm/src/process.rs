@@ -21,6 +21,16 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// How much of the child's stderr is kept for error messages.
 const STDERR_KEEP: usize = 16 * 1024;
+/// How long a jailer gets to clean up and exit after its VMM was killed.
+const JAILER_EXIT: Duration = Duration::from_secs(5);
+
+/// `path` of a configuration as seen from this host: under `root` for a jailed VMM.
+fn host_path(root: Option<&Path>, path: &Path) -> PathBuf {
+    match root {
+        Some(root) => root.join(path.strip_prefix("/").unwrap_or(path)),
+        None => path.to_path_buf(),
+    }
+}
 
 /// Controlling a `hearth vmm` process failed.
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +150,11 @@ pub struct VmmProcess {
     config: VmConfig,
     stderr: Arc<Mutex<VecDeque<u8>>>,
     status: Option<ExitStatus>,
+    /// A jailed VMM's jail root on this host: `config`'s paths are inside it.
+    host_root: Option<PathBuf>,
+    /// The VMM's own pid: the child's, or a jailed VMM's (the jailer's child), as its control
+    /// socket reports it.
+    vmm_pid: u32,
 }
 
 impl VmmProcess {
@@ -169,20 +184,79 @@ impl VmmProcess {
         )
     }
 
+    /// [`VmmProcess::spawn_restored`] with guest RAM restored as `mode` says (`RestoreMode::File`
+    /// is `spawn_restored`; `Uffd` serves it through userfaultfd, optionally prefetching a
+    /// working set and recording one to `<mem>.ws` when the VM stops).
+    pub fn spawn_restored_with(
+        hearth_binary: &Path,
+        config: &VmConfig,
+        files: &crate::SnapshotFiles,
+        mode: crate::RestoreMode,
+    ) -> Result<Self, ProcessError> {
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "--restore-state".into(),
+            files.state.clone().into_os_string(),
+            "--restore-mem".into(),
+            files.mem.clone().into_os_string(),
+        ];
+        if let crate::RestoreMode::Uffd {
+            prefetch_ws,
+            record_ws,
+        } = mode
+        {
+            args.extend(["--restore-mode".into(), "uffd".into()]);
+            if let Some(ws) = prefetch_ws {
+                args.extend(["--prefetch-ws".into(), ws.into_os_string()]);
+            }
+            if record_ws {
+                args.push("--record-ws".into());
+            }
+        }
+        Self::spawn_with(hearth_binary, config, &args)
+    }
+
+    /// Starts a jailed `hearth vmm`: runs `jailer` with `jail_args` (the jail's command line up to
+    /// and including `--`, e.g. `hearth jail ... --`), then `vmm` and its flags for `config` and
+    /// `extra`. `config`'s paths (and any in `extra`) are as the VMM sees them inside the jail;
+    /// `jail_root` is where that root lies on this host, through which the control socket is
+    /// reached and the sockets are cleaned up. [`VmmProcess::pid`] is the jailer's pid,
+    /// [`VmmProcess::vmm_pid`] the VMM's.
+    pub fn spawn_jailed(
+        jailer: &Path,
+        jail_args: &[std::ffi::OsString],
+        jail_root: &Path,
+        config: &VmConfig,
+        extra: &[std::ffi::OsString],
+    ) -> Result<Self, ProcessError> {
+        Self::spawn_via(jailer, jail_args, Some(jail_root), config, extra)
+    }
+
     fn spawn_with(
         hearth_binary: &Path,
         config: &VmConfig,
         extra: &[std::ffi::OsString],
     ) -> Result<Self, ProcessError> {
+        Self::spawn_via(hearth_binary, &[], None, config, extra)
+    }
+
+    fn spawn_via(
+        program: &Path,
+        prefix: &[std::ffi::OsString],
+        host_root: Option<&Path>,
+        config: &VmConfig,
+        extra: &[std::ffi::OsString],
+    ) -> Result<Self, ProcessError> {
         config.validate()?;
-        let control = config
+        let inside = config
             .control_socket
             .clone()
             .ok_or(ProcessError::NoControlSocket)?;
+        let control = host_path(host_root, &inside);
         let _ = std::fs::remove_file(&control);
         let json = serde_json::to_string(config)
             .map_err(|e| ProcessError::Config(crate::config::ConfigError::Parse(e)))?;
-        let mut child = ProcessCommand::new(hearth_binary)
+        let mut child = ProcessCommand::new(program)
+            .args(prefix)
             .arg("vmm")
             .arg("--config-json")
             .arg(json)
@@ -192,7 +266,7 @@ impl VmmProcess {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| ProcessError::Spawn(hearth_binary.to_path_buf(), e))?;
+            .map_err(|e| ProcessError::Spawn(program.to_path_buf(), e))?;
         let stderr = Arc::new(Mutex::new(VecDeque::new()));
         if let Some(mut pipe) = child.stderr.take() {
             let keep = stderr.clone();
@@ -214,6 +288,7 @@ impl VmmProcess {
                 });
         }
         let stdin = child.stdin.take();
+        let vmm_pid = child.id();
         let mut me = VmmProcess {
             child,
             _stdin: stdin,
@@ -221,6 +296,8 @@ impl VmmProcess {
             config: config.clone(),
             stderr,
             status: None,
+            host_root: host_root.map(Path::to_path_buf),
+            vmm_pid,
         };
         me.wait_ready()?;
         Ok(me)
@@ -238,7 +315,16 @@ impl VmmProcess {
                     stderr: self.stderr_tail(),
                 });
             }
-            if UnixStream::connect(&self.control).is_ok() {
+            if let Ok(stream) = UnixStream::connect(&self.control) {
+                // The peer is the process that listens: the VMM, in whatever pid namespace.
+                if let Ok(cred) = nix::sys::socket::getsockopt(
+                    &stream,
+                    nix::sys::socket::sockopt::PeerCredentials,
+                ) && let Ok(pid) = u32::try_from(cred.pid())
+                    && pid != 0
+                {
+                    self.vmm_pid = pid;
+                }
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -248,14 +334,24 @@ impl VmmProcess {
         }
     }
 
-    /// The child's process id.
+    /// The child's process id (for a jailed VMM, its jailer's).
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
+    /// The VMM process's id (for a jailed VMM, the jailer's child; else [`VmmProcess::pid`]).
+    pub fn vmm_pid(&self) -> u32 {
+        self.vmm_pid
+    }
+
+    /// Where a path of the configuration lies on this host (inside the jail root if jailed).
+    pub fn host_path(&self, path: &Path) -> PathBuf {
+        host_path(self.host_root.as_deref(), path)
+    }
+
     /// The process's memory, with guest RAM set apart.
     pub fn memory_usage(&self) -> Result<MemoryUsage, ProcessError> {
-        let text = std::fs::read_to_string(format!("/proc/{}/smaps", self.pid()))
+        let text = std::fs::read_to_string(format!("/proc/{}/smaps", self.vmm_pid()))
             .map_err(ProcessError::Wait)?;
         let sizes: Vec<u64> = crate::arch::memory::ram_ranges(self.config.mem_bytes())
             .iter()
@@ -360,6 +456,22 @@ impl VmmProcess {
         if let Some(s) = self.status {
             return Ok(s);
         }
+        // A jailed VMM is the jailer's child: end it (PID 1 of its namespace, so everything in
+        // it) and let the jailer clean up and exit; kill the jailer only if it lingers. The
+        // jailer has not exited (checked), so it has not reaped the VMM and the pid is still its.
+        if self.host_root.is_some()
+            && self.vmm_pid != self.child.id()
+            && self.child.try_wait().ok().flatten().is_none()
+            && let Ok(pid) = i32::try_from(self.vmm_pid)
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            if let Some(s) = self.wait(JAILER_EXIT)? {
+                return Ok(s);
+            }
+        }
         let _ = self.child.kill();
         let s = self.child.wait().map_err(ProcessError::Wait)?;
         self.status = Some(s);
@@ -372,7 +484,7 @@ impl Drop for VmmProcess {
         let _ = self.kill();
         let _ = std::fs::remove_file(&self.control);
         if let Some(v) = &self.config.vsock {
-            let _ = std::fs::remove_file(&v.uds_path);
+            let _ = std::fs::remove_file(self.host_path(&v.uds_path));
         }
     }
 }
@@ -380,6 +492,20 @@ impl Drop for VmmProcess {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jailed_paths_lie_under_the_jail_root() {
+        let root = Path::new("/srv/jail/vm1/root");
+        assert_eq!(
+            host_path(Some(root), Path::new("/control.sock")),
+            Path::new("/srv/jail/vm1/root/control.sock")
+        );
+        assert_eq!(
+            host_path(Some(root), Path::new("run/v.sock")),
+            Path::new("/srv/jail/vm1/root/run/v.sock")
+        );
+        assert_eq!(host_path(None, Path::new("/c.sock")), Path::new("/c.sock"));
+    }
 
     #[test]
     fn smaps_sets_guest_memory_apart() {

@@ -1,5 +1,6 @@
 //! Builds a VM from a snapshot instead of a kernel: reads and checks the state file, checks the
-//! memory file on the descriptor it then maps privately (copy on write), and restores the KVM
+//! memory file on the descriptor it then maps privately (copy on write; or, in the userfaultfd
+//! mode, serves from it on demand, see `uffd`), and restores the KVM
 //! VM, each vCPU and each device from its saved state. Nothing is built from the snapshot before
 //! it is checked against the configuration (memory size, vCPU count, devices, vsock cid); a
 //! snapshot that does not fit gives an error, never a guest on bad state.
@@ -29,6 +30,22 @@ pub struct SnapshotFiles {
     pub state: PathBuf,
     /// The memory file.
     pub mem: PathBuf,
+}
+
+/// How guest RAM is brought back.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum RestoreMode {
+    /// The memory file mapped privately (copy on write): clones share untouched pages through
+    /// the page cache.
+    #[default]
+    File,
+    /// Anonymous memory filled on first touch from the memory file by a userfaultfd handler.
+    Uffd {
+        /// A working-set file to copy in before the vCPUs run.
+        prefetch_ws: Option<PathBuf>,
+        /// Record the pages served and write them to `<mem>.ws` when the VM stops.
+        record_ws: bool,
+    },
 }
 
 /// Restoring failed.
@@ -64,6 +81,9 @@ pub enum RestoreError {
     /// The vsock device could not be restored.
     #[error(transparent)]
     Vsock(#[from] VsockPersistError),
+    /// The userfaultfd mode could not be set up.
+    #[error("userfaultfd restore")]
+    Uffd(#[from] crate::uffd::UffdError),
     /// The vsock transport could not be restored.
     #[error("cannot restore the vsock transport")]
     Transport(#[source] crate::devices::virtio::MmioError),
@@ -119,6 +139,18 @@ pub fn restore(
     files: &SnapshotFiles,
     started: Instant,
 ) -> Result<BuiltVm, RestoreError> {
+    restore_with(config, files, &RestoreMode::File, true, started).map(|(vm, _)| vm)
+}
+
+/// [`restore`] in `mode`; in the userfaultfd mode also the running handler (which must live as
+/// long as the VM). `seccomp`: install the handler thread's filter.
+pub fn restore_with(
+    config: &VmConfig,
+    files: &SnapshotFiles,
+    mode: &RestoreMode,
+    seccomp: bool,
+    started: Instant,
+) -> Result<(BuiltVm, Option<crate::uffd::UffdServer>), RestoreError> {
     config.validate()?;
     let state: VmmState = state_file::read(&files.state)?;
     check(&state, config)?;
@@ -131,8 +163,26 @@ pub fn restore(
         "memory file checked"
     );
     let mem_file = mem_file.into_file();
-    let mem = memory::map_file(&mem_file, state.mem_bytes)?;
-    drop(mem_file);
+    let (mem, uffd) = match mode {
+        RestoreMode::File => {
+            let mem = memory::map_file(&mem_file, state.mem_bytes)?;
+            drop(mem_file);
+            (mem, None)
+        }
+        RestoreMode::Uffd {
+            prefetch_ws,
+            record_ws,
+        } => {
+            let options = crate::uffd::UffdOptions {
+                prefetch: prefetch_ws.clone(),
+                record: *record_ws,
+                seccomp,
+            };
+            let (mem, server) = crate::uffd::map(mem_file, &state.memory, &options)?;
+            (mem, Some(server))
+        }
+    };
+    ms("guest memory mapped");
     kvm::require_hardware()?;
     let vm = Vm::new(&mem)?;
     ms("KVM VM created");
@@ -184,7 +234,7 @@ pub fn restore(
     state.vm.restore(&vm)?;
     ms("VM restored");
     let vm = Arc::new(vm);
-    Ok(BuiltVm {
+    let built = BuiltVm {
         persist: SnapshotParts {
             vm: vm.clone(),
             mem: mem.clone(),
@@ -197,5 +247,6 @@ pub fn restore(
         events,
         wake,
         subscribers,
-    })
+    };
+    Ok((built, uffd))
 }

@@ -69,6 +69,8 @@ pub enum ThreadKind {
     Vmm,
     /// A vCPU thread.
     Vcpu,
+    /// The userfaultfd handler thread of a `--restore-mode uffd` VM.
+    Uffd,
 }
 
 /// A filter could not be installed.
@@ -87,6 +89,7 @@ pub enum SeccompError {
 
 const VCPU_BPF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/seccomp_vcpu.bpf"));
 const VMM_BPF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/seccomp_vmm.bpf"));
+const UFFD_BPF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/seccomp_uffd.bpf"));
 const CLONE3_BPF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/seccomp_clone3.bpf"));
 
 fn decode(name: &'static str, bytes: &[u8]) -> Result<BpfProgram, SeccompError> {
@@ -109,6 +112,7 @@ pub fn program(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
     match kind {
         ThreadKind::Vmm => decode("vmm", VMM_BPF),
         ThreadKind::Vcpu => decode("vcpu", VCPU_BPF),
+        ThreadKind::Uffd => decode("uffd", UFFD_BPF),
     }
 }
 
@@ -117,6 +121,7 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
     let name = match kind {
         ThreadKind::Vmm => "vmm",
         ThreadKind::Vcpu => "vcpu",
+        ThreadKind::Uffd => "uffd",
     };
     let clone3 = decode("clone3", CLONE3_BPF)?;
     let list = program(kind)?;
@@ -166,6 +171,7 @@ mod tests {
     fn embedded_programs_decode() {
         assert!(program(ThreadKind::Vmm).unwrap().len() > 10);
         assert!(program(ThreadKind::Vcpu).unwrap().len() > 10);
+        assert!(program(ThreadKind::Uffd).unwrap().len() > 10);
         assert!(decode("clone3", CLONE3_BPF).is_ok());
     }
 

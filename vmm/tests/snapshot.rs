@@ -9,7 +9,7 @@ mod common;
 use common::*;
 use hearth_guest::protocol::client::ControlClient;
 use hearth_vmm::kvm_test::{hearth_binary, in_kvm};
-use hearth_vmm::{SnapshotFiles, VmConfig, VmState, VmmProcess};
+use hearth_vmm::{RestoreMode, SnapshotFiles, VmConfig, VmState, VmmProcess};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -250,14 +250,37 @@ fn snapshot_restore_and_bad_snapshot_files() {
             Ok((conn, _)) => conn,
             Err(e) => panic!("{e}\n{}", second.stderr_tail()),
         };
+        // The first memory file, still mapped by the restored VM after it is replaced below.
+        let first_mem = std::fs::File::open(&files.mem).expect("open the memory file");
+        let first_allocated = || first_mem.metadata().expect("stat").blocks() * 512;
         {
             let r = second.pause();
             ok(&mut second, "pause the restored VM", r);
+            // The writer must not fault in the pages the restored guest never touched: on tmpfs
+            // each hole of the mapped file read through the mapping would be allocated.
+            let source_before = first_allocated();
             let r = second.snapshot(&files);
             ok(
                 &mut second,
                 "snapshot the restored VM onto its own files",
                 r,
+            );
+            let source_after = first_allocated();
+            let meta = std::fs::metadata(&files.mem).expect("the second memory file");
+            eprintln!(
+                "snapshot of the restored VM: memory file {} bytes, {} allocated (the first: {} allocated before the snapshot, {} after)",
+                meta.len(),
+                meta.blocks() * 512,
+                source_before,
+                source_after
+            );
+            assert!(
+                meta.blocks() * 512 < meta.len() / 2,
+                "the second memory file is not sparse"
+            );
+            assert!(
+                source_after <= source_before + (1 << 20),
+                "writing the snapshot faulted in the mapped memory file's holes: {source_before} -> {source_after} bytes allocated"
             );
         }
         drop(ready_conn);
@@ -387,5 +410,168 @@ fn clones_are_unique_and_current() {
             after.len(),
             worst_skew as f64 / 1e6
         );
+    });
+}
+
+/// Restores `files` with `mode`, starts it and waits for the init's Ready; returns the process,
+/// the Ready connection (held while the VM lives) and the time to Ready and to a ping answered.
+fn restore_and_ping(
+    config: &VmConfig,
+    files: &SnapshotFiles,
+    mode: RestoreMode,
+    listener: &std::os::unix::net::UnixListener,
+    uds: &Path,
+    what: &str,
+) -> (
+    VmmProcess,
+    std::os::unix::net::UnixStream,
+    Duration,
+    Duration,
+) {
+    // A connection left queued by an earlier VM would pass for this one's Ready (the listener is
+    // non-blocking).
+    while listener.accept().is_ok() {}
+    let t = Instant::now();
+    let mut vmm = VmmProcess::spawn_restored_with(&hearth_binary(), config, files, mode)
+        .unwrap_or_else(|e| panic!("{what}: restore: {e}"));
+    {
+        let r = vmm.start();
+        ok(&mut vmm, what, r);
+    }
+    let (conn, _) = match wait_ready(listener, &mut vmm, READY_TIMEOUT) {
+        Ok(r) => r,
+        Err(e) => panic!("{what}: {e}\nVMM stderr:\n{}", vmm.stderr_tail()),
+    };
+    let to_ready = t.elapsed();
+    let mut client = ControlClient::connect_uds(uds).expect("control port after restore");
+    let payload: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
+    assert_eq!(
+        client.ping(payload.clone()).expect("ping"),
+        payload,
+        "{what}"
+    );
+    (vmm, conn, to_ready, t.elapsed())
+}
+
+#[test]
+fn uffd_restore_working_set_and_bad_working_set() {
+    in_kvm("uffd_restore_working_set_and_bad_working_set", || {
+        let dir = VmDir::new();
+        let initrd = guest_initrd(&dir);
+        let listener = ready_listener(&dir);
+        let config = config(&dir, &initrd, 128, 1, TEMPLATE_CMDLINE);
+        let mut vmm = VmmProcess::spawn(&hearth_binary(), &config).expect("spawn hearth vmm");
+        {
+            let r = vmm.start();
+            ok(&mut vmm, "start", r);
+        }
+        let (ready_conn, _) = match wait_ready(&listener, &mut vmm, READY_TIMEOUT) {
+            Ok(r) => r,
+            Err(e) => panic!("{e}\n{}\n{}", vmm.stderr_tail(), serial_tail(&dir)),
+        };
+        let files = SnapshotFiles {
+            state: dir.path("vm.state"),
+            mem: dir.path("vm.mem"),
+        };
+        {
+            let r = vmm.pause();
+            ok(&mut vmm, "pause", r);
+            let r = vmm.snapshot(&files);
+            ok(&mut vmm, "snapshot", r);
+        }
+        drop(ready_conn);
+        drop(vmm);
+
+        // Served on demand, recording the working set.
+        let record = RestoreMode::Uffd {
+            prefetch_ws: None,
+            record_ws: true,
+        };
+        let (mut vmm, conn, ready, ping) = restore_and_ping(
+            &config,
+            &files,
+            record,
+            &listener,
+            &dir.uds(),
+            "uffd, recording",
+        );
+        eprintln!(
+            "uffd restore: guest Ready {:.1} ms, ping answered {:.1} ms",
+            ms(ready),
+            ms(ping)
+        );
+        let mem = vmm.memory_usage().expect("memory usage");
+        eprintln!("uffd restore: {mem:?}");
+        // Stopped before its Ready connection closes: the init would announce itself again.
+        let status = vmm.stop().expect("stop");
+        assert!(status.success(), "{status}: {}", vmm.stderr_tail());
+        drop(conn);
+        eprintln!("uffd VMM log:\n{}", vmm.stderr_tail());
+        let ws = hearth_snapshot::WorkingSet::path_for(&files.mem);
+        let ws_len = std::fs::metadata(&ws).expect("the working-set file").len();
+        eprintln!("working set: {ws_len} bytes");
+        assert!(
+            ws_len > 48 + 8 * 10,
+            "a working set of a few pages at least"
+        );
+
+        // Prefetched; then a snapshot of this VM (guest RAM partly never served) restores in the
+        // file mode and answers.
+        let prefetch = RestoreMode::Uffd {
+            prefetch_ws: Some(ws.clone()),
+            record_ws: false,
+        };
+        let (mut vmm, conn, ready, ping) = restore_and_ping(
+            &config,
+            &files,
+            prefetch,
+            &listener,
+            &dir.uds(),
+            "uffd, prefetched",
+        );
+        eprintln!(
+            "uffd restore with prefetch: guest Ready {:.1} ms, ping answered {:.1} ms",
+            ms(ready),
+            ms(ping)
+        );
+        let again = SnapshotFiles {
+            state: dir.path("again.state"),
+            mem: dir.path("again.mem"),
+        };
+        {
+            let r = vmm.pause();
+            ok(&mut vmm, "pause the uffd VM", r);
+            let r = vmm.snapshot(&again);
+            ok(&mut vmm, "snapshot the uffd VM", r);
+        }
+        drop(vmm);
+        drop(conn);
+        let meta = std::fs::metadata(&again.mem).expect("memory file");
+        assert!(meta.blocks() * 512 < meta.len() / 2, "not sparse");
+        let (vmm, conn, _, _) = restore_and_ping(
+            &config,
+            &again,
+            RestoreMode::File,
+            &listener,
+            &dir.uds(),
+            "file restore of a uffd VM's snapshot",
+        );
+        drop(vmm);
+        drop(conn);
+
+        // A corrupted working set is refused before any guest runs.
+        flip_byte(&ws, 50);
+        let bad = RestoreMode::Uffd {
+            prefetch_ws: Some(ws.clone()),
+            record_ws: false,
+        };
+        match VmmProcess::spawn_restored_with(&hearth_binary(), &config, &files, bad) {
+            Ok(vmm) => panic!("a corrupted working set was used\n{}", vmm.stderr_tail()),
+            Err(e) => {
+                let text = e.to_string();
+                assert!(text.contains("corrupted"), "{text}");
+                eprintln!("refused as expected: {}", text.lines().last().unwrap_or(""));
+            }
+        }
     });
 }

@@ -1,9 +1,10 @@
 //! [`ProxyClient`]: one connection to the invoke-proxy socket, shared by any number of callers.
 //!
-//! `connect` opens the socket and queues our `Hello`; a background reader checks the server's
-//! `Hello` and routes each `Result` to its caller by request id, a background writer coalesces
-//! queued frames into single writes. Invokes may be sent before the server's `Hello` arrives: a
-//! server that refuses our version fails them all with [`ClientError::Closed`].
+//! `connect` opens the socket (`connect_tcp` the agent's optional TCP listener) and queues our
+//! `Hello`; a background reader checks the server's `Hello` and routes each `Result` to its
+//! caller by request id, a background writer coalesces queued frames into single writes. Invokes
+//! may be sent before the server's `Hello` arrives: a server that refuses our version fails them
+//! all with [`ClientError::Closed`].
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -82,7 +83,35 @@ impl ProxyClient {
         std_stream.set_nonblocking(true).map_err(connect_err)?;
         let _guard = handle.enter();
         let stream = tokio::net::UnixStream::from_std(std_stream).map_err(connect_err)?;
-        let (mut reader, writer) = stream.into_split();
+        let (reader, writer) = stream.into_split();
+        Self::over(&handle, reader, writer)
+    }
+
+    /// Connects to the agent's TCP invoke-proxy listener at `address` (`--agent-listen`).
+    pub async fn connect_tcp(address: std::net::SocketAddr) -> Result<ProxyClient, ClientError> {
+        let handle = tokio::runtime::Handle::try_current().map_err(|_| ClientError::NoRuntime)?;
+        let connect_err = |source| ClientError::Connect {
+            path: PathBuf::from(address.to_string()),
+            source,
+        };
+        let stream = tokio::net::TcpStream::connect(address)
+            .await
+            .map_err(connect_err)?;
+        stream.set_nodelay(true).map_err(connect_err)?;
+        let (reader, writer) = stream.into_split();
+        Self::over(&handle, reader, writer)
+    }
+
+    /// Starts the connection's reader and writer tasks on `handle`, over a stream's halves.
+    fn over<R, W>(
+        handle: &tokio::runtime::Handle,
+        mut reader: R,
+        writer: W,
+    ) -> Result<ProxyClient, ClientError>
+    where
+        R: tokio::io::AsyncRead + Unpin + Send + 'static,
+        W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let (frames, frames_rx) = mpsc::unbounded_channel();
         let hello = protocol::encode(&Frame::Hello(Hello::ours("hearth-proxy-client")))
             .map_err(ClientError::Encode)?;
@@ -163,7 +192,7 @@ impl Drop for PendingGuard<'_> {
 }
 
 /// Reads the server's `Hello`, then results until the connection ends; returns why it ended.
-async fn read_results(reader: &mut tokio::net::unix::OwnedReadHalf, shared: &Shared) -> String {
+async fn read_results<R: tokio::io::AsyncRead + Unpin>(reader: &mut R, shared: &Shared) -> String {
     match protocol::read_frame(reader).await {
         Ok(Some(Frame::Hello(h))) => {
             if let Err(e) = h.check() {

@@ -1,10 +1,12 @@
 //! [`ProxyServer`]: the agent's end of the invoke-proxy socket.
 //!
-//! One task accepts connections; per connection one task reads frames and spawns a task per
-//! invoke, whose result goes back through the connection's writer as soon as it is ready, so
-//! results leave in the order invokes finish. Shutdown stops accepting and stops reading new
-//! invokes, lets those in flight finish within a grace period, then hands the same grace to the
-//! handler to end its sandboxes.
+//! Per connection one task reads frames and spawns a task per invoke, whose result goes back
+//! through the connection's writer as soon as it is ready, so results leave in the order invokes
+//! finish. [`ProxyServer::run`] serves one Unix socket on the current runtime (tests, embedding);
+//! the agent serves it thread-per-core through [`crate::cores`], with the same connection code
+//! ([`serve_connection`]) over Unix or TCP streams. Shutdown stops accepting and stops reading
+//! new invokes, lets those in flight finish within a grace period, then hands the rest of the
+//! grace to the handler to end its sandboxes.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -13,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 use tokio::sync::{Notify, mpsc, watch};
 
 use super::protocol::{self, Frame, Hello, InvokeRequest, InvokeResult};
@@ -43,11 +45,28 @@ pub trait InvokeHandler: Send + Sync + 'static {
     fn drain(&self, grace: Duration) -> BoxFuture<'_, ()>;
 }
 
-/// Invokes in flight across all connections.
+/// Invokes in flight on the connections of one server (or one core).
 #[derive(Default)]
-struct InFlight {
+pub(crate) struct InFlight {
     count: AtomicUsize,
     idle: Notify,
+}
+
+impl InFlight {
+    pub(crate) fn count(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// Returns once no invoke is in flight.
+    pub(crate) async fn wait_idle(&self) {
+        loop {
+            let idle = self.idle.notified();
+            if self.count() == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
 }
 
 struct InFlightGuard(Arc<InFlight>);
@@ -67,6 +86,27 @@ impl Drop for InFlightGuard {
     }
 }
 
+/// Binds the Unix socket at `path` (non-blocking), replacing a stale socket left by an earlier
+/// run, never any other file.
+pub(crate) fn bind_std(path: &Path) -> Result<std::os::unix::net::UnixListener, ServerError> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt as _;
+        if !meta.file_type().is_socket() {
+            return Err(ServerError::NotASocket {
+                path: path.to_path_buf(),
+            });
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let bind_err = |source| ServerError::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
+    let listener = std::os::unix::net::UnixListener::bind(path).map_err(bind_err)?;
+    listener.set_nonblocking(true).map_err(bind_err)?;
+    Ok(listener)
+}
+
 /// A bound invoke-proxy socket.
 pub struct ProxyServer {
     listener: UnixListener,
@@ -75,20 +115,13 @@ pub struct ProxyServer {
 
 impl ProxyServer {
     /// Binds `path`, replacing a stale socket left by an earlier run (never any other file).
+    /// Must be called inside a tokio runtime, which then serves it.
     pub fn bind(path: &Path) -> Result<ProxyServer, ServerError> {
-        if let Ok(meta) = std::fs::symlink_metadata(path) {
-            use std::os::unix::fs::FileTypeExt as _;
-            if !meta.file_type().is_socket() {
-                return Err(ServerError::NotASocket {
-                    path: path.to_path_buf(),
-                });
-            }
-            let _ = std::fs::remove_file(path);
-        }
-        let listener = UnixListener::bind(path).map_err(|source| ServerError::Bind {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let listener =
+            UnixListener::from_std(bind_std(path)?).map_err(|source| ServerError::Bind {
+                path: path.to_path_buf(),
+                source,
+            })?;
         Ok(ProxyServer {
             listener,
             path: path.to_path_buf(),
@@ -118,8 +151,10 @@ impl ProxyServer {
                 }
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, _)) => {
+                        let (reader, writer) = stream.into_split();
                         tokio::spawn(serve_connection(
-                            stream,
+                            reader,
+                            writer,
                             handler.clone(),
                             in_flight.clone(),
                             shutdown.clone(),
@@ -139,16 +174,7 @@ impl ProxyServer {
             in_flight = in_flight.count.load(Ordering::SeqCst),
             "invoke proxy draining"
         );
-        let drained = tokio::time::timeout(grace, async {
-            loop {
-                let idle = in_flight.idle.notified();
-                if in_flight.count.load(Ordering::SeqCst) == 0 {
-                    return;
-                }
-                idle.await;
-            }
-        })
-        .await;
+        let drained = tokio::time::timeout(grace, in_flight.wait_idle()).await;
         if drained.is_err() {
             tracing::warn!(
                 left = in_flight.count.load(Ordering::SeqCst),
@@ -159,13 +185,22 @@ impl ProxyServer {
     }
 }
 
-async fn serve_connection(
-    stream: UnixStream,
+/// Serves one connection (a Unix or TCP stream's halves) on the current runtime until the
+/// client closes it, sends garbage, or `shutdown` turns true; returns once every invoke it read
+/// has sent its result.
+pub(crate) async fn serve_connection<R, W>(
+    mut reader: R,
+    writer: W,
     handler: Arc<dyn InvokeHandler>,
     in_flight: Arc<InFlight>,
     mut shutdown: watch::Receiver<bool>,
-) {
-    let (mut reader, writer) = stream.into_split();
+) where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    if *shutdown.borrow_and_update() {
+        return;
+    }
     let (frames, frames_rx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(async move {
         if let Err(e) = super::write_loop(writer, frames_rx).await {
@@ -247,6 +282,7 @@ mod tests {
     use crate::proxy::client::{ClientError, ProxyClient};
     use crate::proxy::protocol::{FunctionSpec, InvocationType, Outcome};
     use tokio::io::AsyncWriteExt as _;
+    use tokio::net::UnixStream;
 
     /// Answers each invoke with its payload after sleeping the milliseconds the payload names:
     /// the protocol's own behaviour, without sandboxes (those are in tests/environments.rs).

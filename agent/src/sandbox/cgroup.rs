@@ -37,6 +37,9 @@ pub struct SandboxCgroup {
     dirs: Vec<PathBuf>,
     /// Where peak memory is read.
     peak: PathBuf,
+    /// `peak`, opened on first use and read again from offset 0 after: the invoke path reads it
+    /// once per invoke, and an open per read cost a path walk each time.
+    peak_file: std::sync::OnceLock<Option<std::fs::File>>,
 }
 
 /// The agent's own cgroup path for a v1 controller (or v2 when `controller` is empty).
@@ -73,6 +76,7 @@ impl SandboxCgroup {
             let cg = SandboxCgroup {
                 dirs: vec![dir.clone()],
                 peak: dir.join("memory.peak"),
+                peak_file: std::sync::OnceLock::new(),
             };
             write(&dir.join("memory.max"), &bytes.to_string())?;
             let _ = std::fs::write(dir.join("memory.swap.max"), "0");
@@ -87,6 +91,7 @@ impl SandboxCgroup {
         let mut cg = SandboxCgroup {
             dirs: Vec::new(),
             peak: PathBuf::new(),
+            peak_file: std::sync::OnceLock::new(),
         };
         for controller in ["memory", "cpu", "pids"] {
             let mount = v2_root.join(controller);
@@ -123,7 +128,14 @@ impl SandboxCgroup {
 
     /// Peak memory use so far, in MiB (rounded up).
     pub fn peak_memory_mb(&self) -> Option<u64> {
-        let bytes: u64 = std::fs::read_to_string(&self.peak)
+        use std::os::unix::fs::FileExt as _;
+        let file = self
+            .peak_file
+            .get_or_init(|| std::fs::File::open(&self.peak).ok())
+            .as_ref()?;
+        let mut buf = [0u8; 32];
+        let n = file.read_at(&mut buf, 0).ok()?;
+        let bytes: u64 = std::str::from_utf8(buf.get(..n)?)
             .ok()?
             .trim()
             .parse()

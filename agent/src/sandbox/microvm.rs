@@ -13,6 +13,11 @@
 //!
 //! Destroying one kills the VMM process (SIGKILL) and reaps it: the guest and everything in it end
 //! with it. A timed-out invoke marks the sandbox dead, so its environment destroys it.
+//!
+//! With a [`PoolSet`] in its configuration ([`MicrovmConfig::pool`]) a sandbox does not boot: it
+//! claims a restored VM of the smallest pool size that fits the function's memory (resumed, its
+//! init answering, refreshed with a fresh identity, entropy and clock) and goes on from the
+//! control port as a booted one does. A function larger than the largest pool size boots.
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
@@ -28,6 +33,7 @@ use tokio::net::{UnixListener, UnixStream};
 
 use super::link::{HostLink, lock};
 use super::{FunctionSpec, InitReport, InvokeRequest, InvokeResponse, Sandbox, SandboxError};
+use crate::pool::PoolSet;
 
 /// Time allowed on top of the init timeout for the `Hello` exchange and the code transfer.
 const LINK_SLACK: Duration = Duration::from_secs(60);
@@ -60,6 +66,10 @@ pub struct MicrovmConfig {
     pub boot_timeout: Duration,
     /// Longest wait for the runtime's init.
     pub init_timeout: Duration,
+    /// Pools of restored VMs to claim from instead of booting (their vCPUs apply then).
+    pub pool: Option<Arc<PoolSet>>,
+    /// Longest wait for a pooled VM.
+    pub claim_timeout: Duration,
     initrd: Arc<InitrdFile>,
 }
 
@@ -100,6 +110,8 @@ impl MicrovmConfig {
             vcpus: 1,
             boot_timeout: Duration::from_secs(60),
             init_timeout: Duration::from_secs(10),
+            pool: None,
+            claim_timeout: Duration::from_secs(10),
             initrd: Arc::new(InitrdFile(path)),
         })
     }
@@ -107,6 +119,28 @@ impl MicrovmConfig {
     /// The initramfs the VMs boot.
     pub fn initrd(&self) -> &Path {
         &self.initrd.0
+    }
+
+    /// This configuration with pools: templates of this kernel and initramfs, VMs in
+    /// `state_dir`, the pool sizes `sizes` (memory MiB, idle VMs to keep). Call inside a tokio
+    /// runtime (the pools refill on it).
+    pub fn with_pools(
+        mut self,
+        sizes: &[crate::pool::PoolSize],
+        template_dir: PathBuf,
+    ) -> Result<Self, crate::pool::PoolError> {
+        let mut pools = crate::pool::PoolConfig::new(
+            self.hearth_binary.clone(),
+            self.kernel.clone(),
+            self.initrd().to_path_buf(),
+            self.state_dir.clone(),
+        );
+        pools.sizes = sizes.to_vec();
+        pools.template_dir = template_dir;
+        pools.vcpus = self.vcpus;
+        pools.boot_timeout = self.boot_timeout;
+        self.pool = Some(PoolSet::start(pools)?);
+        Ok(self)
     }
 }
 
@@ -173,88 +207,15 @@ impl Sandbox for MicrovmSandbox {
         function: &FunctionSpec,
     ) -> Result<(Self, InitReport), SandboxError> {
         let function = &*one_at_a_time(function);
-        let dir = config
-            .state_dir
-            .join(format!("hearth-vm-{}", &super::new_request_id()[..18]));
-        std::fs::create_dir_all(&dir).map_err(setup("create the sandbox folder"))?;
-        let mut half = Half {
-            vmm: None,
-            dir: Some(dir.clone()),
+        // Sizes beyond the largest pool (Lambda allows up to 10,240 MB) boot as without pools.
+        let pool = config
+            .pool
+            .as_ref()
+            .filter(|p| p.fitting_size(function.bundle.memory_mb).is_ok());
+        let (mut half, uds, ready_conn, ready) = match pool {
+            Some(pool) => claim(pool, config, function).await?,
+            None => boot(config, function).await?,
         };
-        let uds = dir.join("vsock.sock");
-        let ready_listener = UnixListener::bind(format!("{}_{READY_PORT}", uds.display()))
-            .map_err(setup("bind the ready socket"))?;
-        let mut vm = VmConfig::new(&config.kernel);
-        vm.initrd = Some(config.initrd().to_path_buf());
-        vm.mem_mib = function.bundle.memory_mb;
-        vm.vcpus = config.vcpus;
-        vm.vsock = Some(VsockConfig {
-            guest_cid: GUEST_CID,
-            uds_path: uds.clone(),
-        });
-        vm.serial_log = Some(dir.join("serial.log"));
-        vm.control_socket = Some(dir.join("control.sock"));
-        let binary = config.hearth_binary.clone();
-        let spawned = tokio::task::spawn_blocking(move || {
-            let vmm = VmmProcess::spawn(&binary, &vm)?;
-            vmm.start()?;
-            Ok::<_, hearth_vmm::ProcessError>(vmm)
-        })
-        .await
-        .map_err(|e| setup_other("start the VMM", e))?;
-        half.vmm = Some(spawned.map_err(|e| setup_other("start the VMM", e))?);
-        let booted = Instant::now();
-
-        // The init's Hello + Ready on the ready port, unless the VMM ends first.
-        let mut ready_conn = loop {
-            let waited = tokio::time::timeout(Duration::from_millis(50), ready_listener.accept());
-            match waited.await {
-                Ok(Ok((conn, _))) => {
-                    // Only our VMM (its vsock backend) may be the guest's ready connection.
-                    let peer = conn.peer_cred().ok().and_then(|c| c.pid());
-                    let vmm_pid = half.vmm.as_ref().map(|v| v.pid());
-                    if peer.is_some() && peer.map(|p| p as u32) == vmm_pid {
-                        break conn;
-                    }
-                    tracing::warn!(
-                        ?peer,
-                        ?vmm_pid,
-                        "ignored a ready connection from another process"
-                    );
-                }
-                Ok(Err(e)) => return Err(setup("accept the ready connection")(e)),
-                Err(_) => {}
-            }
-            let exited = half
-                .vmm
-                .as_mut()
-                .and_then(|v| v.wait(Duration::ZERO).ok().flatten());
-            if let Some(status) = exited {
-                return Err(half.gone(format!(
-                    "the VMM exited ({status}) before the guest was ready"
-                )));
-            }
-            if booted.elapsed() >= config.boot_timeout {
-                return Err(half.gone(format!(
-                    "the guest did not report ready within {:?}",
-                    config.boot_timeout
-                )));
-            }
-        };
-        let ready =
-            tokio::time::timeout(Duration::from_secs(10), read_ready(&mut ready_conn)).await;
-        let ready = match ready {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => return Err(half.gone(format!("bad Ready from the guest: {e}"))),
-            Err(_) => return Err(half.gone("no Ready frame from the guest".into())),
-        };
-        tracing::debug!(
-            boot = ?booted.elapsed(),
-            kernel = %ready.kernel_release,
-            ready_ms = ready.ready_ms,
-            "microVM ready"
-        );
-
         let stream = match connect_vsock(&uds, CONTROL_PORT).await {
             Ok(s) => s,
             Err(e) => return Err(half.gone(format!("cannot reach the guest's control port: {e}"))),
@@ -281,7 +242,7 @@ impl Sandbox for MicrovmSandbox {
             }
         };
         let vmm = half.vmm.take();
-        half.dir = None;
+        let dir = half.dir.take().unwrap_or_default();
         Ok((
             MicrovmSandbox {
                 link,
@@ -312,6 +273,127 @@ impl Sandbox for MicrovmSandbox {
         }
         self.teardown();
     }
+}
+
+/// A started VM and its folder ([`Half`] removes both on failure), the VMM's vsock socket, the
+/// init's ready connection and what it announced.
+type Started = (Half, PathBuf, UnixStream, Ready);
+
+/// Boots a VM for `function` and waits for its init's `Ready`.
+async fn boot(config: &MicrovmConfig, function: &FunctionSpec) -> Result<Started, SandboxError> {
+    let dir = config
+        .state_dir
+        .join(format!("hearth-vm-{}", &super::new_request_id()[..18]));
+    std::fs::create_dir_all(&dir).map_err(setup("create the sandbox folder"))?;
+    let mut half = Half {
+        vmm: None,
+        dir: Some(dir.clone()),
+    };
+    let uds = dir.join("vsock.sock");
+    let ready_listener = UnixListener::bind(format!("{}_{READY_PORT}", uds.display()))
+        .map_err(setup("bind the ready socket"))?;
+    let mut vm = VmConfig::new(&config.kernel);
+    vm.initrd = Some(config.initrd().to_path_buf());
+    vm.mem_mib = function.bundle.memory_mb;
+    vm.vcpus = config.vcpus;
+    vm.vsock = Some(VsockConfig {
+        guest_cid: GUEST_CID,
+        uds_path: uds.clone(),
+    });
+    vm.serial_log = Some(dir.join("serial.log"));
+    vm.control_socket = Some(dir.join("control.sock"));
+    let binary = config.hearth_binary.clone();
+    let spawned = tokio::task::spawn_blocking(move || {
+        let vmm = VmmProcess::spawn(&binary, &vm)?;
+        vmm.start()?;
+        Ok::<_, hearth_vmm::ProcessError>(vmm)
+    })
+    .await
+    .map_err(|e| setup_other("start the VMM", e))?;
+    half.vmm = Some(spawned.map_err(|e| setup_other("start the VMM", e))?);
+    let booted = Instant::now();
+
+    // The init's Hello + Ready on the ready port, unless the VMM ends first.
+    let mut ready_conn = loop {
+        let waited = tokio::time::timeout(Duration::from_millis(50), ready_listener.accept());
+        match waited.await {
+            Ok(Ok((conn, _))) => {
+                // Only our VMM (its vsock backend) may be the guest's ready connection.
+                let peer = conn.peer_cred().ok().and_then(|c| c.pid());
+                let vmm_pid = half.vmm.as_ref().map(|v| v.pid());
+                if peer.is_some() && peer.map(|p| p as u32) == vmm_pid {
+                    break conn;
+                }
+                tracing::warn!(
+                    ?peer,
+                    ?vmm_pid,
+                    "ignored a ready connection from another process"
+                );
+            }
+            Ok(Err(e)) => return Err(setup("accept the ready connection")(e)),
+            Err(_) => {}
+        }
+        let exited = half
+            .vmm
+            .as_mut()
+            .and_then(|v| v.wait(Duration::ZERO).ok().flatten());
+        if let Some(status) = exited {
+            return Err(half.gone(format!(
+                "the VMM exited ({status}) before the guest was ready"
+            )));
+        }
+        if booted.elapsed() >= config.boot_timeout {
+            return Err(half.gone(format!(
+                "the guest did not report ready within {:?}",
+                config.boot_timeout
+            )));
+        }
+    };
+    let ready = tokio::time::timeout(Duration::from_secs(10), read_ready(&mut ready_conn)).await;
+    let ready = match ready {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Err(half.gone(format!("bad Ready from the guest: {e}"))),
+        Err(_) => return Err(half.gone("no Ready frame from the guest".into())),
+    };
+    tracing::debug!(
+        boot = ?booted.elapsed(),
+        kernel = %ready.kernel_release,
+        ready_ms = ready.ready_ms,
+        "microVM ready"
+    );
+    Ok((half, uds, ready_conn, ready))
+}
+
+/// Claims a VM from `pool` for `function`'s memory size.
+async fn claim(
+    pool: &PoolSet,
+    config: &MicrovmConfig,
+    function: &FunctionSpec,
+) -> Result<Started, SandboxError> {
+    let claimed = pool
+        .claim(function.bundle.memory_mb, config.claim_timeout)
+        .await
+        .map_err(|e| setup_other("claim a pooled microVM", e))?;
+    tracing::debug!(
+        memory_mb = function.bundle.memory_mb,
+        vm_mib = claimed.mem_mib,
+        latency = ?claimed.latency,
+        "microVM claimed from its pool"
+    );
+    let Some(parts) = claimed.vm.into_parts() else {
+        return Err(SandboxError::Gone("the claimed VM had no VMM".into()));
+    };
+    let half = Half {
+        vmm: Some(parts.vmm),
+        dir: Some(parts.dir),
+    };
+    parts
+        .ready_conn
+        .set_nonblocking(true)
+        .map_err(setup("configure the ready connection"))?;
+    let ready_conn =
+        UnixStream::from_std(parts.ready_conn).map_err(setup("register the ready connection"))?;
+    Ok((half, parts.uds, ready_conn, parts.ready))
 }
 
 impl MicrovmSandbox {

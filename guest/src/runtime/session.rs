@@ -342,6 +342,9 @@ struct Child {
     pumps: Vec<tokio::task::JoinHandle<()>>,
     /// Started through the `function-exec` helper: the runtime is the helper's child.
     isolated: bool,
+    /// The runtime's `/proc/<pid>/status`, opened on first use and re-read from offset 0 after
+    /// (read once per invoke: an open per read costs two path walks).
+    status_file: std::sync::OnceLock<std::fs::File>,
 }
 
 impl Child {
@@ -389,6 +392,7 @@ impl Child {
             exited: None,
             pumps,
             isolated: cfg.isolate && cfg.run_as.is_some(),
+            status_file: std::sync::OnceLock::new(),
         })
     }
 
@@ -426,26 +430,38 @@ impl Child {
 
     /// Peak resident memory of the runtime process (VmHWM), in MiB, rounded up.
     fn max_memory_mb(&self) -> u64 {
-        let Some(mut pid) = self.pid else { return 0 };
-        if self.isolated {
-            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"));
-            match children
-                .ok()
-                .and_then(|c| c.split_whitespace().next().and_then(|p| p.parse().ok()))
-            {
-                Some(runtime) => pid = runtime,
-                None => return 0,
+        use std::os::unix::fs::FileExt as _;
+        let file = match self.status_file.get() {
+            Some(file) => file,
+            None => {
+                let Some(file) = self.open_status() else {
+                    return 0;
+                };
+                self.status_file.get_or_init(|| file)
             }
-        }
-        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        };
+        let mut buf = [0u8; 4096];
+        let Ok(n) = file.read_at(&mut buf, 0) else {
             return 0;
         };
-        status
+        String::from_utf8_lossy(buf.get(..n).unwrap_or_default())
             .lines()
             .find_map(|l| l.strip_prefix("VmHWM:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             .map(|kib| kib.div_ceil(1024))
             .unwrap_or(0)
+    }
+
+    /// Opens the runtime process's status file (the helper's child when isolated).
+    fn open_status(&self) -> Option<std::fs::File> {
+        let mut pid = self.pid?;
+        if self.isolated {
+            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"));
+            pid = children
+                .ok()
+                .and_then(|c| c.split_whitespace().next().and_then(|p| p.parse().ok()))?;
+        }
+        std::fs::File::open(format!("/proc/{pid}/status")).ok()
     }
 }
 

@@ -54,6 +54,12 @@ pub struct ApiArgs {
     /// The size of the JSON event sent, in bytes (about).
     #[arg(long, default_value_t = 64)]
     pub payload_bytes: usize,
+    /// The function's memory size. Lambda gives a function CPU in proportion to its memory (one
+    /// vCPU at 1769 MB) and the sandbox enforces it with a CFS quota per 100 ms period: below
+    /// 1769 MB the echo function is throttled for tens of milliseconds whenever it uses up its
+    /// quota, which measures the quota, not the frontend.
+    #[arg(long, default_value_t = 2048)]
+    pub memory_mib: u32,
     /// The function's code zip; by default the echo function is built (`hearth_agent::testing`).
     #[arg(long)]
     pub code: Option<PathBuf>,
@@ -383,6 +389,7 @@ pub fn run(args: &ApiArgs) -> anyhow::Result<Report> {
     report.parameter("concurrency", args.concurrency);
     report.parameter("throughput_secs", args.throughput_secs);
     report.parameter("payload_bytes", measured.payload_len);
+    report.parameter("memory_mib", args.memory_mib);
     report.add("http_invoke", &measured.http, "us");
     report.add("proxy_invoke", &measured.proxy, "us");
     let cost: Vec<f64> = measured
@@ -422,7 +429,7 @@ async fn measure(args: &ApiArgs, serve: &Serve, code: Vec<u8>) -> anyhow::Result
         "Runtime": "provided.al2023",
         "Role": ROLE,
         "Handler": "bootstrap",
-        "MemorySize": 256,
+        "MemorySize": args.memory_mib,
         "Timeout": 30,
         "Code": { "ZipFile": base64::engine::general_purpose::STANDARD.encode(&code) },
     });

@@ -1,12 +1,17 @@
-//! The `hearth-perf` scenarios ([`api`], [`boot`], [`sandbox_invoke`], [`run_cold`], [`testhost`]) and
-//! what they share: the `--json FILE` report, the machine description, and re-running a scenario
-//! inside the test host when this machine has no hardware KVM.
+//! The `hearth-perf` scenarios ([`api`], [`boot`], [`restore`], [`sandbox_invoke`], [`run_cold`], [`testhost`],
+//! [`warm_invoke`], [`throughput`], [`cold_start`]) and what they share: the `--json FILE` report,
+//! the machine description, and re-running a scenario inside the test host when this machine has
+//! no hardware KVM.
 
 pub mod api;
 pub mod boot;
+pub mod cold_start;
+pub mod restore;
 pub mod run_cold;
 pub mod sandbox_invoke;
 pub mod testhost;
+pub mod throughput;
+pub mod warm_invoke;
 
 use std::path::PathBuf;
 

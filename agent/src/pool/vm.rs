@@ -1,0 +1,284 @@
+//! One pooled VM: restored from a template in a `hearth vmm` process of its own, kept paused
+//! until it is claimed.
+//!
+//! A restore is done only once the init has answered: right after a restore the guest still has
+//! to handle the vsock transport reset, and until then a host connection can be accepted and then
+//! reset. So [`PooledVm::restore`] waits for the init's re-announced `Ready` (it comes after the
+//! reset) and a ping on the control port before it pauses the VM. A claim ([`PooledVm::activate`])
+//! checks the process, resumes it and makes the clone unique and current (a fresh identity,
+//! entropy and the host's clock: `Refresh`).
+//!
+//! Dropping one kills its VMM process and removes its folder.
+
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use hearth_guest::protocol::Ready;
+use hearth_vmm::{MemoryUsage, VmState, VmmProcess};
+
+use super::guest::{bind_ready, ping, ready_socket, serial_tail, wait_ready};
+use super::template::Template;
+
+/// A pooled VM could not be made or used.
+#[derive(Debug, thiserror::Error)]
+pub enum PooledVmError {
+    #[error("cannot {what} {}", .path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot restore the template")]
+    Restore(#[source] hearth_vmm::ProcessError),
+    #[error(
+        "the restored VM did not come up: {why}; VMM stderr: {stderr}; guest console: {serial}"
+    )]
+    NotUp {
+        why: String,
+        stderr: String,
+        serial: String,
+    },
+    #[error("the pooled VM's process has exited ({0})")]
+    Exited(std::process::ExitStatus),
+    #[error("the pooled VM is {0:?}, not paused")]
+    NotPaused(VmState),
+    #[error("the pooled VM's VMM did not answer")]
+    Control(#[source] hearth_vmm::ProcessError),
+    #[error("the pooled VM's init did not take its refresh")]
+    Refresh(#[source] hearth_guest::protocol::ProtocolError),
+}
+
+/// What a claimed VM hands to its sandbox.
+pub struct ClaimedParts {
+    /// The VMM process (killed when dropped).
+    pub vmm: VmmProcess,
+    /// The init's ready connection (keep it open for the VM's life).
+    pub ready_conn: UnixStream,
+    /// What the init announced after the restore.
+    pub ready: Ready,
+    /// The VM's folder (sockets, serial log); the new owner removes it.
+    pub dir: PathBuf,
+    /// The VMM's vsock Unix socket.
+    pub uds: PathBuf,
+}
+
+/// How a claimed VM's activation went.
+#[derive(Debug, Clone, Copy)]
+pub struct Activated {
+    /// The guest clock's offset from the host's left after the refresh, ns.
+    pub clock_offset_ns: i64,
+    /// The VMM's status check and resume.
+    pub resume: Duration,
+    /// The init's answer on its control port (connect, `Hello`, ping).
+    pub answer: Duration,
+    /// The refresh, with its clock corrections.
+    pub refresh: Duration,
+}
+
+/// A restored VM in a pool.
+pub struct PooledVm {
+    vmm: Option<VmmProcess>,
+    ready_conn: Option<UnixStream>,
+    ready: Ready,
+    dir: PathBuf,
+    uds: PathBuf,
+    mem_mib: u32,
+    template_digest: String,
+    restored_in: Duration,
+}
+
+impl PooledVm {
+    /// Restores `template` in a new `hearth vmm` process with its sockets in `dir` (created, and
+    /// removed again on failure), waits for the init's `Ready` and a ping, and pauses it.
+    /// Blocking; setting `cancel` ends the wait early.
+    pub fn restore(
+        hearth_binary: &Path,
+        template: &Template,
+        dir: PathBuf,
+        timeout: Duration,
+        cancel: &AtomicBool,
+    ) -> Result<PooledVm, PooledVmError> {
+        let started = Instant::now();
+        let io = |what: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| PooledVmError::Io { what, path, source }
+        };
+        std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+        // From here on the folder goes with `vm` (removed with it).
+        let mut vm = PooledVm {
+            vmm: None,
+            ready_conn: None,
+            ready: Ready {
+                init_start_ms: 0,
+                ready_ms: 0,
+                kernel_release: String::new(),
+            },
+            uds: dir.join("vsock.sock"),
+            dir,
+            mem_mib: template.spec.mem_mib,
+            template_digest: template.digest.clone(),
+            restored_in: Duration::ZERO,
+        };
+        std::fs::set_permissions(&vm.dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io("restrict", &vm.dir))?;
+        let listener = bind_ready(&vm.uds).map_err(io("listen for the init in", &vm.dir))?;
+        let config = template.spec.vm_config(&vm.dir);
+        let vmm = VmmProcess::spawn_restored(hearth_binary, &config, &template.files)
+            .map_err(PooledVmError::Restore)?;
+        let vmm = vm.vmm.insert(vmm);
+        if let Err(e) = vmm.start() {
+            return Err(vm.not_up(format!("start: {e}")));
+        }
+        let left = timeout.saturating_sub(started.elapsed());
+        let (conn, ready) = match wait_ready(&listener, vmm, left, cancel) {
+            Ok(r) => r,
+            Err(why) => return Err(vm.not_up(why)),
+        };
+        vm.ready_conn = Some(conn);
+        vm.ready = ready;
+        // The init answers on its control port: the transport reset is behind it.
+        match ping(&vm.uds) {
+            Ok(client) => drop(client),
+            Err(e) => return Err(vm.not_up(format!("ping after the restore: {e}"))),
+        }
+        let paused = match vm.vmm.as_ref().map(VmmProcess::pause) {
+            Some(r) => r,
+            None => return Err(vm.not_up("the VMM is gone".into())),
+        };
+        match paused {
+            Ok(VmState::Paused) => {}
+            Ok(other) => return Err(vm.not_up(format!("pause left it {other:?}"))),
+            Err(e) => return Err(vm.not_up(format!("pause: {e}"))),
+        }
+        let _ = std::fs::remove_file(ready_socket(&vm.uds));
+        vm.restored_in = started.elapsed();
+        Ok(vm)
+    }
+
+    fn not_up(&mut self, why: String) -> PooledVmError {
+        let stderr = match self.vmm.as_mut() {
+            Some(v) => {
+                let _ = v.kill();
+                v.stderr_tail().trim().to_string()
+            }
+            None => String::new(),
+        };
+        PooledVmError::NotUp {
+            why,
+            stderr,
+            serial: serial_tail(&self.dir),
+        }
+    }
+
+    /// The VMM process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.vmm.as_ref().map(VmmProcess::pid)
+    }
+
+    /// Guest memory, MiB.
+    pub fn mem_mib(&self) -> u32 {
+        self.mem_mib
+    }
+
+    /// The digest of the template it was restored from.
+    pub fn template_digest(&self) -> &str {
+        &self.template_digest
+    }
+
+    /// From spawning the VMM to the paused, answering VM.
+    pub fn restored_in(&self) -> Duration {
+        self.restored_in
+    }
+
+    /// The VMM process's memory (guest RAM set apart).
+    pub fn memory_usage(&self) -> Option<MemoryUsage> {
+        self.vmm.as_ref().and_then(|v| v.memory_usage().ok())
+    }
+
+    /// Whether the process has exited (a cheap check, no VMM round trip).
+    pub fn has_exited(&mut self) -> bool {
+        match self.vmm.as_mut() {
+            Some(v) => !matches!(v.wait(Duration::ZERO), Ok(None)),
+            None => true,
+        }
+    }
+
+    /// Checks that the VM is alive and paused, resumes it and refreshes the clone with
+    /// `identity`, fresh entropy and the host's clock. Blocking.
+    pub fn activate(&mut self, identity: &str) -> Result<Activated, PooledVmError> {
+        let Some(vmm) = self.vmm.as_mut() else {
+            return Err(PooledVmError::Control(
+                hearth_vmm::ProcessError::NoControlSocket,
+            ));
+        };
+        if let Ok(Some(status)) = vmm.wait(Duration::ZERO) {
+            return Err(PooledVmError::Exited(status));
+        }
+        let t = Instant::now();
+        match vmm.status().map_err(PooledVmError::Control)? {
+            VmState::Paused => {}
+            other => return Err(PooledVmError::NotPaused(other)),
+        }
+        vmm.resume().map_err(PooledVmError::Control)?;
+        let resume = t.elapsed();
+        let t = Instant::now();
+        let mut client = ping(&self.uds).map_err(PooledVmError::Refresh)?;
+        let answer = t.elapsed();
+        let t = Instant::now();
+        let entropy = host_entropy().map_err(|source| PooledVmError::Io {
+            what: "read entropy from",
+            path: PathBuf::from("/dev/urandom"),
+            source,
+        })?;
+        let clock_offset_ns = client
+            .refresh(hearth_guest::protocol::Refresh {
+                identity: identity.to_string(),
+                entropy,
+                realtime_ns: hearth_guest::protocol::client::realtime_ns(),
+            })
+            .map_err(PooledVmError::Refresh)?;
+        Ok(Activated {
+            clock_offset_ns,
+            resume,
+            answer,
+            refresh: t.elapsed(),
+        })
+    }
+
+    /// Hands the VM over (to a sandbox); its folder is then the new owner's to remove.
+    pub fn into_parts(mut self) -> Option<ClaimedParts> {
+        let vmm = self.vmm.take()?;
+        let ready_conn = self.ready_conn.take()?;
+        let dir = std::mem::take(&mut self.dir);
+        Some(ClaimedParts {
+            vmm,
+            ready_conn,
+            ready: self.ready.clone(),
+            dir,
+            uds: self.uds.clone(),
+        })
+    }
+}
+
+impl Drop for PooledVm {
+    fn drop(&mut self) {
+        if let Some(mut v) = self.vmm.take() {
+            let _ = v.kill();
+        }
+        if !self.dir.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// 64 bytes from the host's generator.
+fn host_entropy() -> Result<Vec<u8>, std::io::Error> {
+    let mut bytes = vec![0u8; 64];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes)
+}

@@ -1,0 +1,532 @@
+//! Templates and pools of restored microVMs, end to end with real `hearth vmm` processes and the
+//! real guest (through the QEMU test host where this machine has no hardware KVM): a template is
+//! built, reused and rebuilt when an input changes; a claim returns a working VM (the echo
+//! function runs in it); a drained pool makes claimants wait or fail with a clear error and
+//! leaks no VMM process, and a changed initramfs retires its idle VMs for a new template; a
+//! killed pooled VM is replaced, never handed out. The memory of idle
+//! pooled VMs and the claim latency are printed.
+//!
+//! Needs the `hearth` binary (`cargo build --bins`), the static `hearth-init` and the cached guest
+//! kernel (`hearth image`); missing any fails loudly.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use hearth_agent::pool::{
+    PoolConfig, PoolError, PoolSet, PoolSize, PooledVm, Template, TemplateSpec,
+};
+use hearth_agent::sandbox::microvm::{MicrovmConfig, MicrovmSandbox};
+use hearth_agent::sandbox::{Environment, InvokeRequest};
+use hearth_agent::testing::{self, process_runs, watchdog};
+use hearth_vmm::kvm_test::{hearth_binary, in_kvm, in_kvm_with};
+
+/// Generous: the nested guest runs under QEMU TCG.
+const BOOT: Duration = Duration::from_secs(240);
+const RESTORE: Duration = Duration::from_secs(120);
+/// Long enough for every template build and restore a test asks for.
+const FILL: Duration = Duration::from_secs(600);
+
+fn kernel() -> PathBuf {
+    match hearth_guest::image::KernelImage::locate() {
+        Ok(k) => k.boot_image().to_path_buf(),
+        Err(e) => panic!("the guest kernel is not in the cache ({e}); run `hearth image`"),
+    }
+}
+
+fn init() -> PathBuf {
+    hearth_guest::image::locate_init()
+        .unwrap_or_else(|e| panic!("hearth-init is not built static ({e}); see guest/src/main.rs"))
+}
+
+/// The microVM initramfs, written to `path`.
+fn write_initrd(path: &Path) {
+    let k = hearth_guest::image::KernelImage::locate().expect("the guest kernel");
+    let bytes = hearth_guest::image::guest_initramfs(&k, &init()).expect("the guest initramfs");
+    std::fs::write(path, bytes).expect("write the initramfs");
+}
+
+fn pool_config(dir: &Path, initrd: PathBuf, sizes: &[(u32, usize)]) -> PoolConfig {
+    let mut c = PoolConfig::new(hearth_binary(), kernel(), initrd, dir.to_path_buf());
+    c.sizes = sizes
+        .iter()
+        .map(|&(mem_mib, target)| PoolSize { mem_mib, target })
+        .collect();
+    c.boot_timeout = BOOT;
+    c.restore_timeout = RESTORE;
+    c.check_interval = Duration::from_millis(200);
+    c.retry_pause = Duration::from_millis(500);
+    c
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+        .block_on(f)
+}
+
+/// The `hearth vmm` processes that are children of this process.
+fn vmm_children() -> Vec<u32> {
+    let me = std::process::id();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        // "pid (comm) state ppid ...": the fields after the last ')'.
+        let mut rest = stat.rsplit(')').next().unwrap_or("").split_whitespace();
+        let state = rest.next().unwrap_or("");
+        let ppid = rest.next().and_then(|p| p.parse::<u32>().ok());
+        if ppid != Some(me) || state == "Z" || state == "X" {
+            continue;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let mut args = cmdline.split(|&b| b == 0);
+        let _binary = args.next();
+        if args.next() == Some(b"vmm".as_slice()) {
+            found.push(pid);
+        }
+    }
+    found.sort_unstable();
+    found
+}
+
+/// Page faults and CPU time of process `pid` so far, from `/proc/<pid>/stat`.
+fn vmm_counters(pid: u32) -> String {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After "pid (comm)": state is field 3; minflt 10, majflt 12, utime 14, stime 15.
+    let rest: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let field = |n: usize| {
+        rest.get(n - 3)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // /proc counts CPU time in USER_HZ ticks, 100 a second on x86_64.
+    let ticks = 100;
+    format!(
+        "{} minor and {} major page faults, {} ms user and {} ms system CPU",
+        field(10),
+        field(12),
+        field(14) * 1000 / ticks,
+        field(15) * 1000 / ticks
+    )
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn print_idle_memory(pools: &PoolSet, mem_mib: u32) {
+    for m in pools.idle_memory(mem_mib) {
+        eprintln!(
+            "idle pooled VM, {mem_mib} MiB: RSS {} KiB (guest RAM {} KiB, the VMM's own {} KiB), \
+             PSS {} KiB (guest RAM {} KiB, the VMM's own {} KiB)",
+            m.rss_kib,
+            m.guest_rss_kib,
+            m.own_rss_kib(),
+            m.pss_kib,
+            m.guest_pss_kib,
+            m.own_pss_kib()
+        );
+    }
+}
+
+#[test]
+fn a_template_is_built_reused_and_rebuilt_when_an_input_changes() {
+    in_kvm(
+        "a_template_is_built_reused_and_rebuilt_when_an_input_changes",
+        || {
+            watchdog(Duration::from_secs(900));
+            let dir = tempfile::tempdir().expect("temp dir");
+            let initrd = dir.path().join("initrd.cpio");
+            write_initrd(&initrd);
+            let root = dir.path().join("templates");
+            let spec = TemplateSpec {
+                hearth_binary: hearth_binary(),
+                kernel: kernel(),
+                initrd: initrd.clone(),
+                cmdline_extra: "init_on_free=1".into(),
+                mem_mib: 128,
+                vcpus: 1,
+            };
+            let cancel = AtomicBool::new(false);
+
+            let t = Instant::now();
+            let (first, built) = Template::ensure(&root, &spec, BOOT, &cancel)
+                .unwrap_or_else(|e| panic!("build the template: {e:?}"));
+            assert!(built, "the first ensure builds the template");
+            let mem = std::fs::metadata(&first.files.mem).expect("the memory file");
+            eprintln!(
+                "template built in {:.0} ms: {} ({} bytes of memory file, {} allocated)",
+                ms(t.elapsed()),
+                first.dir.display(),
+                std::os::unix::fs::MetadataExt::size(&mem),
+                std::os::unix::fs::MetadataExt::blocks(&mem) * 512
+            );
+            assert!(first.dir.starts_with(&root));
+            assert!(
+                first.dir.to_string_lossy().contains(&first.digest[..24]),
+                "the folder is keyed by the digest"
+            );
+
+            let t = Instant::now();
+            let (again, built) =
+                Template::ensure(&root, &spec, BOOT, &cancel).expect("find the template");
+            assert!(!built, "an unchanged template is reused");
+            assert_eq!(again.dir, first.dir);
+            eprintln!("template reused in {:.1} ms", ms(t.elapsed()));
+
+            // Changed initramfs bytes (zero padding after the archive: the kernel skips it).
+            let mut bytes = std::fs::read(&initrd).expect("read the initramfs");
+            bytes.extend_from_slice(&[0u8; 4096]);
+            std::fs::write(&initrd, bytes).expect("rewrite the initramfs");
+            let (rebuilt, built) = Template::ensure(&root, &spec, BOOT, &cancel)
+                .unwrap_or_else(|e| panic!("rebuild the template: {e:?}"));
+            assert!(built, "a changed initramfs rebuilds the template");
+            assert_ne!(rebuilt.digest, first.digest);
+            assert_ne!(rebuilt.dir, first.dir);
+            assert!(!first.dir.exists(), "the stale template folder was removed");
+            let left: Vec<_> = std::fs::read_dir(&root)
+                .expect("list templates")
+                .flatten()
+                .map(|e| e.file_name())
+                .collect();
+            assert_eq!(left.len(), 1, "one template of this shape: {left:?}");
+
+            // The rebuilt template restores into a VM whose init answers and takes a refresh.
+            let t = Instant::now();
+            let mut vm = PooledVm::restore(
+                &hearth_binary(),
+                &rebuilt,
+                dir.path().join("vm"),
+                RESTORE,
+                &cancel,
+            )
+            .unwrap_or_else(|e| panic!("restore the template: {e:?}"));
+            let restored = t.elapsed();
+            let pid = vm.pid().expect("a VMM");
+            let t = Instant::now();
+            let activated = vm
+                .activate("template-test")
+                .unwrap_or_else(|e| panic!("activate: {e:?}"));
+            eprintln!("activation: {activated:?}");
+            let offset = activated.clock_offset_ns;
+            eprintln!(
+                "restored and paused in {:.0} ms; resumed and refreshed in {:.1} ms (clock offset \
+                 {:.3} ms)",
+                ms(restored),
+                ms(t.elapsed()),
+                offset as f64 / 1e6
+            );
+            drop(vm);
+            assert!(!process_runs(pid), "a dropped pooled VM leaves no VMM");
+            assert!(!dir.path().join("vm").exists(), "its folder is removed");
+        },
+    );
+}
+
+#[test]
+fn a_drained_pool_makes_claimants_wait_or_fail_and_leaks_nothing() {
+    in_kvm(
+        "a_drained_pool_makes_claimants_wait_or_fail_and_leaks_nothing",
+        || {
+            watchdog(Duration::from_secs(900));
+            block_on(async {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let initrd = dir.path().join("initrd.cpio");
+                write_initrd(&initrd);
+                let pools = PoolSet::start(pool_config(dir.path(), initrd.clone(), &[(128, 1)]))
+                    .expect("pools");
+                assert!(
+                    pools.wait_full(FILL).await,
+                    "the pool filled: {:?}",
+                    pools.stats()
+                );
+                print_idle_memory(&pools, 128);
+
+                // Claims for more than the largest size fail at once.
+                match pools.claim(4096, Duration::from_secs(1)).await {
+                    Err(PoolError::NoFittingSize {
+                        asked: 4096,
+                        largest: 128,
+                    }) => {}
+                    Err(e) => panic!("expected NoFittingSize, got {e}"),
+                    Ok(_) => panic!("a 4096 MiB claim was served from 128 MiB VMs"),
+                }
+
+                let a = pools
+                    .claim(100, Duration::from_secs(30))
+                    .await
+                    .unwrap_or_else(|e| panic!("the first claim: {e}"));
+                assert_eq!(a.mem_mib, 128, "the smallest size that fits");
+                assert!(!a.waited, "a full pool serves at once");
+                eprintln!(
+                    "claim from a full pool: {:.1} ms ({:?})",
+                    ms(a.latency),
+                    a.activated
+                );
+
+                // The pool is empty now and refills one at a time: a patient claimant waits for
+                // the refill, an impatient one gets a clear error.
+                let patient = pools.claim(128, FILL);
+                let impatient = pools.claim(128, Duration::from_millis(300));
+                let (b, c) = tokio::join!(patient, impatient);
+                let b = b.unwrap_or_else(|e| panic!("the patient claim: {e}"));
+                assert!(b.waited, "the patient claim waited for the refill");
+                eprintln!("claim that waited for the refill: {:.0} ms", ms(b.latency));
+                match c {
+                    Err(e @ PoolError::Exhausted { size: 128, .. }) => {
+                        let text = e.to_string();
+                        assert!(text.contains("128 MiB"), "{text}");
+                        eprintln!("the impatient claim: {text}");
+                    }
+                    Err(e) => panic!("expected Exhausted, got {e}"),
+                    Ok(_) => panic!("a claim was served from an empty pool"),
+                }
+
+                // Every VMM process is accounted for: the two claimed, plus what the pool holds
+                // once refilled.
+                let (pa, pb) = (a.vm.pid().expect("pid"), b.vm.pid().expect("pid"));
+                assert!(pools.wait_full(FILL).await, "refilled: {:?}", pools.stats());
+                let children = vmm_children();
+                let stats = pools.stats()[0];
+                eprintln!("VMM children {children:?}; pool {stats:?}");
+                assert!(
+                    children.contains(&pa) && children.contains(&pb),
+                    "{children:?}"
+                );
+                assert_eq!(
+                    children.len(),
+                    2 + stats.idle + stats.restoring,
+                    "stray VMMs: {children:?} with {stats:?}"
+                );
+                assert_eq!(stats.claimed, 2);
+                assert_eq!(
+                    stats.restored,
+                    stats.claimed + stats.idle as u64 + stats.replaced,
+                    "every restored VM is claimed, idle or replaced: {stats:?}"
+                );
+
+                // An input changed at run time: the idle VM of the old template is retired and
+                // its place refilled from a template built anew.
+                let old = pools.idle_pids(128);
+                let mut bytes = std::fs::read(&initrd).expect("read the initramfs");
+                bytes.extend_from_slice(&[0u8; 4096]);
+                std::fs::write(&initrd, bytes).expect("rewrite the initramfs");
+                let t = Instant::now();
+                loop {
+                    let stats = pools.stats()[0];
+                    let now = pools.idle_pids(128);
+                    if stats.templates_built == 2 && !now.is_empty() && now != old {
+                        break;
+                    }
+                    assert!(t.elapsed() < FILL, "no new template: {stats:?}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                assert!(
+                    old.iter().all(|&p| !process_runs(p)),
+                    "the old template's idle VM was retired"
+                );
+                eprintln!(
+                    "an initramfs change: new template and a VM from it in {:.0} ms",
+                    ms(t.elapsed())
+                );
+                let c = pools
+                    .claim(128, FILL)
+                    .await
+                    .unwrap_or_else(|e| panic!("claim from the new template: {e}"));
+                let pc = c.vm.pid().expect("pid");
+                drop(c);
+
+                drop(a);
+                drop(b);
+                pools.shutdown().await;
+                assert!(!process_runs(pc));
+                assert!(!process_runs(pa) && !process_runs(pb));
+                let left = vmm_children();
+                assert!(
+                    left.is_empty(),
+                    "VMM processes left after shutdown: {left:?}"
+                );
+                match pools.claim(128, Duration::from_millis(10)).await {
+                    Err(PoolError::ShutDown) => {}
+                    Err(e) => panic!("expected ShutDown, got {e}"),
+                    Ok(_) => panic!("a shut-down pool served a claim"),
+                }
+            });
+        },
+    );
+}
+
+/// The echo function's zip, built here and packed into the test host at the same path.
+fn echo_zip() -> PathBuf {
+    testing::echo_zip().unwrap_or_else(|e| panic!("the echo function: {e}"))
+}
+
+#[test]
+fn a_claimed_vm_runs_the_echo_function_and_a_killed_vm_is_replaced() {
+    let zip = echo_zip();
+    in_kvm_with(
+        "a_claimed_vm_runs_the_echo_function_and_a_killed_vm_is_replaced",
+        &[&zip],
+        || {
+            watchdog(Duration::from_secs(1200));
+            block_on(async {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let mut config = MicrovmConfig::new(hearth_binary(), &init(), dir.path().into())
+                    .expect("microVM configuration");
+                config.boot_timeout = BOOT;
+                config.init_timeout = Duration::from_secs(120);
+                config.claim_timeout = FILL;
+                let config = config
+                    .with_pools(
+                        &[
+                            PoolSize {
+                                mem_mib: 128,
+                                target: 1,
+                            },
+                            PoolSize {
+                                mem_mib: 256,
+                                target: 1,
+                            },
+                        ],
+                        dir.path().join("templates"),
+                    )
+                    .expect("pools");
+                let pools: Arc<PoolSet> = config.pool.clone().expect("the pools");
+                assert!(
+                    pools.wait_full(FILL).await,
+                    "the pools filled: {:?}",
+                    pools.stats()
+                );
+                print_idle_memory(&pools, 128);
+                print_idle_memory(&pools, 256);
+
+                // A killed idle VM is never handed out: the claim gets its replacement.
+                let killed = pools.idle_pids(128);
+                assert_eq!(killed.len(), 1, "{killed:?}");
+                let pid = rustix::process::Pid::from_raw(killed[0] as i32).expect("a pid");
+                rustix::process::kill_process(pid, rustix::process::Signal::KILL)
+                    .expect("kill the pooled VM");
+                let claimed = pools
+                    .claim(128, FILL)
+                    .await
+                    .unwrap_or_else(|e| panic!("claim after the kill: {e}"));
+                let pid = claimed.vm.pid().expect("a VMM");
+                assert_ne!(pid, killed[0], "the killed VM was handed out");
+                assert!(process_runs(pid));
+                let stats = pools.stats()[0];
+                assert!(
+                    stats.replaced >= 1,
+                    "the dead VM was counted as replaced: {stats:?}"
+                );
+                eprintln!(
+                    "claim after a kill (waited for the replacement): {:.0} ms",
+                    ms(claimed.latency)
+                );
+                drop(claimed);
+
+                // Claim latency from a full pool, a few times.
+                for round in 0..3 {
+                    assert!(pools.wait_full(FILL).await, "refilled: {:?}", pools.stats());
+                    let c = pools.claim(128, FILL).await.expect("claim");
+                    assert!(!c.waited);
+                    eprintln!(
+                        "claim {round} from a full pool: {:.1} ms ({:?})",
+                        ms(c.latency),
+                        c.activated
+                    );
+                }
+
+                // The echo function runs in a claimed 256 MiB VM (its memory size), not a booted one.
+                assert!(pools.wait_full(FILL).await, "refilled: {:?}", pools.stats());
+                let pooled = pools.idle_pids(256);
+                let zip_bytes = std::fs::read(&zip).expect("read the zip");
+                let function = testing::echo_function(zip_bytes, 60_000, 1, &[("GREETING", "hi")]);
+                let mut booting = config.clone();
+                booting.pool = None;
+                let mut envt: Environment<MicrovmSandbox> =
+                    Environment::new(config, function.clone());
+                let t = Instant::now();
+                let r = envt
+                    .invoke(InvokeRequest {
+                        payload: br#"{"op":"echo","pooled":true}"#.to_vec(),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("the echo invoke");
+                let body = r.result.expect("the echo succeeds");
+                let v: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+                assert_eq!(v["pooled"], true);
+                assert!(r.init_duration.is_some(), "a cold start through the pool");
+                let vmm = envt.sandbox().and_then(|s| s.vmm_pid()).expect("a VMM");
+                assert!(
+                    pooled.contains(&vmm),
+                    "the VM {vmm} came from the pool {pooled:?}"
+                );
+                eprintln!(
+                    "cold invoke through the pool: {:.0} ms (init {:?}); VMM {}",
+                    ms(t.elapsed()),
+                    r.init_duration,
+                    vmm_counters(vmm)
+                );
+                // What the claimed guest's kernel said after its restore (clock, watchdogs).
+                for entry in std::fs::read_dir(dir.path()).expect("list").flatten() {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    if name.starts_with("hearth-pool-256-") {
+                        let log = std::fs::read_to_string(entry.path().join("serial.log"))
+                            .unwrap_or_default();
+                        eprintln!("console of {name} since its restore:\n{log}");
+                    }
+                }
+                let r = envt
+                    .invoke(InvokeRequest {
+                        payload: br#"{"op":"env"}"#.to_vec(),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("a warm invoke");
+                let v: serde_json::Value =
+                    serde_json::from_slice(&r.result.expect("env")).expect("JSON");
+                assert_eq!(v["env"]["GREETING"], "hi");
+                envt.destroy().await;
+                assert!(!process_runs(vmm), "destroy left the VMM running");
+
+                pools.shutdown().await;
+                drop(pools);
+                let left = vmm_children();
+                assert!(left.is_empty(), "VMM processes left: {left:?}");
+
+                // For comparison, in the same test host: the same cold start in a booted VM.
+                let mut envt: Environment<MicrovmSandbox> = Environment::new(booting, function);
+                let t = Instant::now();
+                let r = envt
+                    .invoke(InvokeRequest {
+                        payload: br#"{"op":"echo"}"#.to_vec(),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("the echo invoke in a booted VM");
+                assert!(r.result.is_ok(), "{:?}", r.result);
+                let vmm = envt.sandbox().and_then(|s| s.vmm_pid()).expect("a VMM");
+                eprintln!(
+                    "cold invoke in a booted VM: {:.0} ms (init {:?}); VMM {}",
+                    ms(t.elapsed()),
+                    r.init_duration,
+                    vmm_counters(vmm)
+                );
+                envt.destroy().await;
+            });
+        },
+    );
+}

@@ -1,0 +1,512 @@
+//! `hearth-perf restore --runs N`: snapshot restore of a booted guest (1 vCPU, 128 MiB by
+//! default), through the VMM's Rust API. A template guest is booted once, waits for its init's
+//! Ready, is paused and snapshotted (`--snapshots` times, timed: snapshot create, and the files'
+//! apparent and allocated sizes). Then, over `--runs` restores of that one snapshot in each mode,
+//! interleaved (file-mapped, userfaultfd, userfaultfd with the working set of an earlier restore
+//! prefetched): from the VMM process's spawn to the init's Ready after the vsock transport reset
+//! and to a ping answered on vsock, and the process's memory just after. Then RSS and PSS per idle
+//! restored VM with 1, 8 and 32 clones of the snapshot alive together (file mode), and restores
+//! per second (restore, ping, kill) with 1, 2 and 4 in flight.
+//!
+//! The VMM's own timings of each restore phase are in its stderr with `HEARTH_LOG=debug`: the
+//! first restore of each mode prints them.
+//!
+//! Where this machine has no hardware KVM, the scenario re-runs itself inside the test host.
+
+use std::io::ErrorKind;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use hearth_guest::image::{self, KernelImage};
+use hearth_guest::protocol::client::{self, ControlClient};
+use hearth_guest::protocol::{READY_PORT, Ready};
+use hearth_vmm::config::{VmConfig, VsockConfig};
+use hearth_vmm::process::{MemoryUsage, VmmProcess};
+use hearth_vmm::{RestoreMode, SnapshotFiles};
+
+use crate::report::Report;
+
+/// `hearth-perf restore` options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RestoreArgs {
+    /// Restores of the snapshot in each mode (file, uffd, uffd with prefetch), interleaved.
+    #[arg(long, default_value_t = 100)]
+    pub runs: usize,
+    /// Snapshots taken of the paused template (snapshot create time).
+    #[arg(long, default_value_t = 5)]
+    pub snapshots: usize,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    pub memory: u32,
+    /// Guest vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    /// Clones alive together when measuring memory per idle VM (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    pub clones: Vec<usize>,
+    /// Restores in flight when measuring restores per second (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    pub in_flight: Vec<usize>,
+    /// Restores at each in-flight level.
+    #[arg(long, default_value_t = 24)]
+    pub rate_restores: usize,
+    /// How long clones idle before their memory is measured, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    pub idle_ms: u64,
+    /// How long one guest may take to report ready, in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub ready_timeout: u64,
+    /// The time limit for the whole run inside the test host, in seconds.
+    #[arg(long, default_value_t = 1800)]
+    pub testhost_timeout: u64,
+}
+
+/// The guest kernel zeroes the pages it frees, so that they stay holes in the memory file.
+const TEMPLATE_CMDLINE: &str = "init_on_free=1";
+
+/// One VM's folder: its vsock socket, control socket and serial log, and the listener for its
+/// init's Ready connection.
+struct Slot {
+    dir: PathBuf,
+    ready: UnixListener,
+}
+
+impl Slot {
+    fn new(dir: PathBuf) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let mut path = dir.join("vsock.sock").into_os_string();
+        path.push(format!("_{READY_PORT}"));
+        let ready = UnixListener::bind(&path).context("cannot listen for the ready connection")?;
+        ready
+            .set_nonblocking(true)
+            .context("cannot make the ready listener non-blocking")?;
+        Ok(Slot { dir, ready })
+    }
+
+    fn uds(&self) -> PathBuf {
+        self.dir.join("vsock.sock")
+    }
+
+    fn config(&self, kernel: &Path, initrd: &Path, args: &RestoreArgs) -> VmConfig {
+        let mut config = VmConfig::new(kernel);
+        config.initrd = Some(initrd.to_path_buf());
+        config.mem_mib = args.memory;
+        config.vcpus = args.vcpus;
+        config.cmdline_extra = TEMPLATE_CMDLINE.to_owned();
+        config.vsock = Some(VsockConfig {
+            guest_cid: 3,
+            uds_path: self.uds(),
+        });
+        config.serial_log = Some(self.dir.join("serial.log"));
+        config.control_socket = Some(self.dir.join("control.sock"));
+        config
+    }
+}
+
+/// A restored VM answering on vsock.
+struct Restored {
+    vmm: VmmProcess,
+    _ready: UnixStream,
+    spawned_ms: f64,
+    ready_ms: f64,
+    echo_ms: f64,
+}
+
+/// The restore modes compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    File,
+    Uffd,
+    UffdPrefetch,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::File => "file",
+            Mode::Uffd => "uffd",
+            Mode::UffdPrefetch => "uffd_prefetch",
+        }
+    }
+
+    fn restore_mode(self, ws: &Path) -> RestoreMode {
+        match self {
+            Mode::File => RestoreMode::File,
+            Mode::Uffd => RestoreMode::Uffd {
+                prefetch_ws: None,
+                record_ws: false,
+            },
+            Mode::UffdPrefetch => RestoreMode::Uffd {
+                prefetch_ws: Some(ws.to_path_buf()),
+                record_ws: false,
+            },
+        }
+    }
+}
+
+/// What a run needs to restore.
+struct Setup<'a> {
+    args: &'a RestoreArgs,
+    hearth: PathBuf,
+    kernel: PathBuf,
+    initrd: PathBuf,
+    files: SnapshotFiles,
+    ws: PathBuf,
+}
+
+impl Setup<'_> {
+    /// Restores the snapshot in `slot` with `mode`, starts it, waits for the init's Ready and a
+    /// ping answered.
+    fn restore(&self, slot: &Slot, mode: RestoreMode) -> anyhow::Result<Restored> {
+        let config = slot.config(&self.kernel, &self.initrd, self.args);
+        // A connection left queued by an earlier VM would pass for this one's Ready (the
+        // listener is non-blocking).
+        while slot.ready.accept().is_ok() {}
+        let t = Instant::now();
+        let mut vmm = VmmProcess::spawn_restored_with(&self.hearth, &config, &self.files, mode)?;
+        let spawned_ms = ms(t.elapsed());
+        vmm.start()?;
+        let limit = Duration::from_secs(self.args.ready_timeout);
+        let (ready, _) = wait_ready(&slot.ready, &mut vmm, limit)
+            .map_err(|e| e.context(format!("VMM stderr:\n{}", vmm.stderr_tail())))?;
+        let ready_ms = ms(t.elapsed());
+        let mut control = ControlClient::connect_uds(&slot.uds()).context("the control port")?;
+        let answer = control.ping(b"echo".to_vec()).context("ping")?;
+        anyhow::ensure!(answer == b"echo", "the guest answered {answer:?}");
+        let echo_ms = ms(t.elapsed());
+        Ok(Restored {
+            vmm,
+            _ready: ready,
+            spawned_ms,
+            ready_ms,
+            echo_ms,
+        })
+    }
+}
+
+/// Runs the scenario here on hardware KVM, else inside the test host.
+pub fn run(args: &RestoreArgs) -> anyhow::Result<Report> {
+    anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
+    anyhow::ensure!(args.snapshots > 0, "--snapshots must be at least 1");
+    if !super::has_hardware_kvm() {
+        anyhow::ensure!(
+            std::env::var_os("HEARTH_IN_TESTHOST").is_none(),
+            "inside the test host /dev/kvm must be hardware KVM, but it is {}",
+            super::kvm_description()
+        );
+        return super::rerun_in_testhost(args.testhost_timeout);
+    }
+    let hearth = crate::testhost::find_hearth()?;
+    let kernel = KernelImage::locate()
+        .context("the guest kernel is not in the cache: run `hearth image`")?;
+    let init = image::locate_init()?;
+    let work = tempfile::Builder::new()
+        .prefix("hearth-perf-restore-")
+        .tempdir()
+        .context("cannot make a work folder")?;
+    let initrd = work.path().join("initramfs.cpio");
+    std::fs::write(&initrd, image::guest_initramfs(&kernel, &init)?)
+        .context("cannot write the guest initramfs")?;
+    let mut report = Report::new("restore", super::machine());
+    report.parameter("runs", args.runs);
+    report.parameter("memory_mib", args.memory);
+    report.parameter("vcpus", args.vcpus);
+    report.parameter("kernel", kernel.package.clone() + " " + &kernel.version);
+
+    let files = SnapshotFiles {
+        state: work.path().join("vm.state"),
+        mem: work.path().join("vm.mem"),
+    };
+    let mut ws = files.mem.clone().into_os_string();
+    ws.push(".ws");
+    let setup = Setup {
+        args,
+        hearth,
+        kernel: kernel.boot_image().to_path_buf(),
+        initrd,
+        files,
+        ws: PathBuf::from(ws),
+    };
+    template(
+        &setup,
+        &Slot::new(work.path().join("template"))?,
+        &mut report,
+    )
+    .context("the template")?;
+    restore_to_echo(
+        &setup,
+        &Slot::new(work.path().join("restore"))?,
+        &mut report,
+    )?;
+    for &n in &args.clones {
+        clones(&setup, work.path(), n, &mut report).with_context(|| format!("{n} clones"))?;
+    }
+    for &n in &args.in_flight {
+        rate(&setup, work.path(), n, &mut report)
+            .with_context(|| format!("{n} restores in flight"))?;
+    }
+    Ok(report)
+}
+
+/// Boots the template, snapshots it `--snapshots` times (the last one is the one restored).
+fn template(setup: &Setup<'_>, slot: &Slot, report: &mut Report) -> anyhow::Result<()> {
+    let args = setup.args;
+    let config = slot.config(&setup.kernel, &setup.initrd, args);
+    let mut vmm = VmmProcess::spawn(&setup.hearth, &config)?;
+    vmm.start()?;
+    let (_ready, _) = wait_ready(
+        &slot.ready,
+        &mut vmm,
+        Duration::from_secs(args.ready_timeout),
+    )
+    .map_err(|e| e.context(format!("VMM stderr:\n{}", vmm.stderr_tail())))?;
+    vmm.pause()?;
+    let mut create = Vec::new();
+    let (mut mem_size, mut mem_alloc, mut state_size, mut state_alloc) = (0.0, 0.0, 0.0, 0.0);
+    for i in 0..args.snapshots {
+        let t = Instant::now();
+        vmm.snapshot(&setup.files)?;
+        create.push(ms(t.elapsed()));
+        let mem = std::fs::metadata(&setup.files.mem).context("the memory file")?;
+        let state = std::fs::metadata(&setup.files.state).context("the state file")?;
+        (mem_size, mem_alloc) = (mib(mem.len()), mib(mem.blocks() * 512));
+        (state_size, state_alloc) = (kib(state.len()), kib(state.blocks() * 512));
+        println!(
+            "snapshot {}: {:.1} ms; memory file {mem_size:.1} MiB ({mem_alloc:.1} MiB allocated), state file {state_size:.1} KiB",
+            i + 1,
+            create.last().copied().unwrap_or(0.0)
+        );
+    }
+    drop(vmm);
+    report.add("snapshot_create", &create, "ms");
+    report.add("memory_file_apparent", &[mem_size], "MiB");
+    report.add("memory_file_allocated", &[mem_alloc], "MiB");
+    report.add("state_file_apparent", &[state_size], "KiB");
+    report.add("state_file_allocated", &[state_alloc], "KiB");
+    Ok(())
+}
+
+/// `--runs` restores in each mode, interleaved; the first uffd restore records the working set
+/// that the prefetch mode uses (and is not counted).
+fn restore_to_echo(setup: &Setup<'_>, slot: &Slot, report: &mut Report) -> anyhow::Result<()> {
+    let record = RestoreMode::Uffd {
+        prefetch_ws: None,
+        record_ws: true,
+    };
+    let mut recorder = setup
+        .restore(slot, record)
+        .context("recording the working set")?;
+    recorder.vmm.stop().context("stop the recording VM")?;
+    let ws_bytes = std::fs::metadata(&setup.ws)
+        .context("the working-set file")?
+        .len();
+    println!(
+        "working set: {} pages ({ws_bytes} bytes)",
+        ws_bytes.saturating_sub(48) / 8
+    );
+    report.add(
+        "working_set_pages",
+        &[(ws_bytes.saturating_sub(48) / 8) as f64],
+        "pages",
+    );
+    let modes = [Mode::File, Mode::Uffd, Mode::UffdPrefetch];
+    let mut samples: Vec<[Vec<f64>; 5]> = modes.iter().map(|_| Default::default()).collect();
+    for run in 0..setup.args.runs {
+        for (m, mode) in modes.iter().enumerate() {
+            let mut r = setup
+                .restore(slot, mode.restore_mode(&setup.ws))
+                .with_context(|| format!("{} restore {}", mode.name(), run + 1))?;
+            let memory = r.vmm.memory_usage()?;
+            if run == 0 {
+                // The init logs on the console when its link was reset and when it is ready again.
+                let serial =
+                    std::fs::read_to_string(slot.dir.join("serial.log")).unwrap_or_default();
+                let tail: Vec<&str> = serial.lines().rev().take(4).collect();
+                println!(
+                    "first {} restore: VMM stderr:\n{}guest console (last lines, newest first):\n{}",
+                    mode.name(),
+                    r.vmm.stderr_tail(),
+                    tail.join("\n")
+                );
+            }
+            let s = &mut samples[m];
+            s[0].push(r.spawned_ms);
+            s[1].push(r.ready_ms);
+            s[2].push(r.echo_ms);
+            s[3].push(mib(memory.rss_kib * 1024));
+            s[4].push(mib(memory.own_rss_kib() * 1024));
+            r.vmm.kill()?;
+        }
+        if (run + 1) % 10 == 0 || run + 1 == setup.args.runs {
+            let last = |m: usize| samples[m][2].last().copied().unwrap_or(f64::NAN);
+            println!(
+                "restore {}: echo after file {:.1} ms, uffd {:.1} ms, uffd+prefetch {:.1} ms",
+                run + 1,
+                last(0),
+                last(1),
+                last(2)
+            );
+        }
+    }
+    for (mode, s) in modes.iter().zip(&samples) {
+        let name = mode.name();
+        report.add(&format!("restore_{name}_to_process_ready"), &s[0], "ms");
+        report.add(&format!("restore_{name}_to_ready"), &s[1], "ms");
+        report.add(&format!("restore_{name}_to_echo"), &s[2], "ms");
+        report.add(&format!("restore_{name}_rss_after_echo"), &s[3], "MiB");
+        report.add(&format!("restore_{name}_own_rss_after_echo"), &s[4], "MiB");
+    }
+    Ok(())
+}
+
+/// `n` clones restored (file mode) and idle together: RSS and PSS of each.
+fn clones(setup: &Setup<'_>, work: &Path, n: usize, report: &mut Report) -> anyhow::Result<()> {
+    let slots: Vec<Slot> = (0..n)
+        .map(|i| Slot::new(work.join(format!("clone{n}-{i}"))))
+        .collect::<anyhow::Result<_>>()?;
+    let mut vms = Vec::with_capacity(n);
+    for slot in &slots {
+        vms.push(setup.restore(slot, RestoreMode::File)?);
+    }
+    std::thread::sleep(Duration::from_millis(setup.args.idle_ms));
+    let usage: Vec<MemoryUsage> = vms
+        .iter()
+        .map(|r| r.vmm.memory_usage())
+        .collect::<Result<_, _>>()?;
+    let series =
+        |f: fn(&MemoryUsage) -> u64| usage.iter().map(|u| mib(f(u) * 1024)).collect::<Vec<f64>>();
+    let (rss, pss) = (series(|u| u.rss_kib), series(|u| u.pss_kib));
+    let own = series(MemoryUsage::own_rss_kib);
+    println!(
+        "{n} clones idle: RSS {:.1} MiB, PSS {:.1} MiB, VMM's own RSS {:.2} MiB (means per VM)",
+        mean(&rss),
+        mean(&pss),
+        mean(&own)
+    );
+    report.add(&format!("clones_{n}_rss_per_vm"), &rss, "MiB");
+    report.add(&format!("clones_{n}_pss_per_vm"), &pss, "MiB");
+    report.add(&format!("clones_{n}_own_rss_per_vm"), &own, "MiB");
+    report.add(
+        &format!("clones_{n}_own_pss_per_vm"),
+        &series(MemoryUsage::own_pss_kib),
+        "MiB",
+    );
+    for mut r in vms {
+        r.vmm.kill()?;
+    }
+    Ok(())
+}
+
+/// `--rate-restores` restores (file mode; restore, ping, kill), `n` in flight: restores per second.
+fn rate(setup: &Setup<'_>, work: &Path, n: usize, report: &mut Report) -> anyhow::Result<()> {
+    anyhow::ensure!(n > 0, "--in-flight levels must be at least 1");
+    let slots: Vec<Slot> = (0..n)
+        .map(|i| Slot::new(work.join(format!("rate{n}-{i}"))))
+        .collect::<anyhow::Result<_>>()?;
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let total = setup.args.rate_restores.max(n);
+    let t = Instant::now();
+    let latencies = std::thread::scope(|scope| -> anyhow::Result<Vec<f64>> {
+        let workers: Vec<_> = slots
+            .iter()
+            .map(|slot| {
+                let next = &next;
+                scope.spawn(move || -> anyhow::Result<Vec<f64>> {
+                    let mut mine = Vec::new();
+                    while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total {
+                        let mut r = setup.restore(slot, RestoreMode::File)?;
+                        mine.push(r.echo_ms);
+                        r.vmm.kill()?;
+                    }
+                    Ok(mine)
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for w in workers {
+            match w.join() {
+                Ok(r) => all.extend(r?),
+                Err(_) => anyhow::bail!("a restore worker panicked"),
+            }
+        }
+        Ok(all)
+    })?;
+    let per_second = latencies.len() as f64 / t.elapsed().as_secs_f64();
+    println!(
+        "{n} in flight: {per_second:.2} restores/s over {} restores (restore to echo p50 {:.1} ms)",
+        latencies.len(),
+        crate::report::Metric::from_samples(&latencies, "ms").map_or(f64::NAN, |m| m.p50)
+    );
+    report.add(
+        &format!("restores_per_second_{n}_in_flight"),
+        &[per_second],
+        "1/s",
+    );
+    report.add(&format!("restore_to_echo_{n}_in_flight"), &latencies, "ms");
+    Ok(())
+}
+
+/// Accepts the init's ready connection and reads its `Ready`, failing when the VMM exits first or
+/// the time is up; sleeps in `poll` between checks (the test host's CPU belongs to the guest).
+fn wait_ready(
+    listener: &UnixListener,
+    vmm: &mut VmmProcess,
+    limit: Duration,
+) -> anyhow::Result<(UnixStream, Ready)> {
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    let deadline = Instant::now() + limit;
+    let tick = Timespec {
+        tv_sec: 0,
+        tv_nsec: 20_000_000,
+    };
+    loop {
+        match listener.accept() {
+            Ok((mut stream, _)) => {
+                stream
+                    .set_nonblocking(false)
+                    .context("cannot make the ready connection blocking")?;
+                stream
+                    .set_read_timeout(Some(limit))
+                    .context("cannot set a read timeout")?;
+                let (_hello, ready) =
+                    client::read_ready(&mut stream).context("the init's ready message")?;
+                return Ok((stream, ready));
+            }
+            Err(err) if err.kind() == ErrorKind::WouldBlock => {}
+            Err(err) => return Err(err).context("cannot accept the guest's ready connection"),
+        }
+        if let Some(status) = vmm.wait(Duration::ZERO)? {
+            anyhow::bail!("the VMM exited ({status}) before the guest was ready");
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the guest did not report ready within {} s",
+            limit.as_secs()
+        );
+        let mut fds = [PollFd::new(listener, PollFlags::IN)];
+        match rustix::event::poll(&mut fds, Some(&tick)) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(err) => return Err(err).context("cannot wait for the guest's ready connection"),
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn kib(bytes: u64) -> f64 {
+    bytes as f64 / 1024.0
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
