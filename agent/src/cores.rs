@@ -79,12 +79,85 @@ pub enum CoresError {
     Unix(#[source] ServerError),
 }
 
+/// Serves one connection accepted by a [`TcpService`] listener, on the core that accepted it.
+pub type ConnectionService =
+    Arc<dyn Fn(tokio::net::TcpStream, SocketAddr) -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// A TCP service the cores serve beside the invoke-proxy protocol (`hearth serve`'s Lambda API):
+/// one `SO_REUSEPORT` listener per core, each connection served on the core whose listener took
+/// it, so an invoke of a function that core owns never leaves its thread. It stops accepting on
+/// [`TcpService::stop`] or when dropped; connections already open are the service's to end.
+pub struct TcpService {
+    address: SocketAddr,
+    stop: watch::Sender<bool>,
+}
+
+impl TcpService {
+    /// The address the listeners share.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// Stops accepting on every core.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+impl Drop for TcpService {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A core's accept loop of a [`TcpService`].
+async fn accept_service(
+    listener: std::net::TcpListener,
+    service: ConnectionService,
+    mut stop: watch::Receiver<bool>,
+) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot serve a TCP listener on this core");
+            return;
+        }
+    };
+    while !*stop.borrow_and_update() {
+        tokio::select! {
+            changed = stop.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    if let Err(e) = stream.set_nodelay(true) {
+                        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+                    }
+                    tokio::spawn(service(stream, peer));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+        }
+    }
+}
+
 /// What a core is told.
 enum Command {
     /// Run an invoke of a function this core owns; send its result back.
     Invoke(Box<InvokeRequest>, oneshot::Sender<InvokeResult>),
     /// Serve a connection accepted on another core.
     Connection(std::os::unix::net::UnixStream),
+    /// Accept on this core's listener of a [`TcpService`] and serve its connections here.
+    ServeTcp {
+        listener: std::net::TcpListener,
+        service: ConnectionService,
+        stop: watch::Receiver<bool>,
+    },
     /// Drain the handler within the grace, then end.
     Drain(Duration, oneshot::Sender<()>),
     /// End now (the cores were dropped without a shutdown).
@@ -246,6 +319,41 @@ impl Cores {
         }
         tracing::info!(cores = threads, pinned = config.pin, tcp = ?cores.tcp, "agent cores serving");
         Ok(cores)
+    }
+
+    /// Serves `service` on `address` (port 0 picks one) from every core: one `SO_REUSEPORT`
+    /// listener each (see [`TcpService`]).
+    pub fn serve_tcp(
+        &self,
+        address: SocketAddr,
+        service: ConnectionService,
+    ) -> Result<TcpService, CoresError> {
+        let tcp_err = |source| CoresError::Tcp { address, source };
+        // The first bind picks the port (when 0); the others join it.
+        let first = reuseport_listener(address).map_err(tcp_err)?;
+        let bound = first.local_addr().map_err(tcp_err)?;
+        let mut listeners = vec![first];
+        for _ in 1..self.cores.len() {
+            listeners.push(reuseport_listener(bound).map_err(tcp_err)?);
+        }
+        let (stop, stopped) = watch::channel(false);
+        for (core, listener) in self.cores.iter().zip(listeners) {
+            let command = Command::ServeTcp {
+                listener,
+                service: service.clone(),
+                stop: stopped.clone(),
+            };
+            if core.commands.send(command).is_err() {
+                return Err(CoresError::Tcp {
+                    address: bound,
+                    source: std::io::Error::other("an agent core has stopped"),
+                });
+            }
+        }
+        Ok(TcpService {
+            address: bound,
+            stop,
+        })
     }
 
     /// The in-process way in: invokes go straight to the owning core.
@@ -426,6 +534,13 @@ impl CoreSetup {
                     });
                 }
                 Command::Connection(stream) => serving.serve_std(stream),
+                Command::ServeTcp {
+                    listener,
+                    service,
+                    stop,
+                } => {
+                    tokio::spawn(accept_service(listener, service, stop));
+                }
                 Command::Drain(grace, done) => {
                     let started = tokio::time::Instant::now();
                     while listeners.join_next().await.is_some() {}

@@ -165,6 +165,17 @@ impl Agent {
         self.cores.tcp_address()
     }
 
+    /// Serves `service` on `address` from every core ([`crate::cores::TcpService`]).
+    pub fn serve_tcp(
+        &self,
+        address: SocketAddr,
+        service: crate::cores::ConnectionService,
+    ) -> Result<crate::cores::TcpService, AgentError> {
+        self.cores
+            .serve_tcp(address, service)
+            .map_err(AgentError::Cores)
+    }
+
     /// Runs invokes from this process without the socket (see [`crate::cores::Dispatcher`]).
     pub fn dispatcher(&self) -> crate::cores::Dispatcher {
         self.cores.dispatcher()

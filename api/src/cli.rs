@@ -203,20 +203,25 @@ pub fn run(args: ServeArgs) -> anyhow::Result<u8> {
             )?);
         state.finish_pending();
         state.collect_garbage();
-        let listener =
-            tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
-        let local = listener.local_addr().context("reading the bound address")?;
-        tracing::info!(address = %local, data_dir = %args.data_dir.display(), "Lambda API listening");
+        // The API is served by the agent's cores: each accepts on its own SO_REUSEPORT
+        // listener, so an invoke of a function the accepting core owns stays on its thread.
+        let (service, connections) = server::on_cores(app(state), server::ServerLimits::default());
+        let http = agent
+            .serve_tcp(args.listen, service)
+            .with_context(|| format!("binding {}", args.listen))?;
+        let local = http.address();
+        tracing::info!(address = %local, data_dir = %args.data_dir.display(), cores = agent.cores(), "Lambda API listening");
         println!("hearth-api listening on {local}");
         use std::io::Write as _;
         let _ = std::io::stdout().flush();
-        let served = server::serve(listener, app(state), shutdown_signal()).await;
+        shutdown_signal().await;
+        http.stop();
+        connections.shutdown().await;
         agent.shutdown().await;
         if let Some(metrics) = metrics {
             metrics.abort();
         }
         let _ = std::fs::remove_dir_all(&agent_config.state_dir);
-        served?;
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(0)

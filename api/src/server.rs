@@ -2,6 +2,7 @@
 //! connection, graceful shutdown with a grace period.
 
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -102,4 +103,60 @@ fn is_transient(err: &std::io::Error) -> bool {
         err.kind(),
         ConnectionAborted | ConnectionReset | Interrupted | WouldBlock
     ) || err.raw_os_error().is_some_and(|c| c == 24 || c == 23) // EMFILE, ENFILE
+}
+
+/// The HTTP server as the agent's cores run it (`hearth serve`): [`on_cores`] makes the
+/// per-connection service each core runs for the connections its own listener accepts
+/// (`hearth_agent::cores::TcpService`); this is what stops them.
+pub struct CoreConnections {
+    graceful: Arc<Mutex<Option<GracefulShutdown>>>,
+}
+
+/// `app` as a connection service for the agent's cores, with `limits`: the same HTTP/1.1
+/// settings as [`serve_with_limits`], each connection watched for a graceful shutdown.
+pub fn on_cores(
+    app: Router,
+    limits: ServerLimits,
+) -> (hearth_agent::cores::ConnectionService, CoreConnections) {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    let graceful = Arc::new(Mutex::new(Some(GracefulShutdown::new())));
+    let watching = graceful.clone();
+    let service: hearth_agent::cores::ConnectionService = Arc::new(move |stream, peer| {
+        let watcher = watching
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map(GracefulShutdown::watcher);
+        let conn =
+            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        Box::pin(async move {
+            // Shutting down: the connection is closed unanswered.
+            let Some(watcher) = watcher else { return };
+            if let Err(err) = watcher.watch(conn).await {
+                tracing::debug!(%peer, error = %err, "connection ended with an error");
+            }
+        })
+    });
+    (service, CoreConnections { graceful })
+}
+
+impl CoreConnections {
+    /// Asks every open connection to finish its request and close; waits for them at most
+    /// [`SHUTDOWN_GRACE`]. Stop the listeners first.
+    pub async fn shutdown(self) {
+        let graceful = self
+            .graceful
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let Some(graceful) = graceful else { return };
+        tokio::select! {
+            () = graceful.shutdown() => tracing::info!("all connections closed"),
+            () = tokio::time::sleep(SHUTDOWN_GRACE) => tracing::warn!("shutdown grace period over; closing open connections"),
+        }
+    }
 }
