@@ -178,6 +178,7 @@ fn boot_once(
         &ready_listener,
         &mut vmm,
         Duration::from_secs(args.ready_timeout),
+        Duration::from_millis(100),
     ) {
         Ok(found) => found,
         Err(err) => {
@@ -226,18 +227,19 @@ fn socket_for_port(uds: &Path, port: u32) -> PathBuf {
 }
 
 /// Accepts the init's ready connection and reads its `Ready`, failing when the VMM exits first or
-/// the time is up. It sleeps in `poll` between checks: a busy wait here steals the test host's
-/// only CPU from the guest being measured.
-fn wait_ready(
+/// the time is up. It sleeps in `poll` up to `tick` between checks of the VMM: a busy wait here
+/// steals the test host's only CPU from the guest being measured.
+pub(super) fn wait_ready(
     listener: &UnixListener,
     vmm: &mut VmmProcess,
     limit: Duration,
+    tick: Duration,
 ) -> anyhow::Result<(UnixStream, Ready)> {
     use rustix::event::{PollFd, PollFlags, Timespec};
     let deadline = Instant::now() + limit;
     let tick = Timespec {
         tv_sec: 0,
-        tv_nsec: 100_000_000,
+        tv_nsec: i64::from(tick.min(Duration::from_millis(999)).subsec_nanos()),
     };
     loop {
         match listener.accept() {

@@ -13,7 +13,6 @@
 //!
 //! Where this machine has no hardware KVM, the scenario re-runs itself inside the test host.
 
-use std::io::ErrorKind;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -21,12 +20,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use hearth_guest::image::{self, KernelImage};
-use hearth_guest::protocol::client::{self, ControlClient};
-use hearth_guest::protocol::{READY_PORT, Ready};
+use hearth_guest::protocol::READY_PORT;
+use hearth_guest::protocol::client::ControlClient;
 use hearth_vmm::config::{VmConfig, VsockConfig};
 use hearth_vmm::process::{MemoryUsage, VmmProcess};
 use hearth_vmm::{RestoreMode, SnapshotFiles};
 
+use super::boot::wait_ready;
 use crate::report::Report;
 
 /// `hearth-perf restore` options.
@@ -65,6 +65,9 @@ pub struct RestoreArgs {
 }
 
 /// The guest kernel zeroes the pages it frees, so that they stay holes in the memory file.
+/// How long `wait_ready` sleeps between checks of the VMM: short, since restores take tens of
+/// milliseconds, yet not a busy wait on the test host's one CPU.
+const READY_TICK: Duration = Duration::from_millis(20);
 const TEMPLATE_CMDLINE: &str = "init_on_free=1";
 
 /// One VM's folder: its vsock socket, control socket and serial log, and the listener for its
@@ -171,7 +174,7 @@ impl Setup<'_> {
         let spawned_ms = ms(t.elapsed());
         vmm.start()?;
         let limit = Duration::from_secs(self.args.ready_timeout);
-        let (ready, _) = wait_ready(&slot.ready, &mut vmm, limit)
+        let (ready, _) = wait_ready(&slot.ready, &mut vmm, limit, READY_TICK)
             .map_err(|e| e.context(format!("VMM stderr:\n{}", vmm.stderr_tail())))?;
         let ready_ms = ms(t.elapsed());
         let mut control = ControlClient::connect_uds(&slot.uds()).context("the control port")?;
@@ -262,6 +265,7 @@ fn template(setup: &Setup<'_>, slot: &Slot, report: &mut Report) -> anyhow::Resu
         &slot.ready,
         &mut vmm,
         Duration::from_secs(args.ready_timeout),
+        READY_TICK,
     )
     .map_err(|e| e.context(format!("VMM stderr:\n{}", vmm.stderr_tail())))?;
     vmm.pause()?;
@@ -448,51 +452,6 @@ fn rate(setup: &Setup<'_>, work: &Path, n: usize, report: &mut Report) -> anyhow
     );
     report.add(&format!("restore_to_echo_{n}_in_flight"), &latencies, "ms");
     Ok(())
-}
-
-/// Accepts the init's ready connection and reads its `Ready`, failing when the VMM exits first or
-/// the time is up; sleeps in `poll` between checks (the test host's CPU belongs to the guest).
-fn wait_ready(
-    listener: &UnixListener,
-    vmm: &mut VmmProcess,
-    limit: Duration,
-) -> anyhow::Result<(UnixStream, Ready)> {
-    use rustix::event::{PollFd, PollFlags, Timespec};
-    let deadline = Instant::now() + limit;
-    let tick = Timespec {
-        tv_sec: 0,
-        tv_nsec: 20_000_000,
-    };
-    loop {
-        match listener.accept() {
-            Ok((mut stream, _)) => {
-                stream
-                    .set_nonblocking(false)
-                    .context("cannot make the ready connection blocking")?;
-                stream
-                    .set_read_timeout(Some(limit))
-                    .context("cannot set a read timeout")?;
-                let (_hello, ready) =
-                    client::read_ready(&mut stream).context("the init's ready message")?;
-                return Ok((stream, ready));
-            }
-            Err(err) if err.kind() == ErrorKind::WouldBlock => {}
-            Err(err) => return Err(err).context("cannot accept the guest's ready connection"),
-        }
-        if let Some(status) = vmm.wait(Duration::ZERO)? {
-            anyhow::bail!("the VMM exited ({status}) before the guest was ready");
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the guest did not report ready within {} s",
-            limit.as_secs()
-        );
-        let mut fds = [PollFd::new(listener, PollFlags::IN)];
-        match rustix::event::poll(&mut fds, Some(&tick)) {
-            Ok(_) | Err(rustix::io::Errno::INTR) => {}
-            Err(err) => return Err(err).context("cannot wait for the guest's ready connection"),
-        }
-    }
 }
 
 fn ms(d: Duration) -> f64 {
