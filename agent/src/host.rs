@@ -29,6 +29,8 @@ pub enum AgentError {
         #[source]
         source: SandboxError,
     },
+    #[error("cannot start the pools of restored microVMs")]
+    Pools(#[source] crate::pool::PoolError),
     #[error("cannot open the code cache")]
     CodeCache(#[source] CodeCacheError),
     #[error("cannot start the agent's cores and invoke-proxy listeners")]
@@ -68,6 +70,14 @@ pub struct AgentConfig {
     pub grace: Duration,
     /// The region functions see when their ARN does not say.
     pub region: String,
+    /// Pools of restored microVMs (memory size, idle VMs kept) that microVM sandboxes are claimed
+    /// from; empty: every microVM boots. Unused by containers.
+    pub pools: Vec<crate::pool::PoolSize>,
+    /// Where the pools' templates (snapshots of a booted guest) are kept.
+    pub template_dir: PathBuf,
+    /// How microVM sandboxes' VMMs are jailed (`None`: not jailed). Pooled VMs are restored
+    /// unjailed for now.
+    pub jail: Option<crate::jail::JailConfig>,
 }
 
 /// A running agent.
@@ -137,6 +147,14 @@ impl Agent {
                     kind: SandboxKind::Microvm,
                     source,
                 })?;
+                let mut c = c;
+                c.jail = config.jail.clone();
+                let c = if config.pools.is_empty() {
+                    c
+                } else {
+                    c.with_pools(&config.pools, config.template_dir.clone())
+                        .map_err(AgentError::Pools)?
+                };
                 environments::<MicrovmSandbox>(c, code, limits, &config)
             }
         };

@@ -64,6 +64,9 @@ fn config(s: &Setup, concurrency: ConcurrencyConfig) -> AgentConfig {
         concurrency,
         grace: Duration::from_secs(10),
         region: "us-east-1".into(),
+        pools: Vec::new(),
+        template_dir: root.join("templates"),
+        jail: None,
     }
 }
 

@@ -143,6 +143,73 @@ fn echo_then_timeout_then_a_working_invoke() {
     });
 }
 
+/// The agent's jail around the VMM: the function runs as in a plain VMM, the VMM process runs
+/// under the jail's own uid in its own mount namespace, and destroying the sandbox leaves
+/// neither the process nor the jail folder.
+#[test]
+fn a_jailed_microvm_runs_the_function() {
+    let zip = echo_zip();
+    in_kvm_with("a_jailed_microvm_runs_the_function", &[&zip], || {
+        watchdog(Duration::from_secs(300));
+        block_on(async {
+            let mut c = config();
+            let jail_base =
+                std::env::temp_dir().join(format!("hearth-jails-{}", std::process::id()));
+            let mut jails = hearth_agent::jail::JailConfig::new(hearth_binary());
+            jails.jail_base = jail_base.clone();
+            c.jail = Some(jails);
+            let mut envt: Environment<MicrovmSandbox> =
+                Environment::new(c, function(&zip, 20_000, 1));
+            let r = envt
+                .invoke(req(json!({"op": "env"})))
+                .await
+                .expect("an invoke in a jailed VM");
+            assert_eq!(ok_json(&r)["env"]["GREETING"], "hello");
+            let vmm = envt
+                .sandbox()
+                .and_then(|s| s.vmm_pid())
+                .expect("the VMM runs");
+            let status = std::fs::read_to_string(format!("/proc/{vmm}/status")).unwrap();
+            let uid = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|l| l.split_whitespace().next())
+                .and_then(|u| u.parse::<u32>().ok())
+                .expect("the VMM's uid");
+            assert!(
+                uid >= hearth_agent::jail::UID_BASE,
+                "the jailed VMM runs as uid {uid}, not a jail uid"
+            );
+            let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+            assert_ne!(
+                ns(&vmm.to_string()),
+                ns("self"),
+                "the VMM shares our mounts"
+            );
+            let r = envt
+                .invoke(req(json!({"op": "echo", "warm": true})))
+                .await
+                .expect("a warm invoke in the jailed VM");
+            assert_eq!(ok_json(&r)["warm"], true);
+            envt.destroy().await;
+            assert!(!process_runs(vmm), "destroy left the jailed VMM running");
+            // The jailer removes the jail folder once its VMM is gone.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let left: Vec<_> = std::fs::read_dir(&jail_base)
+                    .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+                    .unwrap_or_default();
+                if left.is_empty() {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "jail folders left: {left:?}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = std::fs::remove_dir(&jail_base);
+        });
+    });
+}
+
 /// Prints how long the test has run, so the slow steps inside the test host show.
 fn step(started: Instant, what: &str) {
     eprintln!("[{:>6.1} s] {what}", started.elapsed().as_secs_f64());

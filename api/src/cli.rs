@@ -64,6 +64,19 @@ pub struct ServeArgs {
     /// use).
     #[arg(long, default_value_t = 0)]
     pub agent_cores: usize,
+    /// Memory sizes (MiB) of the pools of restored microVMs that microVM sandboxes are claimed
+    /// from (the smallest that fits; a function larger than all of them boots its own VM).
+    #[arg(long, value_delimiter = ',', default_values_t = hearth_agent::pool::DEFAULT_SIZES)]
+    pub pool_sizes: Vec<u32>,
+    /// Idle restored microVMs each pool keeps ready (0: no pools, every microVM boots).
+    #[arg(long, default_value_t = 1)]
+    pub pool_idle: usize,
+    /// Run microVM VMMs without the jail (`hearth jail` needs root: namespaces, cgroups, uids).
+    #[arg(long)]
+    pub no_jail: bool,
+    /// Where VMM jails are made (`<jail-base>/<vm>/root`).
+    #[arg(long, default_value = hearth_agent::jail::DEFAULT_JAIL_BASE)]
+    pub jail_base: PathBuf,
     /// How the frontend hands invokes to the agent it embeds: `cores` straight to the agent's
     /// cores in this process (no framing, no socket hop), or `socket` through the invoke-proxy
     /// socket as a frontend in another process would.
@@ -122,6 +135,12 @@ impl ServeArgs {
                 self.region
             ));
         }
+        // Lambda's memory range, which is also what one microVM may have.
+        if let Some(bad) = self.pool_sizes.iter().find(|m| !(128..=10240).contains(*m)) {
+            problems.push(format!(
+                "--pool-sizes: {bad} MiB is outside 128..=10240 MiB"
+            ));
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -168,7 +187,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<u8> {
         },
         sandbox,
         init_path: args.init.clone(),
-        hearth_binary,
+        hearth_binary: hearth_binary.clone(),
         state_dir: std::env::temp_dir().join(format!("hearth-agent-{}", std::process::id())),
         code_source_dir: args.data_dir.join("code"),
         code_cache_dir: args.data_dir.join("code-cache"),
@@ -181,6 +200,23 @@ pub fn run(args: ServeArgs) -> anyhow::Result<u8> {
         concurrency: Default::default(),
         grace: Duration::from_secs(args.shutdown_grace),
         region: args.region.clone(),
+        pools: if args.pool_idle == 0 {
+            Vec::new()
+        } else {
+            args.pool_sizes
+                .iter()
+                .map(|&mem_mib| hearth_agent::pool::PoolSize {
+                    mem_mib,
+                    target: args.pool_idle,
+                })
+                .collect()
+        },
+        template_dir: args.data_dir.join("templates"),
+        jail: (!args.no_jail).then(|| {
+            let mut jail = hearth_agent::jail::JailConfig::new(hearth_binary.clone());
+            jail.jail_base = args.jail_base.clone();
+            jail
+        }),
     };
     runtime.block_on(async move {
         let agent = Agent::start(agent_config.clone())
@@ -285,4 +321,33 @@ async fn shutdown_signal() {
         () = term => {},
     }
     tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn parse(args: &[&str]) -> ServeArgs {
+        Cli::try_parse_from(std::iter::once("serve").chain(args.iter().copied()))
+            .unwrap()
+            .serve
+    }
+
+    #[test]
+    fn pool_sizes_default_to_lambdas_and_are_checked() {
+        let defaults = parse(&["--insecure-accept-any-key"]);
+        assert_eq!(defaults.pool_sizes, hearth_agent::pool::DEFAULT_SIZES);
+        assert_eq!(defaults.pool_idle, 1);
+        defaults.validate().unwrap();
+        let bad = parse(&["--insecure-accept-any-key", "--pool-sizes", "64,256"]);
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("64 MiB is outside"), "{err}");
+    }
 }

@@ -18,5 +18,5 @@ pub mod mounts;
 pub mod paths;
 pub mod run;
 
-pub use launch::{JailConfig, LaunchError, VmJail};
-pub use run::{JailArgs, run};
+pub use launch::{JailConfig, LaunchError, UID_BASE, VmJail};
+pub use run::{DEFAULT_JAIL_BASE, JailArgs, run};

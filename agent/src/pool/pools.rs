@@ -354,7 +354,10 @@ impl PoolSet {
             next_id: AtomicU64::new(0),
         });
         let refiller = runtime.spawn(refill(inner.clone()));
-        Ok(Arc::new(PoolSet { inner, refiller }))
+        let set = Arc::new(PoolSet { inner, refiller });
+        let collector: std::sync::Weak<dyn crate::metrics::Collect> = Arc::downgrade(&set) as _;
+        crate::metrics::Metrics::global().register(collector);
+        Ok(set)
     }
 
     /// The configuration.
@@ -802,4 +805,45 @@ fn failed(inner: &Inner, pool: &SizePool, what: String) {
     pool.record_failure(what);
     *pool.retry_after.lock().unwrap_or_else(|p| p.into_inner()) =
         Some(Instant::now() + inner.config.retry_pause);
+}
+
+/// The pools at scrape time: idle VMs and restores in flight per size, and their counts.
+impl crate::metrics::Collect for PoolSet {
+    fn collect(&self, gauges: &mut crate::metrics::GaugeSet) {
+        for stats in self.stats() {
+            let size = stats.mem_mib.to_string();
+            let labels = [("memory_mib", size.as_str())];
+            gauges.add(
+                "hearth_pool_idle_vms",
+                "Restored, paused microVMs ready to be claimed, per pool.",
+                &labels,
+                stats.idle as f64,
+            );
+            gauges.add(
+                "hearth_pool_target_vms",
+                "Idle microVMs each pool keeps ready.",
+                &labels,
+                stats.target as f64,
+            );
+            gauges.add(
+                "hearth_pool_restoring_vms",
+                "Restores in flight, per pool.",
+                &labels,
+                stats.restoring as f64,
+            );
+            for (event, n) in [
+                ("restored", stats.restored),
+                ("claimed", stats.claimed),
+                ("replaced", stats.replaced),
+                ("failed", stats.failures),
+            ] {
+                gauges.add_counter(
+                    "hearth_pool_vms_total",
+                    "Pool microVMs by what happened to them.",
+                    &[("memory_mib", size.as_str()), ("event", event)],
+                    n as f64,
+                );
+            }
+        }
+    }
 }

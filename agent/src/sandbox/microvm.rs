@@ -70,6 +70,9 @@ pub struct MicrovmConfig {
     pub pool: Option<Arc<PoolSet>>,
     /// Longest wait for a pooled VM.
     pub claim_timeout: Duration,
+    /// Boot each VMM jailed (`hearth jail`: namespaces, `pivot_root`, cgroup, rlimits, its own
+    /// uid/gid); `None` runs it as a plain child of the agent.
+    pub jail: Option<crate::jail::JailConfig>,
     initrd: Arc<InitrdFile>,
 }
 
@@ -112,6 +115,7 @@ impl MicrovmConfig {
             init_timeout: Duration::from_secs(10),
             pool: None,
             claim_timeout: Duration::from_secs(10),
+            jail: None,
             initrd: Arc::new(InitrdFile(path)),
         })
     }
@@ -281,36 +285,60 @@ type Started = (Half, PathBuf, UnixStream, Ready);
 
 /// Boots a VM for `function` and waits for its init's `Ready`.
 async fn boot(config: &MicrovmConfig, function: &FunctionSpec) -> Result<Started, SandboxError> {
-    let dir = config
-        .state_dir
-        .join(format!("hearth-vm-{}", &super::new_request_id()[..18]));
-    std::fs::create_dir_all(&dir).map_err(setup("create the sandbox folder"))?;
+    let name = format!("hearth-vm-{}", &super::new_request_id()[..18]);
+    let mut vm = VmConfig::new(&config.kernel);
+    vm.initrd = Some(config.initrd().to_path_buf());
+    vm.mem_mib = function.bundle.memory_mb;
+    vm.vcpus = config.vcpus;
+    // The folder of the VM's sockets and serial log: its own under the state folder, or the jail
+    // root, where the VMM sees it as `/`.
+    let (dir, inside, jail) = match &config.jail {
+        Some(jails) => {
+            let jail = jails
+                .jail_for(&name, &vm)
+                .and_then(|jail| jails.prepare(&jail).map(|()| jail))
+                .map_err(|e| setup_other("prepare the VMM's jail", e))?;
+            (jail.root.clone(), PathBuf::from("/"), Some(jail))
+        }
+        None => {
+            let dir = config.state_dir.join(&name);
+            std::fs::create_dir_all(&dir).map_err(setup("create the sandbox folder"))?;
+            (dir.clone(), dir, None)
+        }
+    };
     let mut half = Half {
         vmm: None,
         dir: Some(dir.clone()),
     };
     let uds = dir.join("vsock.sock");
-    let ready_listener = UnixListener::bind(format!("{}_{READY_PORT}", uds.display()))
-        .map_err(setup("bind the ready socket"))?;
-    let mut vm = VmConfig::new(&config.kernel);
-    vm.initrd = Some(config.initrd().to_path_buf());
-    vm.mem_mib = function.bundle.memory_mb;
-    vm.vcpus = config.vcpus;
+    let ready_path = PathBuf::from(format!("{}_{READY_PORT}", uds.display()));
+    let ready_listener = UnixListener::bind(&ready_path).map_err(setup("bind the ready socket"))?;
     vm.vsock = Some(VsockConfig {
         guest_cid: GUEST_CID,
-        uds_path: uds.clone(),
+        uds_path: inside.join("vsock.sock"),
     });
-    vm.serial_log = Some(dir.join("serial.log"));
-    vm.control_socket = Some(dir.join("control.sock"));
+    vm.serial_log = Some(inside.join("serial.log"));
+    vm.control_socket = Some(inside.join("control.sock"));
     let binary = config.hearth_binary.clone();
+    let jails = config.jail.clone();
     let spawned = tokio::task::spawn_blocking(move || {
-        let vmm = VmmProcess::spawn(&binary, &vm)?;
-        vmm.start()?;
-        Ok::<_, hearth_vmm::ProcessError>(vmm)
+        let vmm = match (&jails, &jail) {
+            (Some(jails), Some(jail)) => {
+                // The VMM, under the jail's uid, connects to the agent's ready socket.
+                jail.give(&ready_path)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                jails
+                    .spawn(jail, &vm, None)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?
+            }
+            _ => VmmProcess::spawn(&binary, &vm).map_err(std::io::Error::other)?,
+        };
+        vmm.start().map_err(std::io::Error::other)?;
+        Ok::<_, std::io::Error>(vmm)
     })
     .await
     .map_err(|e| setup_other("start the VMM", e))?;
-    half.vmm = Some(spawned.map_err(|e| setup_other("start the VMM", e))?);
+    half.vmm = Some(spawned.map_err(setup("start the VMM"))?);
     let booted = Instant::now();
 
     // The init's Hello + Ready on the ready port, unless the VMM ends first.
@@ -320,7 +348,7 @@ async fn boot(config: &MicrovmConfig, function: &FunctionSpec) -> Result<Started
             Ok(Ok((conn, _))) => {
                 // Only our VMM (its vsock backend) may be the guest's ready connection.
                 let peer = conn.peer_cred().ok().and_then(|c| c.pid());
-                let vmm_pid = half.vmm.as_ref().map(|v| v.pid());
+                let vmm_pid = half.vmm.as_ref().map(|v| v.vmm_pid());
                 if peer.is_some() && peer.map(|p| p as u32) == vmm_pid {
                     break conn;
                 }
@@ -399,7 +427,7 @@ async fn claim(
 impl MicrovmSandbox {
     /// The VMM process's id, while it runs.
     pub fn vmm_pid(&self) -> Option<u32> {
-        lock(&self.vmm).as_ref().map(VmmProcess::pid)
+        lock(&self.vmm).as_ref().map(VmmProcess::vmm_pid)
     }
 
     /// What the guest's init reported when it came up.
