@@ -387,6 +387,35 @@ impl Inner {
     }
 }
 
+/// The cache at scrape time: its size on disk and its event counts. Registered once per cache
+/// (the agent's cores share one), not per environment set.
+impl crate::metrics::Collect for CodeCache {
+    fn collect(&self, gauges: &mut crate::metrics::GaugeSet) {
+        gauges.add(
+            "hearth_code_cache_bytes",
+            "Bytes the code cache's entries take on disk.",
+            &[],
+            self.size_bytes() as f64,
+        );
+        let stats = self.stats();
+        const CACHE: &str = "hearth_code_cache_events_total";
+        const CACHE_HELP: &str = "Code cache events: hits, fills from the code source, corrupt entries found, evictions.";
+        for (what, n) in [
+            ("hit", &stats.hits),
+            ("fill", &stats.fills),
+            ("corrupt", &stats.corrupt),
+            ("eviction", &stats.evictions),
+        ] {
+            gauges.add_counter(
+                CACHE,
+                CACHE_HELP,
+                &[("event", what)],
+                n.load(std::sync::atomic::Ordering::Relaxed) as f64,
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -775,27 +775,5 @@ where
             &[],
             self.in_flight.load(Ordering::Relaxed) as f64,
         );
-        gauges.add(
-            "hearth_code_cache_bytes",
-            "Bytes the code cache's entries take on disk.",
-            &[],
-            self.code.size_bytes() as f64,
-        );
-        let stats = self.code.stats();
-        const CACHE: &str = "hearth_code_cache_events_total";
-        const CACHE_HELP: &str = "Code cache events: hits, fills from the code source, corrupt entries found, evictions.";
-        for (what, n) in [
-            ("hit", &stats.hits),
-            ("fill", &stats.fills),
-            ("corrupt", &stats.corrupt),
-            ("eviction", &stats.evictions),
-        ] {
-            gauges.add_counter(
-                CACHE,
-                CACHE_HELP,
-                &[("event", what)],
-                n.load(Ordering::Relaxed) as f64,
-            );
-        }
     }
 }

@@ -83,6 +83,8 @@ pub struct AgentConfig {
 /// A running agent.
 pub struct Agent {
     cores: Cores,
+    /// Keeps the code cache's metrics collector registered.
+    _code_metrics: Arc<CodeCache>,
     socket: PathBuf,
     grace: Duration,
 }
@@ -126,6 +128,11 @@ impl Agent {
             },
         )
         .map_err(AgentError::CodeCache)?;
+        // The cores share the cache: its gauges are read once, from here.
+        let code_metrics = Arc::new(code.clone());
+        let collector: std::sync::Weak<dyn crate::metrics::Collect> =
+            Arc::downgrade(&code_metrics) as _;
+        crate::metrics::Metrics::global().register(collector);
         let limits = Concurrency::new(config.concurrency.clone());
         let init = match &config.init_path {
             Some(p) => p.clone(),
@@ -168,6 +175,7 @@ impl Agent {
         tracing::info!(socket = %config.socket.display(), tcp = ?cores.tcp_address(), cores = cores.len(), sandbox = ?config.sandbox, "agent serving invokes");
         Ok(Agent {
             cores,
+            _code_metrics: code_metrics,
             socket: config.socket,
             grace: config.grace,
         })

@@ -97,6 +97,11 @@ async fn invokes_move_the_counts_on_the_metrics_endpoint() {
     .unwrap();
     // Metrics of this agent alone, not the process's.
     let registry = Metrics::new();
+    // The cache's gauges are registered once per cache, as the agent does.
+    let cache_metrics = Arc::new(code.clone());
+    let collector: std::sync::Weak<dyn hearth_agent::metrics::Collect> =
+        Arc::downgrade(&cache_metrics) as _;
+    registry.register(collector);
     let envs = Environments::<ContainerSandbox>::with_metrics(
         ContainerConfig::new(init),
         code,
