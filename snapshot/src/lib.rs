@@ -7,7 +7,7 @@
 //! flags) and the working-set file (`working_set`: the pages a userfaultfd restore served, checked,
 //! to prefetch on the next restore).
 //! Both are untrusted on the way in: every read is bounded and checked before anything is built
-//! from it. Next: templates per guest image and memory size, and pools of restored VMs.
+//! from it. Templates and pools of restored VMs are the agent's (`hearth_agent::pool`).
 //!
 //! Relies on: nothing of Hearth. `hearth-vmm` depends on this crate: it saves each component's
 //! state beside the component and hands the whole to [`state_file`], and guest RAM to
