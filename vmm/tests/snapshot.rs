@@ -443,7 +443,20 @@ fn restore_and_ping(
         Err(e) => panic!("{what}: {e}\nVMM stderr:\n{}", vmm.stderr_tail()),
     };
     let to_ready = t.elapsed();
-    let mut client = ControlClient::connect_uds(uds).expect("control port after restore");
+    // Right after a restore the guest may still turn a host connection away until it has
+    // handled the transport reset everywhere (the pool waits for an answer the same way): retry
+    // a refused connect for a while, loudly.
+    let connect_deadline = Instant::now() + Duration::from_secs(10);
+    let mut client = loop {
+        match ControlClient::connect_uds(uds) {
+            Ok(client) => break client,
+            Err(e) if Instant::now() < connect_deadline => {
+                eprintln!("{what}: control port after restore: {e}; retrying");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("{what}: control port after restore: {e}"),
+        }
+    };
     let payload: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
     assert_eq!(
         client.ping(payload.clone()).expect("ping"),
