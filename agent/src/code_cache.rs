@@ -304,6 +304,11 @@ impl CodeCache {
         lock(&self.inner.lru).bytes
     }
 
+    /// How many entries the cache holds.
+    pub fn entry_count(&self) -> usize {
+        lock(&self.inner.lru).entries.len()
+    }
+
     /// The file IO in use.
     pub fn file_io(&self) -> FileIo {
         self.inner.file_io
@@ -396,6 +401,12 @@ impl crate::metrics::Collect for CodeCache {
             "Bytes the code cache's entries take on disk.",
             &[],
             self.size_bytes() as f64,
+        );
+        gauges.add(
+            "hearth_code_cache_entries",
+            "Entries (code zips, one per digest) the code cache holds.",
+            &[],
+            self.entry_count() as f64,
         );
         let stats = self.stats();
         const CACHE: &str = "hearth_code_cache_events_total";
@@ -495,6 +506,7 @@ mod tests {
         assert!(cache.contains(&a) && cache.contains(&c) && !cache.contains(&b));
         assert!(!cache.entry_path(&b).exists());
         assert_eq!(cache.size_bytes(), 20);
+        assert_eq!(cache.entry_count(), 2);
         assert_eq!(fetches.load(Ordering::SeqCst), 3);
         cache.get(&b).await.unwrap();
         assert_eq!(fetches.load(Ordering::SeqCst), 4);

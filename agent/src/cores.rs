@@ -149,7 +149,12 @@ async fn accept_service(
 /// What a core is told.
 enum Command {
     /// Run an invoke of a function this core owns; send its result back.
-    Invoke(Box<InvokeRequest>, oneshot::Sender<InvokeResult>),
+    /// The instant is the invoke's arrival at the agent ([`crate::metrics::with_arrival`]).
+    Invoke(
+        Box<InvokeRequest>,
+        std::time::Instant,
+        oneshot::Sender<InvokeResult>,
+    ),
     /// Serve a connection accepted on another core.
     Connection(std::os::unix::net::UnixStream),
     /// Accept on this core's listener of a [`TcpService`] and serve its connections here.
@@ -527,10 +532,12 @@ impl CoreSetup {
         let _ = ready.send(Ok(()));
         while let Some(command) = commands.recv().await {
             match command {
-                Command::Invoke(request, reply) => {
+                Command::Invoke(request, arrived, reply) => {
                     let local = local.clone();
                     tokio::spawn(async move {
-                        let _ = reply.send(local.invoke(*request).await);
+                        let result =
+                            crate::metrics::with_arrival(arrived, local.invoke(*request)).await;
+                        let _ = reply.send(result);
                     });
                 }
                 Command::Connection(stream) => serving.serve_std(stream),
@@ -683,8 +690,9 @@ async fn hand_over(
     let Some(core) = peers.get(owner) else {
         return core_gone(request_id);
     };
+    let arrived = crate::metrics::arrival().unwrap_or_else(std::time::Instant::now);
     if core
-        .send(Command::Invoke(Box::new(request), reply))
+        .send(Command::Invoke(Box::new(request), arrived, reply))
         .is_err()
     {
         return core_gone(request_id);

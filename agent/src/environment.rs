@@ -12,11 +12,13 @@
 //! revision of its function retires the environments of the old one. Draining stops new invokes,
 //! lets those in flight finish within a grace period and ends every sandbox.
 //!
-//! Observability: every invoke's stages, outcome and environment changes are recorded in a
-//! [`Metrics`] (the process's own unless given one), which also reads the environments by state,
-//! the invokes in flight and the code cache's size from here when scraped. Each invoke that reached
-//! its function logs Lambda's `REPORT` record (target `hearth::report`, level info, with the request
-//! id as a field); the other events on the invoke path carry the request id too.
+//! Observability: every invoke's stages (from its queueing: its arrival at the agent, as
+//! [`crate::metrics::arrival`] tells, to the start of its claim), outcome and environment changes
+//! are recorded in a [`Metrics`] (the process's own unless given one), which also reads the
+//! environments by state, the invokes in flight and the code cache's size from here when scraped.
+//! Each invoke that reached its function logs Lambda's `REPORT` record (target `hearth::report`,
+//! level info, with the request id as a field); the other events on the invoke path carry the
+//! request id too.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -262,6 +264,8 @@ where
                 Vec::new(),
             )
         } else {
+            let arrived = crate::metrics::arrival().unwrap_or(started);
+            stages.record.queue = Some(arrived.elapsed());
             self.run(&request, &request_id, &mut stages).await
         };
         let mut record = stages.record;

@@ -8,15 +8,18 @@
 //! invokes in flight, pools when they exist) are not kept up to date on the hot path; their
 //! owners register a [`Collect`] that is asked for them at scrape time.
 //!
-//! Figures: recording one warm invoke's worth ([`Metrics::invoke`]: three stage observations, the
-//! function's duration, the outcome's count and latency) costs a median of 57 ns on one thread and
-//! 109 ns per invoke with two threads recording at once (93 and 180 ns while other builds loaded
-//! this 2-core machine): `hearth-perf throughput`, its `metrics_record_t1`/`_t2` figures,
-//! 2026-11-29. Two threads share the counters' cache lines; per-core shards are the next step if
-//! thread-per-core executors make that line hot.
+//! Figures: recording one warm invoke's worth ([`Metrics::invoke`]: three stage observations (four
+//! since the queue stage), the function's duration, the outcome's count and latency) costs a median
+//! of 57 ns on one thread and 109 ns per invoke with two threads recording at once (93 and 180 ns
+//! while other builds loaded this 2-core machine): `hearth-perf throughput`, its
+//! `metrics_record_t1`/`_t2` figures, 2026-11-29. Two threads share the counters' cache lines;
+//! per-core shards are the next step if thread-per-core executors make that line hot.
 //!
-//! [`Stage::Queue`] is recorded by whoever queues an invoke before it reaches the environments
-//! (the invoke-proxy server or a core hand-over), through [`Metrics::observe`].
+//! [`Stage::Queue`] is the time between an invoke's arrival at the agent (its frame read on a
+//! connection, or its hand-over to the owning core from outside a connection) and the start of its
+//! claim: the core hand-over and the wait before the environments take it up. The arrival instant
+//! travels with the invoke's future as a task-local ([`with_arrival`], read by [`arrival`]), so the
+//! handler trait and the wire protocol stay as they are; the environments record the stage.
 //!
 //! A hand-written renderer rather than `prometheus-client`: that crate writes OpenMetrics text
 //! (`_total` samples under a counter's bare name, `# EOF`) and its histograms take a lock per
@@ -222,9 +225,32 @@ impl EndReason {
     }
 }
 
+tokio::task_local! {
+    /// When the invoke this task runs arrived at the agent.
+    static ARRIVAL: std::time::Instant;
+}
+
+/// Runs `invoke` with `arrived` as its arrival at the agent (the start of [`Stage::Queue`]),
+/// unless an arrival is already set for this task (the earliest one counts).
+pub async fn with_arrival<F: std::future::Future>(
+    arrived: std::time::Instant,
+    invoke: F,
+) -> F::Output {
+    let arrived = arrival().unwrap_or(arrived);
+    ARRIVAL.scope(arrived, invoke).await
+}
+
+/// When the invoke of this task arrived at the agent, if whoever took it in said so
+/// ([`with_arrival`]).
+pub fn arrival() -> Option<std::time::Instant> {
+    ARRIVAL.try_with(|t| *t).ok()
+}
+
 /// What one finished invoke recorded (durations of the stages it passed through).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct InvokeRecord {
+    /// From its arrival at the agent to the start of its claim.
+    pub queue: Option<Duration>,
     pub claim: Option<Duration>,
     pub code: Option<Duration>,
     pub init: Option<Duration>,
@@ -366,6 +392,7 @@ impl Metrics {
     /// Records one finished invoke.
     pub fn invoke(&self, outcome: OutcomeKind, r: &InvokeRecord) {
         let stages = [
+            (Stage::Queue, r.queue),
             (Stage::Claim, r.claim),
             (Stage::Code, r.code),
             (Stage::Init, r.init),

@@ -1,7 +1,8 @@
 //! The jail, checked from outside on a running jailed `hearth vmm` (through `/proc/<pid>`): its
 //! descriptors, environment, namespaces, root and mounts, device nodes, cgroup and limits, rlimits
-//! and ids; that it answers its control socket through the jail root; that it leaves nothing behind;
-//! and that a symlink or a hard-linked kernel is refused.
+//! and ids; that it answers its control socket through the jail root; that it leaves nothing behind,
+//! and what a killed jailer leaves is cleaned up (`JailConfig::clean_up`); and that a symlink or a
+//! hard-linked kernel is refused.
 //!
 //! Needs root and `/dev/kvm`. The VMM only builds its VM and waits (it is never started), which a
 //! PVM `/dev/kvm` allows, so the main test runs natively (cgroup v1 on these machines); the same
@@ -501,4 +502,51 @@ fn a_terminated_or_killed_jailed_vmm_leaves_nothing_behind() {
         drop(vmm);
         drop(parents);
     }
+}
+
+#[test]
+fn what_a_killed_jailer_leaves_is_cleaned_up() {
+    require_root_and_kvm();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut jc = JailConfig::new(hearth_binary());
+    jc.jail_base = tmp.path().join("jails");
+    jc.cgroup_parent = format!("hearth-jail-orphan-test-{}", std::process::id());
+    let mut config = VmConfig::new(kernel());
+    config.control_socket = Some(PathBuf::from("/control.sock"));
+    let id = format!("jail-orphan-{}", std::process::id());
+    let jail = jc.jail_for(&id, &config).unwrap();
+    let mut parents = CgroupParents(Vec::new());
+    let mut vmm = jc.spawn(&jail, &config, None).unwrap();
+    let pid = vmm.vmm_pid();
+    let cgroups = limit_cgroups(pid);
+    parents.0 = cgroups
+        .iter()
+        .filter_map(|(_, d)| d.parent().map(Path::to_path_buf))
+        .collect();
+    assert!(!cgroups.is_empty());
+    // The jailer itself dies: nobody removes the cgroup or the folder, and the VMM, PID 1 of its
+    // namespace, lives on (reparented).
+    let jailer = nix::unistd::Pid::from_raw(vmm.pid() as i32);
+    nix::sys::signal::kill(jailer, nix::sys::signal::Signal::SIGKILL).unwrap();
+    let status = vmm.wait(std::time::Duration::from_secs(10)).unwrap();
+    assert_eq!(status.and_then(|s| s.code()), None, "killed by a signal");
+    assert!(jc.jail_base.join(&id).exists(), "the jail folder stays");
+    assert!(cgroups.iter().all(|(_, d)| d.exists()), "the cgroup stays");
+    jc.clean_up(&jail).unwrap();
+    for (_, dir) in &cgroups {
+        assert!(!dir.exists(), "the cgroup {dir:?} was left behind");
+    }
+    assert!(!jc.jail_base.join(&id).exists(), "the jail folder was left");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while hearth_agent::testing::process_runs(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the orphaned VMM {pid} still runs"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // A second clean-up finds nothing to do.
+    jc.clean_up(&jail).unwrap();
+    drop(vmm);
+    drop(parents);
 }

@@ -127,6 +127,10 @@ async fn invokes_move_the_counts_on_the_metrics_endpoint() {
         0.0
     );
     assert_eq!(value(&before, "hearth_environments{state=\"idle\"}"), 0.0);
+    assert!(
+        before.contains("\nhearth_code_cache_entries 0\n"),
+        "the entry count is there before any code: {before}"
+    );
 
     let client = ProxyClient::connect(&socket).unwrap();
     for i in 0..3 {
@@ -180,6 +184,12 @@ async fn invokes_move_the_counts_on_the_metrics_endpoint() {
         "every invoke past the shutdown check claims"
     );
     assert_eq!(
+        v("hearth_invoke_stage_duration_seconds_count{stage=\"queue\"}"),
+        5.0,
+        "every invoke past the shutdown check waited (however briefly) before its claim"
+    );
+    assert!(v("hearth_invoke_stage_duration_seconds_sum{stage=\"queue\"}") > 0.0);
+    assert_eq!(
         v("hearth_invoke_stage_duration_seconds_count{stage=\"code\"}"),
         1.0
     );
@@ -201,6 +211,7 @@ async fn invokes_move_the_counts_on_the_metrics_endpoint() {
     assert_eq!(v("hearth_environments{state=\"busy\"}"), 0.0);
     assert_eq!(v("hearth_invokes_in_flight"), 0.0);
     assert_eq!(v("hearth_code_cache_bytes"), zip.len() as f64);
+    assert_eq!(v("hearth_code_cache_entries"), 1.0);
     assert_eq!(v("hearth_code_cache_events_total{event=\"fill\"}"), 1.0);
 
     // While an invoke runs, its environment is busy and the invoke is in flight.

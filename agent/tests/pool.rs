@@ -2,8 +2,10 @@
 //! real guest (through the QEMU test host where this machine has no hardware KVM): a template is
 //! built, reused and rebuilt when an input changes; a claim returns a working VM (the echo
 //! function runs in it); a drained pool makes claimants wait or fail with a clear error and
-//! leaks no VMM process, and a changed initramfs retires its idle VMs for a new template; a
-//! killed pooled VM is replaced, never handed out. The memory of idle
+//! leaks no VMM process, and a changed initramfs retires its idle VMs for a new template; jailed
+//! pools (as `hearth serve` runs them) restore every VM in its jail, checked from `/proc` (its
+//! uid, namespaces, root, mounts, devices and cgroup), and a pooled VM whose jailer was killed is
+//! replaced, never handed out, and leaves no process, cgroup or jail folder. The memory of idle
 //! pooled VMs and the claim latency are printed.
 //!
 //! Needs the `hearth` binary (`cargo build --bins`), the static `hearth-init` and the cached guest
@@ -15,7 +17,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use hearth_agent::pool::{
-    PoolConfig, PoolError, PoolSet, PoolSize, PooledVm, Template, TemplateSpec,
+    IdleVm, PoolConfig, PoolError, PoolSet, PoolSize, PooledVm, Template, TemplateSpec, VmHome,
 };
 use hearth_agent::sandbox::microvm::{MicrovmConfig, MicrovmSandbox};
 use hearth_agent::sandbox::{Environment, InvokeRequest};
@@ -69,7 +71,7 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .block_on(f)
 }
 
-/// The `hearth vmm` processes that are children of this process.
+/// The `hearth vmm` processes and `hearth jail` jailers that are children of this process.
 fn vmm_children() -> Vec<u32> {
     let me = std::process::id();
     let mut found = Vec::new();
@@ -88,12 +90,140 @@ fn vmm_children() -> Vec<u32> {
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
         let mut args = cmdline.split(|&b| b == 0);
         let _binary = args.next();
-        if args.next() == Some(b"vmm".as_slice()) {
+        if matches!(args.next(), Some(b"vmm" | b"jail")) {
             found.push(pid);
         }
     }
     found.sort_unstable();
     found
+}
+
+fn idle_pids(pools: &PoolSet, mem_mib: u32) -> Vec<u32> {
+    pools.idle_vms(mem_mib).iter().map(|vm| vm.pid).collect()
+}
+
+/// The field after `name:` in `/proc/<pid>/status`, split on whitespace.
+fn status_field(pid: u32, name: &str) -> Vec<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("no {name} in the status of {pid}"))
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The host folders of the cgroups of `pid` whose path ends with `id` (the per-VM ones).
+fn jail_cgroups(pid: u32, id: &str) -> Vec<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    // (v1 controllers, or none for v2; mount point)
+    let mounts: Vec<(Vec<String>, PathBuf)> = mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let point = PathBuf::from(left.split(' ').nth(4)?);
+            let mut right = right.split(' ');
+            match (right.next()?, right.nth(1)?) {
+                ("cgroup2", _) => Some((Vec::new(), point)),
+                ("cgroup", opts) => Some((opts.split(',').map(str::to_string).collect(), point)),
+                _ => None,
+            }
+        })
+        .collect();
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let mut dirs = Vec::new();
+    for line in cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, ctrls, path) = (parts.next(), parts.next(), parts.next());
+        let (Some(ctrls), Some(path)) = (ctrls, path) else {
+            continue;
+        };
+        if !path.ends_with(&format!("/{id}")) {
+            continue;
+        }
+        let ctrls: Vec<&str> = ctrls.split(',').filter(|c| !c.is_empty()).collect();
+        for (mount_ctrls, point) in &mounts {
+            let same = if ctrls.is_empty() {
+                mount_ctrls.is_empty()
+            } else {
+                ctrls.iter().all(|c| mount_ctrls.iter().any(|m| m == c))
+            };
+            let dir = point.join(path.trim_start_matches('/'));
+            if same && dir.is_dir() && !dirs.contains(&dir) {
+                dirs.push(dir);
+            }
+        }
+    }
+    dirs
+}
+
+/// Checks from `/proc` that an idle pooled VM runs jailed (as `tests/jail.rs` checks a booted
+/// VMM): under a jail uid, PID 1 of its own pid namespace, in its own mount and network
+/// namespaces, rooted in its jail with the template's snapshot files mounted, `/dev/kvm` (and
+/// `/dev/userfaultfd` where the host has it), in a cgroup of its own. Returns its cgroups.
+fn check_jailed(vm: &IdleVm, jail_base: &Path) -> Vec<PathBuf> {
+    let pid = vm.pid;
+    let jail = vm
+        .jail
+        .as_ref()
+        .expect("a pooled VM of a jailed pool has a jail");
+    assert!(jail.root.starts_with(jail_base), "{:?}", jail.root);
+    assert_ne!(Some(pid), vm.jailer_pid, "the VMM is the jailer's child");
+    for id in status_field(pid, "Uid")
+        .iter()
+        .chain(&status_field(pid, "Gid"))
+    {
+        let id: u32 = id.parse().expect("an id");
+        assert!(
+            id >= hearth_agent::jail::UID_BASE,
+            "the pooled VMM {pid} runs as {id}, not a jail uid"
+        );
+    }
+    assert_eq!(
+        status_field(pid, "NSpid").last().map(String::as_str),
+        Some("1")
+    );
+    let ns = |pid: &str, ns: &str| std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+    for kind in ["mnt", "pid", "net"] {
+        assert_ne!(
+            ns(&pid.to_string(), kind),
+            ns("self", kind),
+            "the pooled VMM shares our {kind} namespace"
+        );
+    }
+    let root = std::fs::metadata(format!("/proc/{pid}/root")).expect("its root");
+    let jail_root = std::fs::metadata(&jail.root).expect("the jail root");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((root.dev(), root.ino()), (jail_root.dev(), jail_root.ino()));
+    let mountinfo =
+        std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).expect("its mountinfo");
+    let points: Vec<&str> = mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .collect();
+    for p in ["/", "/snapshot.state", "/snapshot.mem", "/dev"] {
+        assert!(
+            points.contains(&p),
+            "{p} is not mounted in the jail: {points:?}"
+        );
+    }
+    let in_jail = |p: &str| PathBuf::from(format!("/proc/{pid}/root{p}"));
+    assert!(in_jail("/dev/kvm").exists());
+    let host_uffd = std::fs::metadata("/dev/userfaultfd")
+        .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_char_device(&m.file_type()));
+    assert_eq!(
+        in_jail("/dev/userfaultfd").exists(),
+        host_uffd,
+        "/dev/userfaultfd in the jail as on the host"
+    );
+    // The snapshot files are read-only to the VMM and readable by its uid.
+    let mem = std::fs::metadata(in_jail("/snapshot.mem")).expect("the memory file");
+    // 0644 from the snapshot writer (`hearth_snapshot::FILE_MODE`), root's.
+    assert_eq!((mem.uid(), mem.mode() & 0o777), (0, 0o644));
+    let cgroups = jail_cgroups(pid, &jail.id);
+    assert!(!cgroups.is_empty(), "no cgroup of its own for {pid}");
+    cgroups
 }
 
 /// Page faults and CPU time of process `pid` so far, from `/proc/<pid>/stat`.
@@ -127,7 +257,11 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn print_idle_memory(pools: &PoolSet, mem_mib: u32) {
-    for m in pools.idle_memory(mem_mib) {
+    for m in pools
+        .idle_vms(mem_mib)
+        .into_iter()
+        .filter_map(|vm| vm.memory)
+    {
         eprintln!(
             "idle pooled VM, {mem_mib} MiB: RSS {} KiB (guest RAM {} KiB, the VMM's own {} KiB), \
              PSS {} KiB (guest RAM {} KiB, the VMM's own {} KiB)",
@@ -208,7 +342,7 @@ fn a_template_is_built_reused_and_rebuilt_when_an_input_changes() {
             let mut vm = PooledVm::restore(
                 &hearth_binary(),
                 &rebuilt,
-                dir.path().join("vm"),
+                VmHome::Folder(dir.path().join("vm")),
                 RESTORE,
                 &cancel,
             )
@@ -231,6 +365,47 @@ fn a_template_is_built_reused_and_rebuilt_when_an_input_changes() {
             drop(vm);
             assert!(!process_runs(pid), "a dropped pooled VM leaves no VMM");
             assert!(!dir.path().join("vm").exists(), "its folder is removed");
+
+            // The same template restored jailed, as `hearth serve`'s pools do: the VMM, under a
+            // uid of its own, reads the template's files through the jail's read-only mounts.
+            let jail_base = dir.path().join("jails");
+            let mut jails = hearth_agent::jail::JailConfig::new(hearth_binary());
+            jails.jail_base = jail_base.clone();
+            jails.cgroup_parent = format!("hearth-template-test-{}", std::process::id());
+            let home = VmHome::Jail {
+                jails,
+                id: "template-test-jailed".into(),
+            };
+            let t = Instant::now();
+            let mut vm = PooledVm::restore(&hearth_binary(), &rebuilt, home, RESTORE, &cancel)
+                .unwrap_or_else(|e| panic!("restore the template jailed: {e:?}"));
+            let restored = t.elapsed();
+            let pid = vm.pid().expect("a VMM");
+            assert_ne!(vm.jailer_pid(), Some(pid));
+            let uid: u32 = status_field(pid, "Uid")[0].parse().expect("a uid");
+            assert!(uid >= hearth_agent::jail::UID_BASE, "the VMM runs as {uid}");
+            let activated = vm
+                .activate("template-test-jailed")
+                .unwrap_or_else(|e| panic!("activate the jailed VM: {e:?}"));
+            eprintln!(
+                "jailed: restored and paused in {:.0} ms; activation {activated:?}",
+                ms(restored)
+            );
+            let cgroups = jail_cgroups(pid, "template-test-jailed");
+            assert!(
+                !cgroups.is_empty(),
+                "the jailed VMM has no cgroup of its own"
+            );
+            drop(vm);
+            assert!(!process_runs(pid), "a dropped jailed VM leaves no VMM");
+            assert!(
+                !jail_base.join("template-test-jailed").exists(),
+                "its jail is removed"
+            );
+            for c in &cgroups {
+                assert!(!c.exists(), "its cgroup {c:?} is left");
+                let _ = c.parent().map(std::fs::remove_dir);
+            }
         },
     );
 }
@@ -319,14 +494,14 @@ fn a_drained_pool_makes_claimants_wait_or_fail_and_leaks_nothing() {
 
                 // An input changed at run time: the idle VM of the old template is retired and
                 // its place refilled from a template built anew.
-                let old = pools.idle_pids(128);
+                let old = idle_pids(&pools, 128);
                 let mut bytes = std::fs::read(&initrd).expect("read the initramfs");
                 bytes.extend_from_slice(&[0u8; 4096]);
                 std::fs::write(&initrd, bytes).expect("rewrite the initramfs");
                 let t = Instant::now();
                 loop {
                     let stats = pools.stats()[0];
-                    let now = pools.idle_pids(128);
+                    let now = idle_pids(&pools, 128);
                     if stats.templates_built == 2 && !now.is_empty() && now != old {
                         break;
                     }
@@ -374,10 +549,10 @@ fn echo_zip() -> PathBuf {
 }
 
 #[test]
-fn a_claimed_vm_runs_the_echo_function_and_a_killed_vm_is_replaced() {
+fn a_jailed_pool_runs_the_echo_function_and_replaces_a_vm_whose_jailer_was_killed() {
     let zip = echo_zip();
     in_kvm_with(
-        "a_claimed_vm_runs_the_echo_function_and_a_killed_vm_is_replaced",
+        "a_jailed_pool_runs_the_echo_function_and_replaces_a_vm_whose_jailer_was_killed",
         &[&zip],
         || {
             watchdog(Duration::from_secs(1200));
@@ -388,6 +563,12 @@ fn a_claimed_vm_runs_the_echo_function_and_a_killed_vm_is_replaced() {
                 config.boot_timeout = BOOT;
                 config.init_timeout = Duration::from_secs(120);
                 config.claim_timeout = FILL;
+                // Jailed, as `hearth serve` runs them (booted and pooled VMs alike).
+                let jail_base = dir.path().join("jails");
+                let mut jails = hearth_agent::jail::JailConfig::new(hearth_binary());
+                jails.jail_base = jail_base.clone();
+                jails.cgroup_parent = format!("hearth-pool-test-{}", std::process::id());
+                config.jail = Some(jails);
                 let config = config
                     .with_pools(
                         &[
@@ -411,19 +592,45 @@ fn a_claimed_vm_runs_the_echo_function_and_a_killed_vm_is_replaced() {
                 );
                 print_idle_memory(&pools, 128);
                 print_idle_memory(&pools, 256);
+                // The per-VM cgroups sit under this parent; it must hold none once all is over.
+                let mut cgroup_parents = Vec::new();
+                for size in [128, 256] {
+                    for vm in pools.idle_vms(size) {
+                        let cgroups = check_jailed(&vm, &jail_base);
+                        eprintln!(
+                            "pooled {size} MiB VM {} jailed; cgroups {cgroups:?}",
+                            vm.pid
+                        );
+                        cgroup_parents.extend(
+                            cgroups
+                                .iter()
+                                .filter_map(|c| c.parent())
+                                .map(Path::to_path_buf),
+                        );
+                    }
+                }
 
-                // A killed idle VM is never handed out: the claim gets its replacement.
-                let killed = pools.idle_pids(128);
-                assert_eq!(killed.len(), 1, "{killed:?}");
-                let pid = rustix::process::Pid::from_raw(killed[0] as i32).expect("a pid");
+                // A pooled VM whose jailer was killed (so nothing of the jail cleaned up after
+                // it) is never handed out: the claim gets its replacement, and the dead VM's
+                // process, cgroup and jail folder are gone.
+                let idle = pools.idle_vms(128);
+                assert_eq!(idle.len(), 1, "{idle:?}");
+                let victim = &idle[0];
+                let victim_jail = victim.jail.clone().expect("a jail");
+                let victim_cgroups = jail_cgroups(victim.pid, &victim_jail.id);
+                let jailer = victim.jailer_pid.expect("a jailer");
+                let pid = rustix::process::Pid::from_raw(jailer as i32).expect("a pid");
                 rustix::process::kill_process(pid, rustix::process::Signal::KILL)
-                    .expect("kill the pooled VM");
+                    .expect("kill the pooled VM's jailer");
                 let claimed = pools
                     .claim(128, FILL)
                     .await
                     .unwrap_or_else(|e| panic!("claim after the kill: {e}"));
                 let pid = claimed.vm.pid().expect("a VMM");
-                assert_ne!(pid, killed[0], "the killed VM was handed out");
+                assert_ne!(
+                    pid, victim.pid,
+                    "the VM of the killed jailer was handed out"
+                );
                 assert!(process_runs(pid));
                 let stats = pools.stats()[0];
                 assert!(
@@ -434,6 +641,22 @@ fn a_claimed_vm_runs_the_echo_function_and_a_killed_vm_is_replaced() {
                     "claim after a kill (waited for the replacement): {:.0} ms",
                     ms(claimed.latency)
                 );
+                let t = Instant::now();
+                loop {
+                    let left_cgroups: Vec<_> =
+                        victim_cgroups.iter().filter(|d| d.exists()).collect();
+                    let left_folder = jail_base.join(&victim_jail.id).exists();
+                    let runs = process_runs(victim.pid);
+                    if left_cgroups.is_empty() && !left_folder && !runs {
+                        break;
+                    }
+                    assert!(
+                        t.elapsed() < Duration::from_secs(30),
+                        "the VM of the killed jailer left: process running {runs}, cgroups \
+                         {left_cgroups:?}, jail folder {left_folder}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 drop(claimed);
 
                 // Claim latency from a full pool, a few times.
@@ -450,7 +673,7 @@ fn a_claimed_vm_runs_the_echo_function_and_a_killed_vm_is_replaced() {
 
                 // The echo function runs in a claimed 256 MiB VM (its memory size), not a booted one.
                 assert!(pools.wait_full(FILL).await, "refilled: {:?}", pools.stats());
-                let pooled = pools.idle_pids(256);
+                let pooled = idle_pids(&pools, 256);
                 let zip_bytes = std::fs::read(&zip).expect("read the zip");
                 let function = testing::echo_function(zip_bytes, 60_000, 1, &[("GREETING", "hi")]);
                 let mut booting = config.clone();
@@ -480,11 +703,12 @@ fn a_claimed_vm_runs_the_echo_function_and_a_killed_vm_is_replaced() {
                     r.init_duration,
                     vmm_counters(vmm)
                 );
-                // What the claimed guest's kernel said after its restore (clock, watchdogs).
-                for entry in std::fs::read_dir(dir.path()).expect("list").flatten() {
+                // What the claimed guest's kernel said after its restore (clock, watchdogs): its
+                // console log is in its jail root.
+                for entry in std::fs::read_dir(&jail_base).expect("list").flatten() {
                     let name = entry.file_name().to_string_lossy().into_owned();
                     if name.starts_with("hearth-pool-256-") {
-                        let log = std::fs::read_to_string(entry.path().join("serial.log"))
+                        let log = std::fs::read_to_string(entry.path().join("root/serial.log"))
                             .unwrap_or_default();
                         eprintln!("console of {name} since its restore:\n{log}");
                     }
@@ -506,6 +730,22 @@ fn a_claimed_vm_runs_the_echo_function_and_a_killed_vm_is_replaced() {
                 drop(pools);
                 let left = vmm_children();
                 assert!(left.is_empty(), "VMM processes left: {left:?}");
+                // No jail folder and no per-VM cgroup is left: the pools' nor the claimed VM's.
+                let folders: Vec<_> = std::fs::read_dir(&jail_base)
+                    .map(|d| d.flatten().map(|e| e.path()).collect())
+                    .unwrap_or_default();
+                assert!(folders.is_empty(), "jail folders left: {folders:?}");
+                for parent in &cgroup_parents {
+                    let children: Vec<_> = std::fs::read_dir(parent)
+                        .map(|d| {
+                            d.flatten()
+                                .filter(|e| e.path().is_dir())
+                                .map(|e| e.path())
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    assert!(children.is_empty(), "cgroups left: {children:?}");
+                }
 
                 // For comparison, in the same test host: the same cold start in a booted VM.
                 let mut envt: Environment<MicrovmSandbox> = Environment::new(booting, function);
@@ -526,6 +766,9 @@ fn a_claimed_vm_runs_the_echo_function_and_a_killed_vm_is_replaced() {
                     vmm_counters(vmm)
                 );
                 envt.destroy().await;
+                for parent in &cgroup_parents {
+                    let _ = std::fs::remove_dir(parent);
+                }
             });
         },
     );

@@ -5,8 +5,10 @@
 //! with a digest of its non-zero pages that is checked on the very descriptor the VMM then maps;
 //! written without faulting in pages never touched, using `pagemap`: this process's page table
 //! flags) and the working-set file (`working_set`: the pages a userfaultfd restore served, checked,
-//! to prefetch on the next restore).
-//! Both are untrusted on the way in: every read is bounded and checked before anything is built
+//! to prefetch on the next restore). Who may read them and whose files a restore accepts is
+//! `access`: every file is created 0644 (restored by other users than its writer: the jailed
+//! VMMs' own uids), and only files of this user or root, writable by nobody else, are read.
+//! All are untrusted on the way in: every read is bounded and checked before anything is built
 //! from it. Templates and pools of restored VMs are the agent's (`hearth_agent::pool`).
 //!
 //! Relies on: nothing of Hearth. `hearth-vmm` depends on this crate: it saves each component's
@@ -16,11 +18,13 @@
 //! Must not touch: function code or invokes (that is `agent`), KVM or devices (that is `vmm`).
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod memory_file;
 pub mod pagemap;
 pub mod state_file;
 pub mod working_set;
 
+pub use access::{AccessError, FILE_MODE};
 pub use memory_file::{
     Checked, FileIdentity, MemoryFile, MemoryFileError, MemoryFileInfo, Region, WriteStats,
 };

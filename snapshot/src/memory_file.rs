@@ -4,13 +4,14 @@
 //! state file.
 //!
 //! Restoring opens the file once ([`MemoryFile::open`]), checks it on that descriptor (a regular
-//! file of the expected size, owned by this user and writable by nobody else, and the digest of
-//! its non-zero pages, read through the data extents that `SEEK_DATA`/`SEEK_HOLE` report), and
-//! hands that same descriptor to the VMM to map privately. A file swapped or rewritten before the
+//! file of the expected size, owned by this user or root and writable by nobody else: see
+//! [`crate::access`]; and the digest of its non-zero pages, read through the data extents that
+//! `SEEK_DATA`/`SEEK_HOLE` report), and hands that same descriptor to the VMM to map privately. A file swapped or rewritten before the
 //! check is refused; one rewritten after it by its owner is not caught (the owner is trusted).
 //!
 //! Reading all of the data back costs time on every restore, so the writer also records the
-//! file's identity (device, inode, size, change time): a file that still has it has not been
+//! file's identity (device, inode, size, change time), once the file is complete and has its
+//! final mode ([`crate::access::FILE_MODE`], given at creation: no `chmod` comes after): a file that still has it has not been
 //! written since (the change time moves on every write and cannot be set back by its owner), and
 //! its contents are not read again. A copy, or a file touched in any way, gets the full check.
 
@@ -104,9 +105,9 @@ pub enum MemoryFileError {
     /// Not a regular file.
     #[error("the memory file {0} is not a regular file")]
     NotRegular(PathBuf),
-    /// Another user owns it, or others may write it.
+    /// Another user than this one or root owns it, or others may write it.
     #[error(
-        "the memory file {path} is owned by uid {uid} with mode {mode:o}; it must belong to this user (uid {euid}) and be writable by nobody else"
+        "the memory file {path} is owned by uid {uid} with mode {mode:o}; it must belong to this user (uid {euid}) or root and be writable by nobody else"
     )]
     Permissions {
         /// The file.
@@ -428,13 +429,12 @@ impl MemoryFile {
         if !meta.is_file() {
             return Err(MemoryFileError::NotRegular(path.to_path_buf()));
         }
-        let euid = nix::unistd::geteuid().as_raw();
-        if meta.uid() != euid || meta.mode() & 0o022 != 0 {
+        if let Err(e) = crate::access::check(&meta) {
             return Err(MemoryFileError::Permissions {
                 path: path.to_path_buf(),
-                uid: meta.uid(),
-                mode: meta.mode() & 0o7777,
-                euid,
+                uid: e.uid,
+                mode: e.mode,
+                euid: e.euid,
             });
         }
         if meta.len() != expected.size {
@@ -596,6 +596,59 @@ mod tests {
         assert!(matches!(
             write(&path, &[&low[..100]]),
             Err(MemoryFileError::RegionSize(100))
+        ));
+    }
+
+    /// Fails loudly unless this is root: handing a file to another user needs `chown`.
+    fn as_root() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test gives a file to another user (chown): run it as root"
+        );
+    }
+
+    #[test]
+    fn a_new_file_is_readable_by_all_and_keeps_its_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mem");
+        // A private leftover of the same name is replaced by a file of the pool's mode.
+        std::fs::write(&path, b"old").unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let (low, high) = regions();
+        let info = write(&path, &[&low, &high]).unwrap().info;
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.mode() & 0o7777, crate::access::FILE_MODE);
+        assert_eq!(info.identity, Some(FileIdentity::of(&meta)));
+        // No chmod after the identity: the restore skips the digest.
+        let checked = MemoryFile::open(&path, &info).unwrap();
+        assert_eq!(checked.checked(), Checked::Identity);
+    }
+
+    #[test]
+    fn files_of_root_or_this_user_are_taken_others_refused() {
+        as_root();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mem");
+        let (low, high) = regions();
+        let info = write(&path, &[&low, &high]).unwrap().info;
+        // Root's file: taken (the jailed VMM's case, where root is not this user, is
+        // `access::check_as`'s test).
+        MemoryFile::open(&path, &info).unwrap();
+        // Another user's: refused, whatever its contents.
+        std::os::unix::fs::chown(&path, Some(4242), Some(4242)).unwrap();
+        match MemoryFile::open(&path, &info) {
+            Err(MemoryFileError::Permissions { uid: 4242, .. }) => {}
+            other => panic!("another user's memory file was not refused: {other:?}"),
+        }
+        std::os::unix::fs::chown(&path, Some(0), Some(0)).unwrap();
+        MemoryFile::open(&path, &info).unwrap();
+        // Group-writable: refused.
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o664))
+            .unwrap();
+        assert!(matches!(
+            MemoryFile::open(&path, &info),
+            Err(MemoryFileError::Permissions { mode: 0o664, .. })
         ));
     }
 

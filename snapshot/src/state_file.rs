@@ -47,6 +47,9 @@ pub enum StateFileError {
     /// The file is not a regular file.
     #[error("the state file {0} is not a regular file")]
     NotRegular(PathBuf),
+    /// Another user than this one or root owns it, or others may write it.
+    #[error("the state file {0} is not acceptable")]
+    Permissions(PathBuf, #[source] crate::access::AccessError),
     /// The file is larger than [`MAX_STATE_FILE`].
     #[error("the state file is {0} bytes, more than the {MAX_STATE_FILE}-byte limit")]
     TooLarge(u64),
@@ -167,8 +170,8 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StateFileError> {
     Ok(state)
 }
 
-/// Writes `state` to `path` (mode 0600, replaced whole: see [`replace_with`]); returns the
-/// file's size.
+/// Writes `state` to `path` (mode [`crate::access::FILE_MODE`], replaced whole: see
+/// [`replace_with`]); returns the file's size.
 pub fn write<T: Serialize>(path: &Path, state: &T) -> Result<u64, StateFileError> {
     let bytes = encode(state)?;
     replace_with(path, |file| file.write_all(&bytes))
@@ -189,7 +192,7 @@ pub(crate) fn replace_with(
         .to_os_string();
     name.push(".partial");
     let partial = path.with_file_name(name);
-    let result = create_private(&partial).and_then(|mut file| {
+    let result = crate::access::create(&partial).and_then(|mut file| {
         fill(&mut file)?;
         std::fs::rename(&partial, path)?;
         Ok(file)
@@ -200,17 +203,6 @@ pub(crate) fn replace_with(
     result
 }
 
-/// Creates (or truncates) `path` for writing, readable by its owner only.
-fn create_private(path: &Path) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-}
-
 /// Reads and checks the state file at `path` through one descriptor.
 pub fn read<T: DeserializeOwned>(path: &Path) -> Result<T, StateFileError> {
     let io = |e| StateFileError::Read(path.to_path_buf(), e);
@@ -219,6 +211,7 @@ pub fn read<T: DeserializeOwned>(path: &Path) -> Result<T, StateFileError> {
     if !meta.is_file() {
         return Err(StateFileError::NotRegular(path.to_path_buf()));
     }
+    crate::access::check(&meta).map_err(|e| StateFileError::Permissions(path.to_path_buf(), e))?;
     if meta.len() > MAX_STATE_FILE {
         return Err(StateFileError::TooLarge(meta.len()));
     }
@@ -328,6 +321,30 @@ mod tests {
         assert_eq!(names.len(), 1);
         assert!(write(&dir.path().join("missing/state"), &other).is_err());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn the_file_is_readable_by_all_and_only_root_or_this_users_is_read() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test gives a file to another user (chown): run it as root"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state");
+        write(&path, &sample()).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.mode() & 0o7777, crate::access::FILE_MODE);
+        std::os::unix::fs::chown(&path, Some(4242), None).unwrap();
+        let err = read::<Sample>(&path).unwrap_err();
+        assert!(matches!(err, StateFileError::Permissions(..)), "{err}");
+        std::os::unix::fs::chown(&path, Some(0), None).unwrap();
+        assert_eq!(read::<Sample>(&path).unwrap(), sample());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o646)).unwrap();
+        assert!(matches!(
+            read::<Sample>(&path),
+            Err(StateFileError::Permissions(..))
+        ));
     }
 
     #[test]

@@ -31,6 +31,9 @@ pub enum WorkingSetError {
     /// The file could not be written.
     #[error("cannot write the working-set file {0}")]
     Write(PathBuf, #[source] std::io::Error),
+    /// Another user than this one or root owns it, or others may write it.
+    #[error("the working-set file {0} is not acceptable")]
+    Permissions(PathBuf, #[source] crate::access::AccessError),
     /// Not a working-set file, or cut short.
     #[error("the working-set file {0} is truncated or not a working-set file ({1} bytes)")]
     Truncated(PathBuf, u64),
@@ -120,6 +123,9 @@ impl WorkingSet {
         use std::io::Read;
         let err = |e| WorkingSetError::Read(path.to_path_buf(), e);
         let file = std::fs::File::open(path).map_err(err)?;
+        let meta = file.metadata().map_err(err)?;
+        crate::access::check(&meta)
+            .map_err(|e| WorkingSetError::Permissions(path.to_path_buf(), e))?;
         let cap = HEADER as u64 + MAX_PAGES * 8 + 8;
         let mut bytes = Vec::new();
         file.take(cap + 1).read_to_end(&mut bytes).map_err(err)?;
@@ -190,6 +196,30 @@ mod tests {
         assert_eq!(ws.runs(), vec![(3, 3), (7, 1), (100, 1)]);
         ws.write(&path, &info()).unwrap();
         assert_eq!(WorkingSet::read(&path, &info()).unwrap(), ws);
+    }
+
+    #[test]
+    fn the_file_is_readable_by_all_and_only_root_or_this_users_is_read() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test gives a file to another user (chown): run it as root"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = WorkingSet::path_for(&dir.path().join("vm.mem"));
+        let ws = WorkingSet::new(vec![1, 2]);
+        ws.write(&path, &info()).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.mode() & 0o7777, crate::access::FILE_MODE);
+        std::os::unix::fs::chown(&path, Some(4242), None).unwrap();
+        assert!(matches!(
+            WorkingSet::read(&path, &info()),
+            Err(WorkingSetError::Permissions(..))
+        ));
+        std::os::unix::fs::chown(&path, Some(0), None).unwrap();
+        assert_eq!(WorkingSet::read(&path, &info()).unwrap(), ws);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(WorkingSet::read(&path, &info()).is_err());
     }
 
     #[test]

@@ -65,7 +65,8 @@ pub struct VmmArgs {
     #[arg(long, requires = "restore_state")]
     pub restore_mem: Option<PathBuf>,
     /// How guest RAM is restored: `file` maps the memory file copy-on-write (clones share its
-    /// pages); `uffd` fills anonymous memory from it on first touch through userfaultfd.
+    /// pages); `copy` reads its data into huge-page anonymous memory first; `uffd` fills
+    /// anonymous memory from it on first touch through userfaultfd.
     #[arg(long, value_enum, default_value_t = RestoreModeArg::File, requires = "restore_state")]
     pub restore_mode: RestoreModeArg,
     /// With `--restore-mode uffd`: copy the pages of this working-set file in before the vCPUs
@@ -89,6 +90,8 @@ pub struct VmmArgs {
 pub enum RestoreModeArg {
     /// Map the memory file copy-on-write.
     File,
+    /// Read the memory file's data into huge-page-advised anonymous memory.
+    Copy,
     /// Serve guest RAM from the memory file through userfaultfd.
     Uffd,
 }
@@ -102,6 +105,12 @@ impl VmmArgs {
                     bail!("--prefetch-ws and --record-ws need --restore-mode uffd");
                 }
                 Ok(RestoreMode::File)
+            }
+            RestoreModeArg::Copy => {
+                if self.prefetch_ws.is_some() || self.record_ws {
+                    bail!("--prefetch-ws and --record-ws need --restore-mode uffd");
+                }
+                Ok(RestoreMode::Copy)
             }
             RestoreModeArg::Uffd => Ok(RestoreMode::Uffd {
                 prefetch_ws: self.prefetch_ws.clone(),
@@ -149,6 +158,9 @@ impl VmmArgs {
 /// Runs `hearth vmm`; returns the process exit status.
 pub fn run(args: VmmArgs) -> anyhow::Result<u8> {
     let started = Instant::now();
+    // Snapshot files are written by this process with a fixed mode (`hearth_snapshot::access`);
+    // a fixed umask means they never need an `fchmod`, which the seccomp filter does not allow.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     let config = args.to_config()?;
     let signals = block_termination_signals()?;
     install_kick_handler()?;
@@ -172,6 +184,7 @@ pub fn run(args: VmmArgs) -> anyhow::Result<u8> {
         Some(path) => Some(ControlServer::bind(path)?),
         None => None,
     };
+    tracing::debug!(ms = ms_since(started), "control socket bound");
     let mut handles = Vec::with_capacity(built.vcpus.len());
     for vcpu in built.vcpus {
         let vcpu = if args.no_seccomp {
@@ -181,6 +194,7 @@ pub fn run(args: VmmArgs) -> anyhow::Result<u8> {
         };
         handles.push(vcpu.spawn()?);
     }
+    tracing::debug!(ms = ms_since(started), "vCPU threads spawned");
     let parent = args.exit_on_stdin_eof.then_some(0);
     let controller = Controller::new(handles, built.events, built.wake, &signals, parent, control)?
         .with_snapshot(built.persist);
@@ -200,6 +214,7 @@ pub fn run(args: VmmArgs) -> anyhow::Result<u8> {
             if !no_seccomp {
                 seccomp::install(ThreadKind::Vmm).map_err(|e| e.to_string())?;
             }
+            tracing::debug!(ms = ms_since(started), "VMM thread serving");
             if start_now {
                 event_loop.command(Command::Start)?;
             }
@@ -239,4 +254,9 @@ pub fn run(args: VmmArgs) -> anyhow::Result<u8> {
         }
         other => Ok(other.exit_status()),
     }
+}
+
+/// Milliseconds since `t` (for the start-up timing logs).
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
 }

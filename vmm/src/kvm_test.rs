@@ -64,10 +64,19 @@ pub fn in_kvm_with(test_name: &str, with: &[&std::path::Path], body: impl FnOnce
     };
     let hearth = hearth_binary();
     eprintln!("[in_kvm] /dev/kvm here is {kind}; running {test_name} inside `hearth testhost`");
-    let status = Command::new(&hearth)
-        .arg("testhost")
-        .arg("--with")
-        .arg(&exe)
+    let mut command = Command::new(&hearth);
+    command.arg("testhost").arg("--with").arg(&exe);
+    // The VMM executable spawned VMMs run, packed at its path so that it is found there too.
+    let vmm = crate::process::vmm_program(&hearth);
+    if vmm != hearth {
+        command.arg("--with").arg(&vmm);
+        if std::env::var_os(crate::process::VMM_BINARY_ENV).is_some() {
+            let mut env = std::ffi::OsString::from(format!("{}=", crate::process::VMM_BINARY_ENV));
+            env.push(vmm.as_os_str());
+            command.arg("--env").arg(env);
+        }
+    }
+    let status = command
         .args(
             with.iter()
                 .flat_map(|p| [std::ffi::OsStr::new("--with"), p.as_os_str()]),

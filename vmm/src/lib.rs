@@ -19,8 +19,10 @@
 //! state and taking a snapshot; each component saves its own state beside it), `restore`
 //! (snapshot to VM), `uffd` (the userfaultfd restore mode: guest RAM served from the memory file
 //! by a handler thread), `cli` (`hearth vmm`),
-//! `process` (the agent's handle on a `hearth vmm` child), `kvm_test` (running VM tests where
-//! hardware KVM is).
+//! `process` (the agent's handle on a `hearth vmm` child, and which executable it runs),
+//! `kvm_test` (running VM tests where hardware KVM is). `src/bin/hearth-vmm.rs` is the VMM as its
+//! own small executable (`hearth vmm` without the rest of Hearth), built static and non-PIE by
+//! the set-up; spawned VMMs run it where it is built.
 
 pub mod acpi;
 pub mod arch;

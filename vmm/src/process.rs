@@ -24,6 +24,76 @@ const STDERR_KEEP: usize = 16 * 1024;
 /// How long a jailer gets to clean up and exit after its VMM was killed.
 const JAILER_EXIT: Duration = Duration::from_secs(5);
 
+/// The environment variable naming the VMM executable spawned VMMs run.
+pub const VMM_BINARY_ENV: &str = "HEARTH_VMM_BINARY";
+/// The small VMM-only executable (`vmm/src/bin/hearth-vmm.rs`).
+pub const VMM_BINARY_NAME: &str = "hearth-vmm";
+/// Where the set-up builds the static, non-PIE `hearth-vmm`, under the cargo target folder.
+pub const STATIC_VMM_SUBDIR: &str = "x86_64-unknown-linux-gnu/release";
+
+/// How much older than `hearth` a VMM executable of the same cargo build folder may be and still
+/// count as built from the same sources (one `cargo build` links them seconds apart).
+const SAME_BUILD_SLACK: Duration = Duration::from_secs(60);
+
+/// The program a VMM is spawned as, for the `hearth` binary `hearth_binary`; it is run with `vmm`
+/// and the VMM flags (`hearth-vmm` accepts and ignores the leading `vmm`). In order:
+/// `$HEARTH_VMM_BINARY`; then, for `hearth` in a cargo build folder (`<target>/debug` or
+/// `<target>/release`), the static `hearth-vmm` the set-up builds
+/// (`<target>/x86_64-unknown-linux-gnu/release/`), else `hearth-vmm` next to `hearth`, each only
+/// if not older than `hearth` (less [`SAME_BUILD_SLACK`]: an older one may predate a change to
+/// the sources); elsewhere (installed) `hearth-vmm` next to `hearth`; else `hearth` itself.
+pub fn vmm_program(hearth_binary: &Path) -> PathBuf {
+    let (program, why) = resolve_vmm_program(
+        hearth_binary,
+        std::env::var_os(VMM_BINARY_ENV).filter(|v| !v.is_empty()),
+    );
+    tracing::debug!(program = %program.display(), why, "VMM program");
+    program
+}
+
+fn resolve_vmm_program(
+    hearth_binary: &Path,
+    from_env: Option<std::ffi::OsString>,
+) -> (PathBuf, &'static str) {
+    if let Some(p) = from_env {
+        return (PathBuf::from(p), "$HEARTH_VMM_BINARY");
+    }
+    let dir = hearth_binary.parent().unwrap_or(Path::new("."));
+    let sibling = dir.join(VMM_BINARY_NAME);
+    let modified = |p: &Path| {
+        std::fs::metadata(p)
+            .ok()
+            .filter(|m| m.is_file())
+            .and_then(|m| m.modified().ok())
+    };
+    let in_build = dir
+        .file_name()
+        .is_some_and(|n| n == "debug" || n == "release");
+    if !in_build {
+        return match modified(&sibling) {
+            Some(_) => (sibling, "hearth-vmm next to hearth"),
+            None => (hearth_binary.to_path_buf(), "hearth vmm"),
+        };
+    }
+    let hearth_time = modified(hearth_binary);
+    let fresh = |p: &Path| {
+        modified(p).is_some_and(|t| hearth_time.is_none_or(|h| t + SAME_BUILD_SLACK >= h))
+    };
+    if let Some(target) = dir.parent() {
+        let built = target.join(STATIC_VMM_SUBDIR).join(VMM_BINARY_NAME);
+        if fresh(&built) {
+            return (built, "the static hearth-vmm of the build");
+        }
+    }
+    if fresh(&sibling) {
+        return (sibling, "hearth-vmm next to hearth");
+    }
+    (
+        hearth_binary.to_path_buf(),
+        "hearth vmm (no hearth-vmm as new)",
+    )
+}
+
 /// `path` of a configuration as seen from this host: under `root` for a jailed VMM.
 fn host_path(root: Option<&Path>, path: &Path) -> PathBuf {
     match root {
@@ -158,10 +228,17 @@ pub struct VmmProcess {
 }
 
 impl VmmProcess {
-    /// Starts `hearth_binary vmm` for `config` and waits until its VM is built and its control
+    /// Starts `hearth_binary vmm` (or the VMM executable [`vmm_program`] finds for it) for
+    /// `config` and waits until its VM is built and its control
     /// socket answers. The VM is not running yet: call [`VmmProcess::start`].
     pub fn spawn(hearth_binary: &Path, config: &VmConfig) -> Result<Self, ProcessError> {
         Self::spawn_with(hearth_binary, config, &[])
+    }
+
+    /// [`VmmProcess::spawn`] running `program vmm` as given (`hearth` or `hearth-vmm`), without
+    /// [`vmm_program`]'s choice: for comparing VMM executables.
+    pub fn spawn_program(program: &Path, config: &VmConfig) -> Result<Self, ProcessError> {
+        Self::spawn_via(program, &[], None, config, &[])
     }
 
     /// Starts `hearth_binary vmm` restoring the snapshot in `files` with the host side (sockets,
@@ -199,6 +276,9 @@ impl VmmProcess {
             "--restore-mem".into(),
             files.mem.clone().into_os_string(),
         ];
+        if mode == crate::RestoreMode::Copy {
+            args.extend(["--restore-mode".into(), "copy".into()]);
+        }
         if let crate::RestoreMode::Uffd {
             prefetch_ws,
             record_ws,
@@ -236,7 +316,7 @@ impl VmmProcess {
         config: &VmConfig,
         extra: &[std::ffi::OsString],
     ) -> Result<Self, ProcessError> {
-        Self::spawn_via(hearth_binary, &[], None, config, extra)
+        Self::spawn_via(&vmm_program(hearth_binary), &[], None, config, extra)
     }
 
     fn spawn_via(
@@ -492,6 +572,51 @@ impl Drop for VmmProcess {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_vmm_program_is_a_small_image_as_new_as_hearth_else_hearth() {
+        let target = tempfile::tempdir().unwrap();
+        let profile = target.path().join("debug");
+        let static_dir = target.path().join(STATIC_VMM_SUBDIR);
+        std::fs::create_dir_all(&profile).unwrap();
+        std::fs::create_dir_all(&static_dir).unwrap();
+        let at = |p: &Path, secs: u64| {
+            let t = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+            std::fs::write(p, b"").unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+        };
+        let hearth = profile.join("hearth");
+        at(&hearth, 10_000);
+        let resolve = |env: Option<&str>| resolve_vmm_program(&hearth, env.map(Into::into)).0;
+        assert_eq!(resolve(None), hearth);
+        assert_eq!(resolve(Some("/opt/vmm")), Path::new("/opt/vmm"));
+        // Linked by the same build, seconds before hearth.
+        let sibling = profile.join(VMM_BINARY_NAME);
+        at(&sibling, 9_990);
+        assert_eq!(resolve(None), sibling);
+        // The static image, built after hearth: it wins.
+        let built = static_dir.join(VMM_BINARY_NAME);
+        at(&built, 10_100);
+        assert_eq!(resolve(None), built);
+        // Both older than hearth: they may predate a change, so hearth runs the VMM.
+        at(&built, 1_000);
+        at(&sibling, 1_000);
+        assert_eq!(resolve(None), hearth);
+        // Installed (not a build folder): hearth-vmm next to hearth, whatever its time.
+        let bin = target.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        at(&bin.join("hearth"), 10_000);
+        at(&bin.join(VMM_BINARY_NAME), 1_000);
+        assert_eq!(
+            resolve_vmm_program(&bin.join("hearth"), None).0,
+            bin.join(VMM_BINARY_NAME)
+        );
+    }
 
     #[test]
     fn jailed_paths_lie_under_the_jail_root() {

@@ -1,6 +1,7 @@
 //! Builds a VM from a snapshot instead of a kernel: reads and checks the state file, checks the
-//! memory file on the descriptor it then maps privately (copy on write; or, in the userfaultfd
-//! mode, serves from it on demand, see `uffd`), and restores the KVM
+//! memory file on the descriptor it then maps privately (copy on write; or, in the copy mode,
+//! reads its data extents into huge-page anonymous memory; or, in the userfaultfd mode, serves
+//! from it on demand, see `uffd`), and restores the KVM
 //! VM, each vCPU and each device from its saved state. Nothing is built from the snapshot before
 //! it is checked against the configuration (memory size, vCPU count, devices, vsock cid); a
 //! snapshot that does not fit gives an error, never a guest on bad state.
@@ -39,6 +40,11 @@ pub enum RestoreMode {
     /// the page cache.
     #[default]
     File,
+    /// The memory file's data read into anonymous memory that starts on 2 MiB boundaries and is
+    /// advised for transparent huge pages, before the vCPUs run: no sharing between clones (each
+    /// holds its own copy of the snapshot's data), but KVM can map guest RAM with 2 MiB pages,
+    /// where a file mapping gives it 4 KiB pages and the guest one nested page fault for each.
+    Copy,
     /// Anonymous memory filled on first touch from the memory file by a userfaultfd handler.
     Uffd {
         /// A working-set file to copy in before the vCPUs run.
@@ -87,6 +93,88 @@ pub enum RestoreError {
     /// The vsock transport could not be restored.
     #[error("cannot restore the vsock transport")]
     Transport(#[source] crate::devices::virtio::MmioError),
+    /// The memory file could not be read into guest RAM (the `Copy` mode).
+    #[error("cannot read the memory file into guest RAM at offset {0:#x}")]
+    CopyData(u64, #[source] std::io::Error),
+}
+
+/// `lseek(fd, offset, whence)` for `SEEK_DATA`/`SEEK_HOLE`: `None` past the last data extent
+/// (ENXIO).
+fn seek(file: &std::fs::File, offset: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek on a descriptor we own; it only moves the file offset, which nothing else
+    // relies on (reads are positional).
+    let at = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
+    if at < 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(Some(at as u64))
+}
+
+/// Reads the data extents of `file` (guest RAM, the regions one after the other; holes are
+/// zero, as fresh anonymous memory is) into `mem`. Returns the bytes read.
+fn copy_data(file: &std::fs::File, mem: &memory::GuestMemory) -> Result<u64, RestoreError> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+    let mut copied = 0u64;
+    let mut offset = 0u64;
+    for region in mem.iter() {
+        let len = region.len();
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|e| RestoreError::CopyData(offset, std::io::Error::other(e.to_string())))?;
+        let end = offset + len;
+        let mut at = offset;
+        while at < end {
+            let Some(data) = seek(file, at, libc::SEEK_DATA)
+                .map_err(|e| RestoreError::CopyData(at, e))?
+                .filter(|&d| d < end)
+            else {
+                break;
+            };
+            let hole = seek(file, data, libc::SEEK_HOLE)
+                .map_err(|e| RestoreError::CopyData(data, e))?
+                .unwrap_or(end)
+                .min(end);
+            let mut pos = data;
+            while pos < hole {
+                let n = (hole - pos) as usize;
+                // SAFETY: `host` is the start of this region's mapping of `len` bytes, and
+                // `pos - offset + n <= len`; the memory is the process's own anonymous guest RAM,
+                // which no vCPU or device uses yet.
+                let r = unsafe {
+                    libc::pread(
+                        std::os::fd::AsRawFd::as_raw_fd(file),
+                        host.add((pos - offset) as usize).cast(),
+                        n,
+                        pos as libc::off_t,
+                    )
+                };
+                if r < 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err(RestoreError::CopyData(pos, e));
+                }
+                if r == 0 {
+                    return Err(RestoreError::CopyData(
+                        pos,
+                        std::io::ErrorKind::UnexpectedEof.into(),
+                    ));
+                }
+                pos += r as u64;
+                copied += r as u64;
+            }
+            at = hole;
+        }
+        offset = end;
+    }
+    Ok(copied)
 }
 
 fn mismatch(what: String) -> RestoreError {
@@ -169,6 +257,12 @@ pub fn restore_with(
             drop(mem_file);
             (mem, None)
         }
+        RestoreMode::Copy => {
+            let mem = memory::create(state.mem_bytes)?;
+            let copied = copy_data(&mem_file, &mem)?;
+            tracing::debug!(bytes = copied, "memory file data copied into guest RAM");
+            (mem, None)
+        }
         RestoreMode::Uffd {
             prefetch_ws,
             record_ws,
@@ -211,6 +305,7 @@ pub fn restore_with(
         vsock_parts = Some((transport, device));
     }
 
+    ms("devices restored");
     let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?);
     let (sink, events) = EventSink::new(wake.clone());
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
@@ -231,6 +326,7 @@ pub fn restore_with(
             .with_persist(cpuid, vm.msr_indices().clone()),
         );
     }
+    ms("vCPUs restored");
     state.vm.restore(&vm)?;
     ms("VM restored");
     let vm = Arc::new(vm);

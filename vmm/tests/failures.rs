@@ -32,6 +32,41 @@ fn a_missing_kernel_is_named_in_the_error() {
     assert!(!dir.path("control.sock").exists());
 }
 
+/// Both VMM executables, `hearth vmm` and the small `hearth-vmm` (with or without the leading
+/// `vmm` that spawns pass), run the same VMM: each names a missing kernel.
+#[test]
+fn hearth_vmm_and_the_small_executable_both_name_a_missing_kernel() {
+    let dir = VmDir::new();
+    let mut c = VmConfig::new("/nonexistent/vmlinuz");
+    c.control_socket = Some(dir.path("control.sock"));
+    let hearth = hearth_binary();
+    let small = std::path::Path::new(env!("CARGO_BIN_EXE_hearth-vmm"));
+    for program in [hearth.as_path(), small] {
+        let err = match VmmProcess::spawn_program(program, &c) {
+            Ok(mut p) => {
+                let _ = p.kill();
+                panic!("{} started with a bad configuration", program.display())
+            }
+            Err(e @ ProcessError::ExitedEarly { .. }) => e.to_string(),
+            Err(e) => panic!("unexpected error from {}: {e}", program.display()),
+        };
+        assert!(
+            err.contains("/nonexistent/vmlinuz") && err.contains("cannot open the kernel"),
+            "{}: {err}",
+            program.display()
+        );
+    }
+    let out = std::process::Command::new(small)
+        .args(["--kernel", "/nonexistent/vmlinuz"])
+        .output()
+        .expect("run hearth-vmm");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("/nonexistent/vmlinuz"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn a_corrupt_kernel_is_refused() {
     let dir = VmDir::new();

@@ -443,20 +443,12 @@ fn restore_and_ping(
         Err(e) => panic!("{what}: {e}\nVMM stderr:\n{}", vmm.stderr_tail()),
     };
     let to_ready = t.elapsed();
-    // Right after a restore the guest may still turn a host connection away until it has
-    // handled the transport reset everywhere (the pool waits for an answer the same way): retry
-    // a refused connect for a while, loudly.
-    let connect_deadline = Instant::now() + Duration::from_secs(10);
-    let mut client = loop {
-        match ControlClient::connect_uds(uds) {
-            Ok(client) => break client,
-            Err(e) if Instant::now() < connect_deadline => {
-                eprintln!("{what}: control port after restore: {e}; retrying");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) => panic!("{what}: control port after restore: {e}"),
-        }
-    };
+    // Right after its Ready the restored guest must take a host connection. (It used to refuse
+    // one now and then: the guest still held, closed but not yet released, the socket of a
+    // connection the snapshot's VMM had open, and the restored VMM gave its first connection
+    // the same host port, which matched that dead socket; host ports now start at random.)
+    let mut client = ControlClient::connect_uds(uds)
+        .unwrap_or_else(|e| panic!("{what}: control port after restore: {e}"));
     let payload: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
     assert_eq!(
         client.ping(payload.clone()).expect("ping"),
@@ -523,8 +515,9 @@ fn uffd_restore_working_set_and_bad_working_set() {
         let ws = hearth_snapshot::WorkingSet::path_for(&files.mem);
         let ws_len = std::fs::metadata(&ws).expect("the working-set file").len();
         eprintln!("working set: {ws_len} bytes");
+        // Each fault brings in its whole 2 MiB block: a few tens of faults.
         assert!(
-            ws_len > 48 + 8 * 10,
+            ws_len >= 48 + 8 * 3,
             "a working set of a few pages at least"
         );
 
@@ -570,6 +563,24 @@ fn uffd_restore_working_set_and_bad_working_set() {
             "file restore of a uffd VM's snapshot",
         );
         drop(vmm);
+        drop(conn);
+        // The copy mode: the memory file's data read into huge-page memory before the vCPUs run.
+        let (mut vmm, conn, ready, ping) = restore_and_ping(
+            &config,
+            &again,
+            RestoreMode::Copy,
+            &listener,
+            &dir.uds(),
+            "copy restore of a uffd VM's snapshot",
+        );
+        let mem = vmm.memory_usage().expect("memory usage");
+        eprintln!(
+            "copy restore: guest Ready {:.1} ms, ping answered {:.1} ms; {mem:?}",
+            ms(ready),
+            ms(ping)
+        );
+        let status = vmm.stop().expect("stop");
+        assert!(status.success(), "{status}: {}", vmm.stderr_tail());
         drop(conn);
 
         // A corrupted working set is refused before any guest runs.

@@ -44,6 +44,9 @@ pub enum CgroupError {
     /// The parent name is not a plain relative path.
     #[error("the cgroup parent {0:?} must be a relative path of plain names")]
     BadParent(String),
+    /// The VM id cannot name a cgroup.
+    #[error("the VM id {0:?} cannot name a cgroup")]
+    BadId(String),
     /// A cgroup of that name exists and cannot be removed (it holds processes).
     #[error("the cgroup {0:?} exists and is in use")]
     InUse(PathBuf),
@@ -125,6 +128,12 @@ fn v2_has_controllers(dir: &Path) -> bool {
     })
 }
 
+/// Where the hierarchy in use is mounted, and this process's cgroup folder(s) in it.
+enum Located {
+    V2 { point: PathBuf, base: PathBuf },
+    V1 { memory: PathBuf, cpu: PathBuf },
+}
+
 /// The cgroup(s) of one jailed VM.
 #[derive(Debug)]
 pub struct JailCgroup {
@@ -141,6 +150,38 @@ impl JailCgroup {
         limits: &CgroupLimits,
         version: Option<CgroupVersion>,
     ) -> Result<Self, CgroupError> {
+        match Self::locate(parent, version)? {
+            Located::V2 { point, base } => Self::create_v2(&point, &base.join(parent), id, limits),
+            Located::V1 { memory, cpu } => {
+                Self::create_v1(&memory.join(parent), &cpu.join(parent), id, limits)
+            }
+        }
+    }
+
+    /// The cgroup(s) `create` made for `id` that still exist (a jailer killed before it could
+    /// remove them), as seen from this process, which must sit where the jailer started (its
+    /// parent: the agent). `None` when there are none.
+    pub fn leftover(
+        parent: &str,
+        id: &str,
+        version: Option<CgroupVersion>,
+    ) -> Result<Option<Self>, CgroupError> {
+        if super::paths::check_id(id).is_err() {
+            return Err(CgroupError::BadId(id.to_string()));
+        }
+        let (version, dirs) = match Self::locate(parent, version)? {
+            Located::V2 { base, .. } => (CgroupVersion::V2, vec![base.join(parent).join(id)]),
+            Located::V1 { memory, cpu } => (
+                CgroupVersion::V1,
+                vec![memory.join(parent).join(id), cpu.join(parent).join(id)],
+            ),
+        };
+        let dirs: Vec<PathBuf> = dirs.into_iter().filter(|d| d.is_dir()).collect();
+        Ok((!dirs.is_empty()).then_some(JailCgroup { version, dirs }))
+    }
+
+    /// Where the hierarchy to use is mounted and where this process sits in it.
+    fn locate(parent: &str, version: Option<CgroupVersion>) -> Result<Located, CgroupError> {
         let parent_ok = !parent.is_empty()
             && Path::new(parent)
                 .components()
@@ -171,13 +212,13 @@ impl JailCgroup {
         match chosen {
             CgroupVersion::V2 => {
                 let (point, base) = v2.ok_or(CgroupError::VersionMissing(chosen))?;
-                Self::create_v2(&point, &base.join(parent), id, limits)
+                Ok(Located::V2 { point, base })
             }
             CgroupVersion::V1 => {
-                let (Some(mem), Some(cpu)) = (v1("memory"), v1("cpu")) else {
+                let (Some(memory), Some(cpu)) = (v1("memory"), v1("cpu")) else {
                     return Err(CgroupError::VersionMissing(chosen));
                 };
-                Self::create_v1(&mem.join(parent), &cpu.join(parent), id, limits)
+                Ok(Located::V1 { memory, cpu })
             }
         }
     }
@@ -292,6 +333,29 @@ impl JailCgroup {
         for d in &self.dirs {
             // "0": the writing process, whatever its pid looks like in its pid namespace.
             write(&d.join("cgroup.procs"), "0")?;
+        }
+        Ok(())
+    }
+
+    /// Kills (SIGKILL) every process still in the cgroup(s): v2's `cgroup.kill` where the kernel
+    /// has it, else each pid `cgroup.procs` lists.
+    pub fn kill_all(&self) -> Result<(), CgroupError> {
+        for d in &self.dirs {
+            let kill = d.join("cgroup.kill");
+            if self.version == CgroupVersion::V2 && kill.exists() {
+                write(&kill, "1")?;
+                continue;
+            }
+            let procs = d.join("cgroup.procs");
+            for pid in read(&procs)?
+                .lines()
+                .filter_map(|l| l.trim().parse::<i32>().ok())
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
         }
         Ok(())
     }

@@ -7,6 +7,10 @@
 //! root is writable by the VM's uid; [`VmJail::host_path`] tells where such a path lies on this
 //! host). A socket the agent itself listens on in the jail (the vsock `<uds>_<port>` ones) must be
 //! handed to the VM's uid with [`VmJail::give`], or the VMM cannot connect to it.
+//!
+//! The jailer removes the jail folder and the cgroup when its VMM ends; a jailer that is itself
+//! killed cannot, so whoever held the VM calls [`JailConfig::clean_up`] once the jailer is gone:
+//! it ends what still runs in the cgroup and removes the cgroup and the folder.
 
 use std::ffi::OsString;
 use std::os::fd::RawFd;
@@ -15,7 +19,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use hearth_vmm::{ProcessError, SnapshotFiles, VmConfig, VmmProcess};
 
-use super::cgroup::CgroupVersion;
+use super::cgroup::{CgroupError, CgroupVersion, JailCgroup};
 use super::paths::{self, PathError};
 use super::run::{DEFAULT_CGROUP_PARENT, DEFAULT_JAIL_BASE};
 
@@ -48,6 +52,9 @@ pub enum LaunchError {
     /// The jailed VMM did not start.
     #[error(transparent)]
     Process(#[from] ProcessError),
+    /// A cgroup left behind could not be found or removed.
+    #[error("cannot remove the cgroup a jail left behind")]
+    Cgroup(#[from] CgroupError),
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LaunchError {
@@ -132,7 +139,10 @@ impl JailConfig {
             flag("snapshot-state", s.state.clone().into());
             flag("snapshot-mem", s.mem.clone().into());
         }
-        flag("exec-file", self.hearth_binary.clone().into());
+        flag(
+            "exec-file",
+            hearth_vmm::process::vmm_program(&self.hearth_binary).into(),
+        );
         flag("memory-limit-mib", jail.memory_limit_mib.to_string().into());
         if let Some(q) = jail.cpu_quota_us {
             flag("cpu-quota-us", q.to_string().into());
@@ -207,6 +217,31 @@ impl JailConfig {
             &inside,
             &extra,
         )?)
+    }
+}
+
+impl JailConfig {
+    /// Removes what the jail of `jail` left behind when its jailer could not clean up (it was
+    /// killed): ends any process still in the VM's cgroup, removes the cgroup and the jail folder
+    /// `<jail_base>/<id>`. Call only once the jailer has exited; a jail cleaned up by its jailer
+    /// leaves nothing to do (two checks for folders that are gone).
+    pub fn clean_up(&self, jail: &VmJail) -> Result<(), LaunchError> {
+        if let Some(cgroup) =
+            JailCgroup::leftover(&self.cgroup_parent, &jail.id, self.cgroup_version)?
+        {
+            tracing::warn!(id = %jail.id, dirs = ?cgroup.dirs(), "removing the cgroup of a jail whose jailer is gone");
+            cgroup.kill_all()?;
+            cgroup.remove()?;
+        }
+        let folder = self.jail_base.join(&jail.id);
+        match std::fs::remove_dir_all(&folder) {
+            Ok(()) => {
+                tracing::warn!(folder = %folder.display(), "removed the folder of a jail whose jailer is gone");
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io("remove", &folder)(e)),
+        }
     }
 }
 

@@ -5,7 +5,8 @@
 //! ([`libs`]) and its device nodes ([`mounts`]), with
 //! resource limits, only the descriptors it is handed, an empty environment and an unprivileged
 //! uid/gid ([`limits`]), and execs `hearth vmm` there. The agent builds that command line and
-//! spawns the jailed VMM with [`launch`].
+//! spawns the jailed VMM with [`launch`], for booted microVMs and for VMs restored into the pools
+//! alike (a restore gets the snapshot's state and memory files mounted read-only).
 //!
 //! A jailed VMM cannot read `/sys`, so it cannot tell hardware KVM from PVM by itself: on a PVM
 //! host it builds its VM (which PVM allows) and fails only when the guest runs.

@@ -72,8 +72,55 @@ pub fn wait_ready(
     }
 }
 
+/// How long [`ping`] keeps trying while the guest turns connections away.
+pub const TURNED_AWAY_RETRY: Duration = Duration::from_secs(5);
+/// The pause between two such tries.
+const TURNED_AWAY_PAUSE: Duration = Duration::from_millis(20);
+
 /// A control connection to the init (bounded by [`GUEST_REPLY_TIMEOUT`]) that answered a ping.
+///
+/// A restored guest can turn a host connection away right after its init said `Ready` (the
+/// vsock device refuses the `CONNECT`, or accepts it and resets it before the `Hello`): such a
+/// failure is retried every 20 ms for up to [`TURNED_AWAY_RETRY`]; any other failure, or the
+/// last one after that, is returned.
 pub fn ping(uds: &Path) -> Result<ControlClient<UnixStream>, ProtocolError> {
+    let deadline = Instant::now() + TURNED_AWAY_RETRY;
+    let mut tries = 1u32;
+    loop {
+        match ping_once(uds) {
+            Err(e) if turned_away(&e) && Instant::now() < deadline => {
+                tracing::debug!(tries, error = %e, "the guest turned the control connection away; retrying");
+                std::thread::sleep(TURNED_AWAY_PAUSE);
+                tries += 1;
+            }
+            Err(e) if tries > 1 => {
+                tracing::warn!(tries, error = %e, "the guest's control port did not answer");
+                return Err(e);
+            }
+            done => return done,
+        }
+    }
+}
+
+/// Whether `e` is the guest refusing or resetting a connection before it was set up (worth
+/// another try), rather than a broken answer.
+pub fn turned_away(e: &ProtocolError) -> bool {
+    use std::io::ErrorKind;
+    match e {
+        ProtocolError::ConnectRefused { .. } | ProtocolError::Closed => true,
+        ProtocolError::Io(io) => matches!(
+            io.kind(),
+            ErrorKind::ConnectionRefused
+                | ErrorKind::ConnectionReset
+                | ErrorKind::ConnectionAborted
+                | ErrorKind::BrokenPipe
+                | ErrorKind::UnexpectedEof
+        ),
+        _ => false,
+    }
+}
+
+fn ping_once(uds: &Path) -> Result<ControlClient<UnixStream>, ProtocolError> {
     let stream = connect_vsock_uds(uds, CONTROL_PORT)?;
     stream
         .set_read_timeout(Some(GUEST_REPLY_TIMEOUT))
@@ -96,4 +143,84 @@ pub fn serial_tail(dir: &Path) -> String {
     let text = std::fs::read_to_string(dir.join("serial.log")).unwrap_or_default();
     let start = text.len().saturating_sub(2000);
     text.get(start..).unwrap_or("").trim().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hearth_guest::protocol::{Hello, Message, expect_frame, write_frame};
+    use std::io::{Read, Write};
+
+    #[test]
+    fn refusals_and_resets_are_retried_broken_answers_are_not() {
+        let refused = ProtocolError::ConnectRefused {
+            port: CONTROL_PORT,
+            reply: String::new(),
+        };
+        assert!(turned_away(&refused));
+        assert!(turned_away(&ProtocolError::Closed));
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(turned_away(&ProtocolError::Io(reset)));
+        let timeout = std::io::Error::from(std::io::ErrorKind::WouldBlock);
+        assert!(!turned_away(&ProtocolError::Io(timeout)), "a silent guest");
+        assert!(!turned_away(&ProtocolError::Truncated));
+        assert!(!turned_away(&ProtocolError::Version { peer: 9, ours: 1 }));
+    }
+
+    /// A stand-in for the VMM's vsock socket: turns the first `refusals` connections away, then
+    /// answers as the init does (`OK`, `Hello`, the ping echoed).
+    fn backend(listener: UnixListener, refusals: usize) -> std::thread::JoinHandle<usize> {
+        listener.set_nonblocking(false).unwrap();
+        std::thread::spawn(move || {
+            let mut seen = 0;
+            for conn in listener.incoming() {
+                let mut conn = conn.unwrap();
+                seen += 1;
+                let mut line = Vec::new();
+                let mut b = [0u8; 1];
+                while conn.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
+                    line.push(b[0]);
+                }
+                assert_eq!(line, format!("CONNECT {CONTROL_PORT}").as_bytes());
+                if seen <= refusals {
+                    // The VMM's refusal: the connection closed without an `OK`.
+                    continue;
+                }
+                conn.write_all(b"OK 1073741824\n").unwrap();
+                let hello: Message = expect_frame(&mut conn).unwrap();
+                assert!(matches!(hello, Message::Hello(_)));
+                write_frame(&mut conn, &Message::Hello(Hello::ours("test-init"))).unwrap();
+                let Message::Ping { bytes } = expect_frame(&mut conn).unwrap() else {
+                    panic!("not a ping");
+                };
+                write_frame(&mut conn, &Message::Pong { bytes }).unwrap();
+                return seen;
+            }
+            seen
+        })
+    }
+
+    #[test]
+    fn a_guest_that_turns_the_first_connections_away_is_pinged_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("vsock.sock");
+        let server = backend(UnixListener::bind(&uds).unwrap(), 3);
+        ping(&uds).expect("the fourth connection answers");
+        assert_eq!(server.join().unwrap(), 4);
+    }
+
+    #[test]
+    fn a_guest_that_keeps_turning_connections_away_fails_within_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("vsock.sock");
+        let _server = backend(UnixListener::bind(&uds).unwrap(), usize::MAX);
+        let t = Instant::now();
+        let err = ping(&uds).map(drop).expect_err("never answers");
+        assert!(matches!(err, ProtocolError::ConnectRefused { .. }), "{err}");
+        let took = t.elapsed();
+        assert!(
+            took >= TURNED_AWAY_RETRY && took < TURNED_AWAY_RETRY + Duration::from_secs(5),
+            "{took:?}"
+        );
+    }
 }

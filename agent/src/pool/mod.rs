@@ -9,13 +9,15 @@
 //!   when claimed.
 //! - [`pools`]: a pool per memory size ([`DEFAULT_SIZES`] by default), refilled in the background
 //!   at a bounded rate; [`PoolSet::claim`] takes the smallest size that fits within a timeout.
-//! - [`guest`]: the blocking host side of the init's ready connection and control port.
+//! - [`guest`]: the blocking host side of the init's ready connection and control port (a ping
+//!   retries, briefly, a guest that turns connections away right after its restore).
 //!
 //! The microVM sandbox starts from a claimed VM when its configuration carries a [`PoolSet`]
 //! (`MicrovmConfig::pool`), then injects the function's code as for a booted VM.
 //!
-//! Relies on: `hearth_vmm::VmmProcess` (spawn, restore, pause, resume, snapshot) and the init's
-//! control protocol (`Ping`, `Refresh`). Must not touch: function code (the sandbox injects it
+//! Relies on: `hearth_vmm::VmmProcess` (spawn, restore, pause, resume, snapshot), the jail
+//! ([`crate::jail`]: `JailConfig::spawn` with the template's snapshot files, `clean_up`) and the
+//! init's control protocol (`Ping`, `Refresh`). Must not touch: function code (the sandbox injects it
 //! after a claim) or the snapshot files' format (`hearth-snapshot`'s).
 //!
 //! Figures (inside the QEMU TCG test host, 1 vCPU, debug `hearth` binary, this 2-core machine
@@ -47,6 +49,8 @@ pub mod pools;
 pub mod template;
 pub mod vm;
 
-pub use pools::{ClaimedVm, DEFAULT_SIZES, PoolConfig, PoolError, PoolSet, PoolSize, PoolStats};
+pub use pools::{
+    ClaimedVm, DEFAULT_SIZES, IdleVm, PoolConfig, PoolError, PoolSet, PoolSize, PoolStats,
+};
 pub use template::{Template, TemplateError, TemplateSpec};
-pub use vm::{Activated, ClaimedParts, PooledVm, PooledVmError};
+pub use vm::{Activated, ClaimedParts, PooledVm, PooledVmError, VmHome};

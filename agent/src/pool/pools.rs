@@ -28,7 +28,7 @@ use hearth_vmm::MemoryUsage;
 use tokio::sync::{Notify, Semaphore};
 
 use super::template::{Template, TemplateSpec};
-use super::vm::{Activated, PooledVm, PooledVmError};
+use super::vm::{Activated, PooledVm, PooledVmError, VmHome};
 
 /// The memory sizes Lambda offers pools for by default, MiB.
 pub const DEFAULT_SIZES: [u32; 6] = [128, 256, 512, 1024, 2048, 3008];
@@ -95,6 +95,9 @@ pub struct PoolConfig {
     pub check_interval: Duration,
     /// Pause before a pool tries again after a failed restore.
     pub retry_pause: Duration,
+    /// How the restored VMs' VMMs are jailed (`None`: plain children of the agent, with their
+    /// folders in `vm_dir`). Templates are booted unjailed either way (see [`super::template`]).
+    pub jail: Option<crate::jail::JailConfig>,
 }
 
 impl PoolConfig {
@@ -123,6 +126,7 @@ impl PoolConfig {
             restore_timeout: Duration::from_secs(30),
             check_interval: Duration::from_secs(1),
             retry_pause: Duration::from_secs(1),
+            jail: None,
         }
     }
 
@@ -299,6 +303,19 @@ impl std::fmt::Debug for PoolSet {
             .field("sizes", &self.inner.config.sizes)
             .finish_non_exhaustive()
     }
+}
+
+/// An idle pooled VM, as [`PoolSet::idle_vms`] sees it.
+#[derive(Debug, Clone)]
+pub struct IdleVm {
+    /// The VMM process (for a jailed VM, the jailer's child).
+    pub pid: u32,
+    /// The jailer, for a jailed VM.
+    pub jailer_pid: Option<u32>,
+    /// The jail, for a jailed VM.
+    pub jail: Option<crate::jail::VmJail>,
+    /// The VMM's memory, guest RAM set apart (`None` if `/proc` could not be read).
+    pub memory: Option<MemoryUsage>,
 }
 
 /// A VM taken from a pool: resumed and refreshed, ready for a function.
@@ -479,32 +496,20 @@ impl PoolSet {
         self.inner.pools.iter().map(SizePool::stats).collect()
     }
 
-    /// The process ids of the idle VMs of the `mem_mib` pool.
-    pub fn idle_pids(&self, mem_mib: u32) -> Vec<u32> {
-        self.inner
-            .pools
-            .iter()
-            .filter(|p| p.mem_mib == mem_mib)
-            .flat_map(|p| {
-                p.idle()
-                    .iter()
-                    .filter_map(PooledVm::pid)
-                    .collect::<Vec<_>>()
-            })
-            .collect()
-    }
-
-    /// The memory of each idle VM of the `mem_mib` pool.
-    pub fn idle_memory(&self, mem_mib: u32) -> Vec<MemoryUsage> {
-        self.inner
-            .pools
-            .iter()
-            .filter(|p| p.mem_mib == mem_mib)
-            .flat_map(|p| {
-                p.idle()
-                    .iter()
-                    .filter_map(PooledVm::memory_usage)
-                    .collect::<Vec<_>>()
+    /// The idle VMs of the `mem_mib` pool: their processes and memory, in one walk.
+    pub fn idle_vms(&self, mem_mib: u32) -> Vec<IdleVm> {
+        let Some(pool) = self.inner.pools.iter().find(|p| p.mem_mib == mem_mib) else {
+            return Vec::new();
+        };
+        let idle = pool.idle();
+        idle.iter()
+            .filter_map(|vm| {
+                Some(IdleVm {
+                    pid: vm.pid()?,
+                    jailer_pid: vm.jailer_pid(),
+                    jail: vm.jail().cloned(),
+                    memory: vm.memory_usage(),
+                })
             })
             .collect()
     }
@@ -724,17 +729,20 @@ async fn restore_one(inner: &Arc<Inner>, index: usize) {
         }
     };
     let id = inner.next_id.fetch_add(1, Ordering::SeqCst);
-    let dir = inner.config.vm_dir.join(format!(
-        "hearth-pool-{}-{}-{id}",
-        pool.mem_mib,
-        std::process::id()
-    ));
+    let name = format!("hearth-pool-{}-{}-{id}", pool.mem_mib, std::process::id());
+    let home = match &inner.config.jail {
+        Some(jails) => VmHome::Jail {
+            jails: jails.clone(),
+            id: name,
+        },
+        None => VmHome::Folder(inner.config.vm_dir.join(name)),
+    };
     let binary = inner.config.hearth_binary.clone();
     let timeout = inner.config.restore_timeout;
     let for_restore = template.clone();
     let cancel = inner.shut.clone();
     let restored = tokio::task::spawn_blocking(move || {
-        PooledVm::restore(&binary, &for_restore, dir, timeout, &cancel)
+        PooledVm::restore(&binary, &for_restore, home, timeout, &cancel)
     })
     .await;
     match restored {
@@ -763,7 +771,13 @@ async fn restore_one(inner: &Arc<Inner>, index: usize) {
             if inner.shut.load(Ordering::SeqCst) {
                 return;
             }
-            if in_a_row >= 2 && matches!(e, PooledVmError::Restore(_)) {
+            // The VMM itself failed (not the jail around it): the template may be bad.
+            let vmm_failed = matches!(
+                e,
+                PooledVmError::Restore(_)
+                    | PooledVmError::Jail(crate::jail::LaunchError::Process(_))
+            );
+            if in_a_row >= 2 && vmm_failed {
                 tracing::warn!(template = %template.dir.display(), "the template does not restore; building it again");
                 let mut slot = pool.template.lock().await;
                 if slot.as_ref().is_some_and(|t| t.dir == template.dir) {

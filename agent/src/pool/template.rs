@@ -8,6 +8,19 @@
 //! changes: the template is built anew and the stale folders of the same shape are removed.
 //!
 //! A build happens in a hidden folder beside the others and is renamed into place whole.
+//!
+//! Access: the template folder is root's alone (0700); the snapshot writer creates the state and
+//! memory files readable by all (`hearth_snapshot::access`) from the start, so that jailed VMMs,
+//! each under a uid of its own, can restore from them once the jail has bind-mounted them
+//! read-only into their roots, and so that no `chmod` afterwards moves the memory file's change
+//! time (its recorded identity would no longer match, and every restore would read and digest the
+//! whole file). A template holds a freshly booted guest with no function code and nothing
+//! secret in it.
+//!
+//! The template VM itself boots unjailed, as a child of the agent: its snapshot must be written
+//! by root into the root-only folder (a jailed VMM, under its own uid, could write only inside its
+//! jail, and a file handed over to root afterwards would need a `chown`, which moves the change
+//! time as a `chmod` does). It runs the guest kernel and init only, never function code.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -24,8 +37,9 @@ use sha2::{Digest, Sha256};
 use super::guest::{bind_ready, ping, ready_socket, serial_tail, wait_ready};
 use crate::sandbox::microvm::GUEST_CID;
 
-/// Bumped when the way a template is made changes (what the digest covers, the folder layout).
-const TEMPLATE_LAYOUT: u32 = 1;
+/// Bumped when the way a template is made changes (what the digest covers, the folder layout,
+/// the files' modes: 2 has them readable by the jailed VMMs).
+const TEMPLATE_LAYOUT: u32 = 2;
 /// The manifest, written last.
 const MANIFEST: &str = "template.json";
 
@@ -142,8 +156,9 @@ fn file_sha256(path: &Path) -> Result<String, TemplateError> {
 
 impl TemplateSpec {
     /// The digest of every input: the kernel's and the initramfs's bytes, the command line, the
-    /// memory size, the vCPUs, the `hearth` binary (size and modification time: it carries the
-    /// snapshot format version) and this module's layout version.
+    /// memory size, the vCPUs, the `hearth` binary and the VMM executable spawned for it (size
+    /// and modification time: they carry the snapshot format version) and this module's layout
+    /// version.
     pub fn digest(&self) -> Result<String, TemplateError> {
         let binary =
             std::fs::metadata(&self.hearth_binary).map_err(io("read", &self.hearth_binary))?;
@@ -163,6 +178,16 @@ impl TemplateSpec {
         field("vmm_size", &binary.size().to_le_bytes());
         field("vmm_mtime", &binary.mtime().to_le_bytes());
         field("vmm_mtime_ns", &binary.mtime_nsec().to_le_bytes());
+        // The executable VMMs actually run (a small `hearth-vmm` where there is one): it writes
+        // and reads the snapshot.
+        let program = hearth_vmm::process::vmm_program(&self.hearth_binary);
+        if program != self.hearth_binary {
+            let meta = std::fs::metadata(&program).map_err(io("read", &program))?;
+            field("vmm_program", program.as_os_str().as_encoded_bytes());
+            field("vmm_program_size", &meta.size().to_le_bytes());
+            field("vmm_program_mtime", &meta.mtime().to_le_bytes());
+            field("vmm_program_mtime_ns", &meta.mtime_nsec().to_le_bytes());
+        }
         Ok(hex::encode(h.finalize()))
     }
 

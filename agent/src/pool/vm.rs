@@ -8,7 +8,14 @@
 //! checks the process, resumes it and makes the clone unique and current (a fresh identity,
 //! entropy and the host's clock: `Refresh`).
 //!
-//! Dropping one kills its VMM process and removes its folder.
+//! Its VMM runs jailed (`hearth jail`, as a booted microVM's does: its own uid, namespaces, cgroup
+//! and a root holding only the kernel, initramfs and the template's two snapshot files, mounted
+//! read-only, and `/dev/kvm` and `/dev/userfaultfd`) when its [`VmHome`] is a jail, else as a
+//! plain child process with its files in a folder of its own.
+//!
+//! Dropping one kills its VMM process and removes its folder; for a jailed one the jailer removes
+//! the jail folder and the cgroup, and where the jailer itself was killed, the drop removes what
+//! it left ([`JailConfig::clean_up`]).
 
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
@@ -22,6 +29,7 @@ use hearth_vmm::{MemoryUsage, VmState, VmmProcess};
 
 use super::guest::{bind_ready, ping, ready_socket, serial_tail, wait_ready};
 use super::template::Template;
+use crate::jail::{JailConfig, LaunchError, VmJail};
 
 /// A pooled VM could not be made or used.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +43,8 @@ pub enum PooledVmError {
     },
     #[error("cannot restore the template")]
     Restore(#[source] hearth_vmm::ProcessError),
+    #[error("cannot restore the template in a jail")]
+    Jail(#[source] LaunchError),
     #[error(
         "the restored VM did not come up: {why}; VMM stderr: {stderr}; guest console: {serial}"
     )]
@@ -61,10 +71,28 @@ pub struct ClaimedParts {
     pub ready_conn: UnixStream,
     /// What the init announced after the restore.
     pub ready: Ready,
-    /// The VM's folder (sockets, serial log); the new owner removes it.
+    /// The VM's folder (sockets, serial log; a jailed VM's jail root); the new owner removes it.
     pub dir: PathBuf,
     /// The VMM's vsock Unix socket.
     pub uds: PathBuf,
+    /// The jail it runs in: once the VMM has ended, [`JailConfig::clean_up`] removes what a
+    /// killed jailer left.
+    pub jail: Option<(JailConfig, VmJail)>,
+}
+
+/// Where a pooled VM's VMM runs and its files (sockets, serial log) live.
+#[derive(Debug, Clone)]
+pub enum VmHome {
+    /// A plain child process; its files in this folder (made, and removed with the VM).
+    Folder(PathBuf),
+    /// Jailed as VM `id` (which names the jail folder and the cgroup); its files in the jail
+    /// root, which the jailer removes with the cgroup when the VMM ends.
+    Jail {
+        /// How VMMs are jailed.
+        jails: JailConfig,
+        /// The VM id.
+        id: String,
+    },
 }
 
 /// How a claimed VM's activation went.
@@ -86,6 +114,7 @@ pub struct PooledVm {
     ready_conn: Option<UnixStream>,
     ready: Ready,
     dir: PathBuf,
+    jail: Option<(JailConfig, VmJail)>,
     uds: PathBuf,
     mem_mib: u32,
     template_digest: String,
@@ -93,13 +122,13 @@ pub struct PooledVm {
 }
 
 impl PooledVm {
-    /// Restores `template` in a new `hearth vmm` process with its sockets in `dir` (created, and
-    /// removed again on failure), waits for the init's `Ready` and a ping, and pauses it.
-    /// Blocking; setting `cancel` ends the wait early.
+    /// Restores `template` in a new `hearth vmm` process at `home` (its folder or jail root
+    /// created, and removed again on failure), waits for the init's `Ready` and a ping, and
+    /// pauses it. Blocking; setting `cancel` ends the wait early.
     pub fn restore(
         hearth_binary: &Path,
         template: &Template,
-        dir: PathBuf,
+        home: VmHome,
         timeout: Duration,
         cancel: &AtomicBool,
     ) -> Result<PooledVm, PooledVmError> {
@@ -108,8 +137,6 @@ impl PooledVm {
             let path = path.to_path_buf();
             move |source| PooledVmError::Io { what, path, source }
         };
-        std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
-        // From here on the folder goes with `vm` (removed with it).
         let mut vm = PooledVm {
             vmm: None,
             ready_conn: None,
@@ -118,19 +145,47 @@ impl PooledVm {
                 ready_ms: 0,
                 kernel_release: String::new(),
             },
-            uds: dir.join("vsock.sock"),
-            dir,
+            uds: PathBuf::new(),
+            dir: PathBuf::new(),
+            jail: None,
             mem_mib: template.spec.mem_mib,
             template_digest: template.digest.clone(),
             restored_in: Duration::ZERO,
         };
-        std::fs::set_permissions(&vm.dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(io("restrict", &vm.dir))?;
+        // The folder as this host sees it, and as the VMM does.
+        let inside = match &home {
+            VmHome::Folder(dir) => {
+                std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+                // From here on the folder goes with `vm` (removed with it).
+                vm.dir = dir.clone();
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                    .map_err(io("restrict", dir))?;
+                dir.clone()
+            }
+            VmHome::Jail { jails, id } => {
+                let shape = template.spec.vm_config(Path::new("/"));
+                let jail = jails.jail_for(id, &shape).map_err(PooledVmError::Jail)?;
+                // From here on the jail goes with `vm` (cleaned up with it).
+                vm.dir = jail.root.clone();
+                vm.jail = Some((jails.clone(), jail.clone()));
+                jails.prepare(&jail).map_err(PooledVmError::Jail)?;
+                PathBuf::from("/")
+            }
+        };
+        vm.uds = vm.dir.join("vsock.sock");
         let listener = bind_ready(&vm.uds).map_err(io("listen for the init in", &vm.dir))?;
-        let config = template.spec.vm_config(&vm.dir);
-        let vmm = VmmProcess::spawn_restored(hearth_binary, &config, &template.files)
-            .map_err(PooledVmError::Restore)?;
-        let vmm = vm.vmm.insert(vmm);
+        let config = template.spec.vm_config(&inside);
+        let spawned = match &vm.jail {
+            Some((jails, jail)) => {
+                // The VMM, under the jail's uid, connects to the agent's ready socket.
+                jail.give(&ready_socket(&vm.uds))
+                    .and_then(|()| jails.spawn(jail, &config, Some(&template.files)))
+                    .map_err(PooledVmError::Jail)
+            }
+            None => VmmProcess::spawn_restored(hearth_binary, &config, &template.files)
+                .map_err(PooledVmError::Restore),
+        };
+        let vmm = vm.vmm.insert(spawned?);
         if let Err(e) = vmm.start() {
             return Err(vm.not_up(format!("start: {e}")));
         }
@@ -175,9 +230,20 @@ impl PooledVm {
         }
     }
 
-    /// The VMM process's id.
+    /// The VMM process's id (for a jailed VM, the jailer's child, the VMM itself).
     pub fn pid(&self) -> Option<u32> {
+        self.vmm.as_ref().map(VmmProcess::vmm_pid)
+    }
+
+    /// The jailer's process id, for a jailed VM.
+    pub fn jailer_pid(&self) -> Option<u32> {
+        self.jail.as_ref()?;
         self.vmm.as_ref().map(VmmProcess::pid)
+    }
+
+    /// The VM's jail, when it runs in one.
+    pub fn jail(&self) -> Option<&VmJail> {
+        self.jail.as_ref().map(|(_, jail)| jail)
     }
 
     /// Guest memory, MiB.
@@ -261,6 +327,7 @@ impl PooledVm {
             ready: self.ready.clone(),
             dir,
             uds: self.uds.clone(),
+            jail: self.jail.take(),
         })
     }
 }
@@ -272,6 +339,11 @@ impl Drop for PooledVm {
         }
         if !self.dir.as_os_str().is_empty() {
             let _ = std::fs::remove_dir_all(&self.dir);
+        }
+        if let Some((jails, jail)) = self.jail.take()
+            && let Err(e) = jails.clean_up(&jail)
+        {
+            tracing::warn!(id = %jail.id, error = %e, "cannot clean up a pooled VM's jail");
         }
     }
 }

@@ -191,8 +191,14 @@ impl Drop for PendingGuard<'_> {
     }
 }
 
+/// The read buffer of a connection.
+const READ_BUFFER: usize = 16 * 1024;
+
 /// Reads the server's `Hello`, then results until the connection ends; returns why it ended.
 async fn read_results<R: tokio::io::AsyncRead + Unpin>(reader: &mut R, shared: &Shared) -> String {
+    // Buffered: a frame (and often the next) comes in one read rather than two, plus the one that
+    // finds the socket empty.
+    let reader = &mut tokio::io::BufReader::with_capacity(READ_BUFFER, reader);
     match protocol::read_frame(reader).await {
         Ok(Some(Frame::Hello(h))) => {
             if let Err(e) = h.check() {

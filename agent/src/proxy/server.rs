@@ -189,7 +189,7 @@ impl ProxyServer {
 /// client closes it, sends garbage, or `shutdown` turns true; returns once every invoke it read
 /// has sent its result.
 pub(crate) async fn serve_connection<R, W>(
-    mut reader: R,
+    reader: R,
     writer: W,
     handler: Arc<dyn InvokeHandler>,
     in_flight: Arc<InFlight>,
@@ -198,6 +198,9 @@ pub(crate) async fn serve_connection<R, W>(
     R: tokio::io::AsyncRead + Unpin + Send + 'static,
     W: tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    // Buffered: a frame comes in one read rather than two (length, then body), plus the one that
+    // finds the socket empty.
+    let mut reader = tokio::io::BufReader::with_capacity(16 * 1024, reader);
     if *shutdown.borrow_and_update() {
         return;
     }
@@ -243,11 +246,13 @@ pub(crate) async fn serve_connection<R, W>(
         };
         match frame {
             Ok(Some(Frame::Invoke(request))) => {
+                let arrived = std::time::Instant::now();
                 let guard = InFlightGuard::new(&in_flight);
                 let handler = handler.clone();
                 let frames = frames.clone();
                 tokio::spawn(async move {
-                    let result = handler.invoke(*request).await;
+                    let result =
+                        crate::metrics::with_arrival(arrived, handler.invoke(*request)).await;
                     match protocol::encode(&Frame::Result(Box::new(result))) {
                         Ok(bytes) => {
                             let _ = frames.send(bytes);

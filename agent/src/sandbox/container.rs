@@ -187,6 +187,8 @@ impl Sandbox for ContainerSandbox {
         ))
     }
 
+    /// "Max Memory Used" is the sandbox cgroup's peak, read here after the invoke; the init in
+    /// the container leaves it to the host and skips its own `/proc` read.
     async fn invoke(&self, request: InvokeRequest) -> Result<InvokeResponse, SandboxError> {
         self.link
             .invoke(request, || self.cgroup.peak_memory_mb())

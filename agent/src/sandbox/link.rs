@@ -302,12 +302,15 @@ async fn send(w: &mut OwnedWriteHalf, msg: Message) -> Result<(), SandboxError> 
 }
 
 async fn read_loop(
-    mut reader: OwnedReadHalf,
+    reader: OwnedReadHalf,
     waiters: Waiters,
     logs: Logs,
     alive: Arc<AtomicBool>,
     exit: Arc<Mutex<Option<String>>>,
 ) {
+    // Buffered: a frame (a result, or a burst of log lines) comes in one read rather than two per
+    // frame. The handshake before read unbuffered, so nothing it read is lost here.
+    let mut reader = tokio::io::BufReader::with_capacity(64 * 1024, reader);
     loop {
         match read_frame(&mut reader).await {
             Ok(Some(protocol::Message::Function(Message::Result(r)))) => {

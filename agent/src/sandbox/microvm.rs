@@ -18,6 +18,11 @@
 //! claims a restored VM of the smallest pool size that fits the function's memory (resumed, its
 //! init answering, refreshed with a fresh identity, entropy and clock) and goes on from the
 //! control port as a booted one does. A function larger than the largest pool size boots.
+//!
+//! With a [`JailConfig`] ([`MicrovmConfig::jail`]) every VMM runs jailed, booted or restored into a
+//! pool (the pools take the same configuration: [`MicrovmConfig::with_pools`]); the VM's folder is
+//! then its jail root, and when the VM ends its jail is cleaned up after
+//! ([`JailConfig::clean_up`]: what a killed jailer left).
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
@@ -33,6 +38,7 @@ use tokio::net::{UnixListener, UnixStream};
 
 use super::link::{HostLink, lock};
 use super::{FunctionSpec, InitReport, InvokeRequest, InvokeResponse, Sandbox, SandboxError};
+use crate::jail::{JailConfig, VmJail};
 use crate::pool::PoolSet;
 
 /// Time allowed on top of the init timeout for the `Hello` exchange and the code transfer.
@@ -126,8 +132,9 @@ impl MicrovmConfig {
     }
 
     /// This configuration with pools: templates of this kernel and initramfs, VMs in
-    /// `state_dir`, the pool sizes `sizes` (memory MiB, idle VMs to keep). Call inside a tokio
-    /// runtime (the pools refill on it).
+    /// `state_dir` (or jailed as [`MicrovmConfig::jail`] says: set it first), the pool sizes
+    /// `sizes` (memory MiB, idle VMs to keep). Call inside a tokio runtime (the pools refill on
+    /// it).
     pub fn with_pools(
         mut self,
         sizes: &[crate::pool::PoolSize],
@@ -143,6 +150,7 @@ impl MicrovmConfig {
         pools.template_dir = template_dir;
         pools.vcpus = self.vcpus;
         pools.boot_timeout = self.boot_timeout;
+        pools.jail = self.jail.clone();
         self.pool = Some(PoolSet::start(pools)?);
         Ok(self)
     }
@@ -156,13 +164,19 @@ pub struct MicrovmSandbox {
     _ready: UnixStream,
     ready: Ready,
     dir: PathBuf,
+    jail: Mutex<Option<Jailed>>,
     torn_down: AtomicBool,
 }
+
+/// A VM's jail, to clean up after once its VMM has ended ([`JailConfig::clean_up`]: only what a
+/// killed jailer left).
+type Jailed = (JailConfig, VmJail);
 
 /// Kills the VMM and removes the folder of a sandbox that did not finish starting.
 struct Half {
     vmm: Option<VmmProcess>,
     dir: Option<PathBuf>,
+    jail: Option<Jailed>,
 }
 
 impl Half {
@@ -200,6 +214,16 @@ impl Drop for Half {
         if let Some(dir) = &self.dir {
             let _ = std::fs::remove_dir_all(dir);
         }
+        clean_up_jail(self.jail.take());
+    }
+}
+
+/// Removes what a killed jailer left of `jail` (nothing, when the jailer cleaned up).
+fn clean_up_jail(jail: Option<Jailed>) {
+    if let Some((jails, jail)) = jail
+        && let Err(e) = jails.clean_up(&jail)
+    {
+        tracing::warn!(id = %jail.id, error = %e, "cannot clean up a microVM's jail");
     }
 }
 
@@ -247,6 +271,7 @@ impl Sandbox for MicrovmSandbox {
         };
         let vmm = half.vmm.take();
         let dir = half.dir.take().unwrap_or_default();
+        let jail = half.jail.take();
         Ok((
             MicrovmSandbox {
                 link,
@@ -254,6 +279,7 @@ impl Sandbox for MicrovmSandbox {
                 _ready: ready_conn,
                 ready,
                 dir,
+                jail: Mutex::new(jail),
                 torn_down: AtomicBool::new(false),
             },
             report,
@@ -273,7 +299,13 @@ impl Sandbox for MicrovmSandbox {
         let vmm = lock(&self.vmm).take();
         if let Some(mut vmm) = vmm {
             self.link.close();
-            let _ = tokio::task::spawn_blocking(move || vmm.kill()).await;
+            let jail = lock(&self.jail).take();
+            let _ = tokio::task::spawn_blocking(move || {
+                let _ = vmm.kill();
+                drop(vmm);
+                clean_up_jail(jail);
+            })
+            .await;
         }
         self.teardown();
     }
@@ -309,6 +341,7 @@ async fn boot(config: &MicrovmConfig, function: &FunctionSpec) -> Result<Started
     let mut half = Half {
         vmm: None,
         dir: Some(dir.clone()),
+        jail: config.jail.clone().zip(jail.clone()),
     };
     let uds = dir.join("vsock.sock");
     let ready_path = PathBuf::from(format!("{}_{READY_PORT}", uds.display()));
@@ -414,6 +447,7 @@ async fn claim(
     let half = Half {
         vmm: Some(parts.vmm),
         dir: Some(parts.dir),
+        jail: parts.jail,
     };
     parts
         .ready_conn
@@ -444,6 +478,7 @@ impl MicrovmSandbox {
             let _ = vmm.kill();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+        clean_up_jail(lock(&self.jail).take());
     }
 }
 

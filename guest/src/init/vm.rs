@@ -83,7 +83,12 @@ pub fn run(start_ms: u64) -> ! {
                     .name("control".into())
                     .spawn(move || {
                         if let Err(e) = serve(conn) {
-                            console!("control connection ended: {}", chain(&e));
+                            // A reset is how every connection ends on a transport reset (after a
+                            // restore): not worth a console line (a trap per byte) while the
+                            // init reconnects.
+                            if !is_reset(&e) {
+                                console!("control connection ended: {}", chain(&e));
+                            }
                         }
                     });
                 if let Err(e) = spawned {
@@ -96,6 +101,11 @@ pub fn run(start_ms: u64) -> ! {
             }
         }
     }
+}
+
+/// Whether `e` is the connection reset a vsock transport reset gives every connection.
+fn is_reset(e: &InitError) -> bool {
+    matches!(e, InitError::Protocol(ProtocolError::Io(io)) if io.kind() == std::io::ErrorKind::ConnectionReset)
 }
 
 /// Module paths, one a line; blank lines and `#` comments are skipped.
@@ -158,17 +168,20 @@ fn keep_ready_link(conn: File, start_ms: u64) {
             let mut conn = conn;
             loop {
                 wait_for_end(&mut conn);
-                console!(
-                    "host link reset at {} ms; announcing again",
-                    sys::boottime_ms()
-                );
+                // Said only once the host has its Ready: each byte written to the serial
+                // console is a trap to the VMM, a costly one in a nested VM (the console line
+                // ahead of the reconnect cost a restored guest tens of milliseconds).
+                let reset_ms = sys::boottime_ms();
                 conn = loop {
                     match connect_ready(start_ms) {
                         Ok(c) => break c,
                         Err(e) => console!("cannot reach the host again: {}", chain(&e)),
                     }
                 };
-                console!("ready again at {} ms (kernel uptime)", sys::boottime_ms());
+                console!(
+                    "host link reset at {reset_ms} ms; ready again at {} ms (kernel uptime)",
+                    sys::boottime_ms()
+                );
             }
         });
     if let Err(e) = spawned {

@@ -9,6 +9,7 @@
 //!   up; a seccomp filter; then it executes `/init container-init FD`.
 //! - `container-init FD`, PID 1 inside: `Hello` on the host link, then the function conversation
 //!   ([`super::serve_function`]) with Lambda's layout and the function running as uid/gid 993.
+//!   The agent reads the sandbox cgroup's peak memory itself, so this init reports none.
 //!
 //! Why direct kernel calls (libc) rather than a container library: the work is a dozen system calls
 //! in a fixed order, in a freshly executed single-threaded process (so `fork` is safe); youki's
@@ -399,6 +400,8 @@ pub(crate) fn container_init(args: &[OsString]) -> Result<i32, RuntimeError> {
     .map_err(RuntimeError::Link)?;
     link.set_nonblocking(true)
         .map_err(step("nonblocking link"))?;
+    // The agent reads the sandbox cgroup's peak memory after each invoke.
+    super::host_reads_peak_memory();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -27,6 +27,7 @@ mod session;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+pub(crate) use session::host_reads_peak_memory;
 pub use session::{read_frame, serve_function, write_frame};
 
 /// Where the runtime lives and how it is started.

@@ -53,6 +53,19 @@ where
     result
 }
 
+/// Set when the host reads the sandbox's peak memory itself (a container sandbox: from its
+/// cgroup, which the init cannot see from inside): the init then leaves `max_memory_used_mb` at 0
+/// rather than reading the runtime's `/proc/<pid>/status` after every invoke (a kernel-formatted
+/// page: ~10% of the init's CPU on a warm echo invoke).
+static HOST_READS_PEAK_MEMORY: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Tells this process's sessions that the host reads the peak memory (see
+/// [`HOST_READS_PEAK_MEMORY`]); `hearth-init container-init` calls it.
+pub(crate) fn host_reads_peak_memory() {
+    HOST_READS_PEAK_MEMORY.store(true, Ordering::Relaxed);
+}
+
 /// How far the guest's clock may be from the host's before the init sets it.
 pub const CLOCK_TOLERANCE_MS: u64 = 10;
 
@@ -428,9 +441,13 @@ impl Child {
         let _ = self.inner.start_kill();
     }
 
-    /// Peak resident memory of the runtime process (VmHWM), in MiB, rounded up.
+    /// Peak resident memory of the runtime process (VmHWM), in MiB, rounded up; 0 when the host
+    /// reads it itself ([`host_reads_peak_memory`]).
     fn max_memory_mb(&self) -> u64 {
         use std::os::unix::fs::FileExt as _;
+        if HOST_READS_PEAK_MEMORY.load(Ordering::Relaxed) {
+            return 0;
+        }
         let file = match self.status_file.get() {
             Some(file) => file,
             None => {
@@ -569,7 +586,10 @@ async fn pump(stream: impl AsyncRead + Unpin, which: Stream, sink: Arc<LogSink>)
 }
 
 /// Decodes frames from the host into function messages.
-async fn read_loop<R: AsyncRead + Unpin>(mut reader: R, tx: mpsc::UnboundedSender<Message>) {
+async fn read_loop<R: AsyncRead + Unpin>(reader: R, tx: mpsc::UnboundedSender<Message>) {
+    // Buffered: a frame comes in one read rather than two (length, then body); code chunks stream
+    // through in large reads.
+    let mut reader = BufReader::with_capacity(64 * 1024, reader);
     loop {
         match read_frame(&mut reader).await {
             Ok(Some(protocol::Message::Function(msg))) => {

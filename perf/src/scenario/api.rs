@@ -9,6 +9,12 @@
 //! SigV4 verification, routing and the metadata read. Throughput is measured the same two ways
 //! with several invokes in flight, in one-second windows. A DryRun invoke (authenticated, routed
 //! and resolved, then answered without the agent) times the frontend alone.
+//!
+//! The invoke-proxy path is timed twice: over its Unix socket (`frontend_cost` = HTTP minus this),
+//! and over its TCP listener (`--agent-listen`) on the same loopback as the HTTP requests
+//! (`frontend_cost_same_transport` = HTTP minus this). The first includes what TCP costs over a
+//! Unix socket on this host; the second holds the transport equal, leaving what the frontend
+//! itself adds: HTTP parsing, SigV4 verification, routing, the metadata read and the response.
 
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
@@ -66,28 +72,37 @@ pub struct ApiArgs {
     /// The `hearth` binary; by default the one next to `hearth-perf`.
     #[arg(long)]
     pub hearth: Option<PathBuf>,
+    /// `hearth serve --agent-cores N`: the agent's threads (default: one per CPU).
+    #[arg(long)]
+    pub agent_cores: Option<usize>,
 }
 
 /// A `hearth serve` child process, stopped (SIGTERM, then SIGKILL) when dropped.
 struct Serve {
     child: Child,
     address: String,
+    /// The agent's TCP invoke-proxy listener (`--agent-listen`).
+    agent_tcp: std::net::SocketAddr,
     data_dir: PathBuf,
     log: PathBuf,
 }
 
 impl Serve {
-    fn start(hearth: &Path, work: &Path) -> anyhow::Result<Serve> {
+    fn start(hearth: &Path, work: &Path, agent_cores: Option<usize>) -> anyhow::Result<Serve> {
         let credentials = work.join("credentials");
         std::fs::write(&credentials, format!("{KEY} {SECRET}\n"))
             .context("cannot write the credentials file")?;
         let data_dir = work.join("data");
         let log = work.join("serve.log");
         let log_file = std::fs::File::create(&log).context("cannot create the server log")?;
+        let agent_tcp = free_loopback_port()?;
         let mut child = Command::new(hearth)
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(&data_dir)
+            .arg("--agent-listen")
+            .arg(agent_tcp.to_string())
+            .args(agent_cores.map(|n| format!("--agent-cores={n}")))
             .arg("--credentials")
             .arg(&credentials)
             .env(
@@ -108,6 +123,7 @@ impl Serve {
         let serve = Serve {
             child,
             address: address.clone().unwrap_or_default(),
+            agent_tcp,
             data_dir,
             log,
         };
@@ -146,6 +162,16 @@ impl Drop for Serve {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A loopback address with a port that was free a moment ago (the kernel picks it; `hearth serve`
+/// binds it right after).
+fn free_loopback_port() -> anyhow::Result<std::net::SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .context("cannot find a free loopback port for the agent's TCP listener")?;
+    listener
+        .local_addr()
+        .context("cannot read the free port's address")
 }
 
 /// One HTTP/1.1 keep-alive connection that sends SigV4-signed Lambda requests.
@@ -374,7 +400,7 @@ pub fn run(args: &ApiArgs) -> anyhow::Result<Report> {
         .prefix("hearth-perf-api-")
         .tempdir()
         .context("cannot make a work folder")?;
-    let serve = Serve::start(&hearth, work.path())?;
+    let serve = Serve::start(&hearth, work.path(), args.agent_cores)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -390,6 +416,9 @@ pub fn run(args: &ApiArgs) -> anyhow::Result<Report> {
     report.parameter("throughput_secs", args.throughput_secs);
     report.parameter("payload_bytes", measured.payload_len);
     report.parameter("memory_mib", args.memory_mib);
+    if let Some(n) = args.agent_cores {
+        report.parameter("agent_cores", n);
+    }
     report.add("http_invoke", &measured.http, "us");
     report.add("proxy_invoke", &measured.proxy, "us");
     let cost: Vec<f64> = measured
@@ -399,6 +428,14 @@ pub fn run(args: &ApiArgs) -> anyhow::Result<Report> {
         .map(|(h, p)| h - p)
         .collect();
     report.add("frontend_cost", &cost, "us");
+    report.add("proxy_tcp_invoke", &measured.proxy_tcp, "us");
+    let same_transport: Vec<f64> = measured
+        .http
+        .iter()
+        .zip(&measured.proxy_tcp)
+        .map(|(h, p)| h - p)
+        .collect();
+    report.add("frontend_cost_same_transport", &same_transport, "us");
     if let (Some(h), Some(p)) = (
         report.metrics.get("http_invoke"),
         report.metrics.get("proxy_invoke"),
@@ -416,6 +453,7 @@ pub fn run(args: &ApiArgs) -> anyhow::Result<Report> {
 struct Measured {
     http: Vec<f64>,
     proxy: Vec<f64>,
+    proxy_tcp: Vec<f64>,
     dry_run: Vec<f64>,
     http_rps: Vec<f64>,
     proxy_rps: Vec<f64>,
@@ -444,6 +482,7 @@ async fn measure(args: &ApiArgs, serve: &Serve, code: Vec<u8>) -> anyhow::Result
     let socket = serve.data_dir.join("agent.sock");
     let proxy = ProxyClient::connect(&socket)
         .with_context(|| format!("connecting to the invoke-proxy socket {}", socket.display()))?;
+    let proxy_tcp = connect_agent_tcp(serve.agent_tcp).await?;
 
     // The first invoke starts the environment (a cold start); then both paths warm up.
     http.invoke(&payload, &expected)
@@ -454,20 +493,24 @@ async fn measure(args: &ApiArgs, serve: &Serve, code: Vec<u8>) -> anyhow::Result
         http.invoke(&payload, &expected).await?;
         n += 1;
         proxy_invoke(&proxy, &config, &payload, &expected, n).await?;
+        n += 1;
+        proxy_invoke(&proxy_tcp, &config, &payload, &expected, n).await?;
     }
 
-    // Latency: interleaved, one invoke in flight.
+    // Latency: interleaved, one invoke in flight; the three paths take turns going first, so
+    // none always follows another.
     let mut http_us = Vec::with_capacity(args.invokes);
     let mut proxy_us = Vec::with_capacity(args.invokes);
+    let mut proxy_tcp_us = Vec::with_capacity(args.invokes);
     for i in 0..args.invokes {
-        n += 1;
-        // Alternate which path goes first, so neither always follows the other.
-        if i % 2 == 0 {
-            http_us.push(time_http(&mut http, &payload, &expected).await?);
-            proxy_us.push(time_proxy(&proxy, &config, &payload, &expected, n).await?);
-        } else {
-            proxy_us.push(time_proxy(&proxy, &config, &payload, &expected, n).await?);
-            http_us.push(time_http(&mut http, &payload, &expected).await?);
+        for step in 0..3 {
+            n += 1;
+            match (i + step) % 3 {
+                0 => http_us.push(time_http(&mut http, &payload, &expected).await?),
+                1 => proxy_us.push(time_proxy(&proxy, &config, &payload, &expected, n).await?),
+                _ => proxy_tcp_us
+                    .push(time_proxy(&proxy_tcp, &config, &payload, &expected, n).await?),
+            }
         }
     }
 
@@ -527,11 +570,26 @@ async fn measure(args: &ApiArgs, serve: &Serve, code: Vec<u8>) -> anyhow::Result
     Ok(Measured {
         http: http_us,
         proxy: proxy_us,
+        proxy_tcp: proxy_tcp_us,
         dry_run: dry_us,
         http_rps,
         proxy_rps,
         payload_len: payload.len(),
     })
+}
+
+/// Connects to the agent's TCP invoke-proxy listener, waiting briefly for it to listen.
+async fn connect_agent_tcp(address: std::net::SocketAddr) -> anyhow::Result<ProxyClient> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match ProxyClient::connect_tcp(address).await {
+            Ok(client) => return Ok(client),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(e).with_context(|| format!("connecting to the agent at {address}"));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
 }
 
 async fn time_http(http: &mut Http, payload: &[u8], expected: &[u8]) -> anyhow::Result<f64> {

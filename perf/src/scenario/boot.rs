@@ -1,7 +1,8 @@
-//! `hearth-perf boot --runs N`: boots microVMs with `hearth vmm` (through the VMM's Rust API) and
-//! measures, from the VMM process's start: the VM built and its control socket up, the vCPUs
-//! running, the guest's init started, and the init's vsock `Ready`; and the VMM process's RSS and
-//! PSS with an idle guest, with and without guest RAM.
+//! `hearth-perf boot --runs N`: boots microVMs with the VMM executable (`hearth-vmm`, or `hearth
+//! vmm`; `--vmm-program` picks one) through the VMM's Rust API and measures, from the VMM
+//! process's start: the VM built and its control socket up, the vCPUs running, the guest's init
+//! started, and the init's vsock `Ready`; and the VMM process's RSS and PSS with an idle guest,
+//! with and without guest RAM.
 //!
 //! Where this machine has no hardware KVM, the scenario re-runs itself inside the test host.
 
@@ -37,6 +38,14 @@ pub struct BootArgs {
     /// How long the guest idles before its memory is measured, in milliseconds.
     #[arg(long, default_value_t = 500)]
     pub idle_ms: u64,
+    /// The VMM executable to run (`hearth` or `hearth-vmm`, run with `vmm`); default: the one
+    /// `hearth_vmm::process::vmm_program` picks (the static `hearth-vmm` where it is built).
+    #[arg(long)]
+    pub vmm_program: Option<PathBuf>,
+    /// Print each VMM's log (its stderr) after its boot: with `HEARTH_LOG=hearth_vmm=debug`, the
+    /// timing of each start-up step.
+    #[arg(long)]
+    pub vmm_log: bool,
     /// The time limit for the whole run inside the test host, in seconds.
     #[arg(long, default_value_t = 1800)]
     pub testhost_timeout: u64,
@@ -62,9 +71,21 @@ pub fn run(args: &BootArgs) -> anyhow::Result<Report> {
             "inside the test host /dev/kvm must be hardware KVM, but it is {}",
             super::kvm_description()
         );
-        return super::rerun_in_testhost(args.testhost_timeout);
+        // The VMM executable is packed at its path, where the scenario inside finds it again.
+        let hearth = crate::testhost::find_hearth()?;
+        let vmm = match &args.vmm_program {
+            Some(p) => std::path::absolute(p).context("the --vmm-program path")?,
+            None => hearth_vmm::process::vmm_program(&hearth),
+        };
+        let with = if vmm == hearth { Vec::new() } else { vec![vmm] };
+        return super::rerun_in_testhost_with(args.testhost_timeout, with);
     }
     let hearth = crate::testhost::find_hearth()?;
+    let vmm_program = match &args.vmm_program {
+        Some(p) => std::path::absolute(p).context("the --vmm-program path")?,
+        None => hearth_vmm::process::vmm_program(&hearth),
+    };
+    println!("VMM program: {}", vmm_program.display());
     let kernel = KernelImage::locate()
         .context("the guest kernel is not in the cache: run `hearth image`")?;
     let init = image::locate_init()?;
@@ -84,7 +105,7 @@ pub fn run(args: &BootArgs) -> anyhow::Result<Report> {
     for run in 1..=args.runs {
         let sample = boot_once(
             args,
-            &hearth,
+            &vmm_program,
             kernel.boot_image(),
             &initrd,
             &work.path().join(format!("vm{run}")),
@@ -106,6 +127,7 @@ pub fn run(args: &BootArgs) -> anyhow::Result<Report> {
     report.parameter("runs", args.runs);
     report.parameter("memory_mib", args.memory);
     report.parameter("vcpus", args.vcpus);
+    report.parameter("vmm_program", vmm_program.display().to_string());
     report.parameter("kernel", kernel.package.clone() + " " + &kernel.version);
     let ms = |f: fn(&Sample) -> f64| samples.iter().map(f).collect::<Vec<_>>();
     let mib = |f: fn(&memory::ProcessMemory) -> u64| {
@@ -145,7 +167,7 @@ pub fn run(args: &BootArgs) -> anyhow::Result<Report> {
 
 fn boot_once(
     args: &BootArgs,
-    hearth: &Path,
+    vmm_program: &Path,
     kernel: &Path,
     initrd: &Path,
     dir: &Path,
@@ -170,7 +192,7 @@ fn boot_once(
     config.control_socket = Some(dir.join("control.sock"));
 
     let started = Instant::now();
-    let mut vmm = VmmProcess::spawn(hearth, &config)?;
+    let mut vmm = VmmProcess::spawn_program(vmm_program, &config)?;
     let control_ready = started.elapsed();
     vmm.start()?;
     let running = started.elapsed();
@@ -199,6 +221,9 @@ fn boot_once(
         }
     };
     let vsock_ready = started.elapsed();
+    if args.vmm_log {
+        println!("VMM log:\n{}", vmm.stderr_tail().trim_end());
+    }
     let init_to_ready = Duration::from_millis(ready.ready_ms.saturating_sub(ready.init_start_ms));
     let guest_init = vsock_ready.saturating_sub(init_to_ready);
 

@@ -1,11 +1,12 @@
 //! `hearth-perf restore --runs N`: snapshot restore of a booted guest (1 vCPU, 128 MiB by
 //! default), through the VMM's Rust API. A template guest is booted once, waits for its init's
 //! Ready, is paused and snapshotted (`--snapshots` times, timed: snapshot create, and the files'
-//! apparent and allocated sizes). Then, over `--runs` restores of that one snapshot in each mode,
-//! interleaved (file-mapped, userfaultfd, userfaultfd with the working set of an earlier restore
-//! prefetched): from the VMM process's spawn to the init's Ready after the vsock transport reset
-//! and to a ping answered on vsock, and the process's memory just after. Then RSS and PSS per idle
-//! restored VM with 1, 8 and 32 clones of the snapshot alive together (file mode), and restores
+//! apparent and allocated sizes). Then, over `--runs` restores of that one snapshot in each mode
+//! of `--modes`, interleaved (file-mapped; the memory file's data copied into huge-page memory;
+//! userfaultfd; userfaultfd with the working set of an earlier restore prefetched): from the VMM
+//! process's spawn to the init's Ready after the vsock transport reset and to a ping answered on
+//! vsock, and the process's memory just after. Then RSS and PSS per idle restored VM with 1, 8
+//! and 32 clones of the snapshot alive together (`--clone-modes`, file by default), and restores
 //! per second (restore, ping, kill) with 1, 2 and 4 in flight.
 //!
 //! The VMM's own timings of each restore phase are in its stderr with `HEARTH_LOG=debug`: the
@@ -35,6 +36,18 @@ pub struct RestoreArgs {
     /// Restores of the snapshot in each mode (file, uffd, uffd with prefetch), interleaved.
     #[arg(long, default_value_t = 100)]
     pub runs: usize,
+    /// The restore modes timed, interleaved (comma-separated).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "file,copy,uffd,uffd-prefetch"
+    )]
+    pub modes: Vec<Mode>,
+    /// The restore modes whose idle clones' memory is measured (comma-separated). A copy-mode
+    /// clone holds its own ~80 MiB (128 MiB guest): 32 of them do not fit the test host's RAM.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "file")]
+    pub clone_modes: Vec<Mode>,
     /// Snapshots taken of the paused template (snapshot create time).
     #[arg(long, default_value_t = 5)]
     pub snapshots: usize,
@@ -120,10 +133,15 @@ struct Restored {
 }
 
 /// The restore modes compared.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// The memory file mapped copy-on-write.
     File,
+    /// The memory file's data read into huge-page anonymous memory.
+    Copy,
+    /// Served through userfaultfd.
     Uffd,
+    /// Served through userfaultfd, an earlier restore's working set prefetched.
     UffdPrefetch,
 }
 
@@ -131,6 +149,7 @@ impl Mode {
     fn name(self) -> &'static str {
         match self {
             Mode::File => "file",
+            Mode::Copy => "copy",
             Mode::Uffd => "uffd",
             Mode::UffdPrefetch => "uffd_prefetch",
         }
@@ -139,6 +158,7 @@ impl Mode {
     fn restore_mode(self, ws: &Path) -> RestoreMode {
         match self {
             Mode::File => RestoreMode::File,
+            Mode::Copy => RestoreMode::Copy,
             Mode::Uffd => RestoreMode::Uffd {
                 prefetch_ws: None,
                 record_ws: false,
@@ -245,8 +265,11 @@ pub fn run(args: &RestoreArgs) -> anyhow::Result<Report> {
         &Slot::new(work.path().join("restore"))?,
         &mut report,
     )?;
-    for &n in &args.clones {
-        clones(&setup, work.path(), n, &mut report).with_context(|| format!("{n} clones"))?;
+    for &mode in &args.clone_modes {
+        for &n in &args.clones {
+            clones(&setup, work.path(), mode, n, &mut report)
+                .with_context(|| format!("{n} clones, {} mode", mode.name()))?;
+        }
     }
     for &n in &args.in_flight {
         rate(&setup, work.path(), n, &mut report)
@@ -294,30 +317,32 @@ fn template(setup: &Setup<'_>, slot: &Slot, report: &mut Report) -> anyhow::Resu
     Ok(())
 }
 
-/// `--runs` restores in each mode, interleaved; the first uffd restore records the working set
-/// that the prefetch mode uses (and is not counted).
+/// `--runs` restores in each of `--modes`, interleaved; with `uffd-prefetch` among them, a first
+/// uffd restore records the working set that the prefetch mode uses (and is not counted).
 fn restore_to_echo(setup: &Setup<'_>, slot: &Slot, report: &mut Report) -> anyhow::Result<()> {
-    let record = RestoreMode::Uffd {
-        prefetch_ws: None,
-        record_ws: true,
-    };
-    let mut recorder = setup
-        .restore(slot, record)
-        .context("recording the working set")?;
-    recorder.vmm.stop().context("stop the recording VM")?;
-    let ws_bytes = std::fs::metadata(&setup.ws)
-        .context("the working-set file")?
-        .len();
-    println!(
-        "working set: {} pages ({ws_bytes} bytes)",
-        ws_bytes.saturating_sub(48) / 8
-    );
-    report.add(
-        "working_set_pages",
-        &[(ws_bytes.saturating_sub(48) / 8) as f64],
-        "pages",
-    );
-    let modes = [Mode::File, Mode::Uffd, Mode::UffdPrefetch];
+    let modes = &setup.args.modes;
+    if modes.contains(&Mode::UffdPrefetch) {
+        let record = RestoreMode::Uffd {
+            prefetch_ws: None,
+            record_ws: true,
+        };
+        let mut recorder = setup
+            .restore(slot, record)
+            .context("recording the working set")?;
+        recorder.vmm.stop().context("stop the recording VM")?;
+        let ws_bytes = std::fs::metadata(&setup.ws)
+            .context("the working-set file")?
+            .len();
+        println!(
+            "working set: {} pages ({ws_bytes} bytes)",
+            ws_bytes.saturating_sub(48) / 8
+        );
+        report.add(
+            "working_set_pages",
+            &[(ws_bytes.saturating_sub(48) / 8) as f64],
+            "pages",
+        );
+    }
     let mut samples: Vec<[Vec<f64>; 5]> = modes.iter().map(|_| Default::default()).collect();
     for run in 0..setup.args.runs {
         for (m, mode) in modes.iter().enumerate() {
@@ -346,14 +371,15 @@ fn restore_to_echo(setup: &Setup<'_>, slot: &Slot, report: &mut Report) -> anyho
             r.vmm.kill()?;
         }
         if (run + 1) % 10 == 0 || run + 1 == setup.args.runs {
-            let last = |m: usize| samples[m][2].last().copied().unwrap_or(f64::NAN);
-            println!(
-                "restore {}: echo after file {:.1} ms, uffd {:.1} ms, uffd+prefetch {:.1} ms",
-                run + 1,
-                last(0),
-                last(1),
-                last(2)
-            );
+            let last: Vec<String> = modes
+                .iter()
+                .zip(&samples)
+                .map(|(mode, s)| {
+                    let echo = s[2].last().copied().unwrap_or(f64::NAN);
+                    format!("{} {echo:.1} ms", mode.name())
+                })
+                .collect();
+            println!("restore {}: echo after {}", run + 1, last.join(", "));
         }
     }
     for (mode, s) in modes.iter().zip(&samples) {
@@ -367,14 +393,22 @@ fn restore_to_echo(setup: &Setup<'_>, slot: &Slot, report: &mut Report) -> anyho
     Ok(())
 }
 
-/// `n` clones restored (file mode) and idle together: RSS and PSS of each.
-fn clones(setup: &Setup<'_>, work: &Path, n: usize, report: &mut Report) -> anyhow::Result<()> {
+/// `n` clones restored in `mode` and idle together: RSS and PSS of each. The file mode's
+/// metrics are `clones_N_...`, another mode's `clones_MODE_N_...`.
+fn clones(
+    setup: &Setup<'_>,
+    work: &Path,
+    mode: Mode,
+    n: usize,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let name = mode.name();
     let slots: Vec<Slot> = (0..n)
-        .map(|i| Slot::new(work.join(format!("clone{n}-{i}"))))
+        .map(|i| Slot::new(work.join(format!("clone-{name}-{n}-{i}"))))
         .collect::<anyhow::Result<_>>()?;
     let mut vms = Vec::with_capacity(n);
     for slot in &slots {
-        vms.push(setup.restore(slot, RestoreMode::File)?);
+        vms.push(setup.restore(slot, mode.restore_mode(&setup.ws))?);
     }
     std::thread::sleep(Duration::from_millis(setup.args.idle_ms));
     let usage: Vec<MemoryUsage> = vms
@@ -386,16 +420,21 @@ fn clones(setup: &Setup<'_>, work: &Path, n: usize, report: &mut Report) -> anyh
     let (rss, pss) = (series(|u| u.rss_kib), series(|u| u.pss_kib));
     let own = series(MemoryUsage::own_rss_kib);
     println!(
-        "{n} clones idle: RSS {:.1} MiB, PSS {:.1} MiB, VMM's own RSS {:.2} MiB (means per VM)",
+        "{n} clones idle ({name} mode): RSS {:.1} MiB, PSS {:.1} MiB, VMM's own RSS {:.2} MiB (means per VM)",
         mean(&rss),
         mean(&pss),
         mean(&own)
     );
-    report.add(&format!("clones_{n}_rss_per_vm"), &rss, "MiB");
-    report.add(&format!("clones_{n}_pss_per_vm"), &pss, "MiB");
-    report.add(&format!("clones_{n}_own_rss_per_vm"), &own, "MiB");
+    let prefix = if mode == Mode::File {
+        format!("clones_{n}")
+    } else {
+        format!("clones_{name}_{n}")
+    };
+    report.add(&format!("{prefix}_rss_per_vm"), &rss, "MiB");
+    report.add(&format!("{prefix}_pss_per_vm"), &pss, "MiB");
+    report.add(&format!("{prefix}_own_rss_per_vm"), &own, "MiB");
     report.add(
-        &format!("clones_{n}_own_pss_per_vm"),
+        &format!("{prefix}_own_pss_per_vm"),
         &series(MemoryUsage::own_pss_kib),
         "MiB",
     );

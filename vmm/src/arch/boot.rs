@@ -61,7 +61,8 @@ pub enum BootError {
 }
 
 /// Loads the kernel (an ELF `vmlinux` at its physical addresses, or a bzImage at 1 MiB), the
-/// initramfs at the top of low RAM and the command line, and writes `boot_params`.
+/// initramfs at the top of low RAM and the command line, and writes `boot_params`. `mem` must be
+/// fresh guest memory (all zero): what is zero in the kernel is not written.
 pub fn load_guest(
     mem: &GuestMemory,
     kernel: &Path,
@@ -81,7 +82,7 @@ pub fn load_guest(
     let mem_size: u64 = mem.iter().map(|r| r.len()).sum();
     let low_end = low_ram_end(mem_size);
     let loaded = if is_elf {
-        load_elf(mem, kernel, &mut file, low_end)?
+        load_elf(mem, kernel, &file, low_end)?
     } else {
         load_bzimage(mem, kernel, &mut file, low_end)?
     };
@@ -106,16 +107,19 @@ pub fn load_guest(
     params.hdr.cmdline_size = bytes.len() as u32;
 
     // Initramfs at the top of low RAM, below what the kernel accepts, above the kernel.
+    // It is read straight into guest memory: no buffer on the heap, no second copy.
     if let Some(path) = initrd {
-        let data = std::fs::read(path).map_err(|e| BootError::ReadInitrd(path.to_path_buf(), e))?;
-        let size = data.len() as u64;
+        let read_err = |e| BootError::ReadInitrd(path.to_path_buf(), e);
+        let mut file = File::open(path).map_err(read_err)?;
+        let size = file.metadata().map_err(read_err)?.len();
         let max_end = low_end.min(u64::from(hdr.initrd_addr_max).saturating_add(1));
         let lowest = loaded.end;
         let addr = max_end.checked_sub(size).map(|a| a & !(PAGE_SIZE - 1));
         let Some(addr) = addr.filter(|a| *a >= lowest) else {
             return Err(BootError::InitrdTooLarge(size));
         };
-        mem.write_slice(&data, GuestAddress(addr))
+        let len = usize::try_from(size).map_err(|_| BootError::InitrdTooLarge(size))?;
+        mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len)
             .map_err(|e| BootError::GuestWrite("the initramfs", e))?;
         params.hdr.ramdisk_image = addr as u32;
         params.hdr.ramdisk_size = size as u32;
@@ -206,10 +210,18 @@ fn load_bzimage(
 fn load_elf(
     mem: &GuestMemory,
     kernel: &Path,
-    file: &mut File,
+    file: &File,
     low_end: u64,
 ) -> Result<LoadedKernel, BootError> {
-    let loaded = Elf::load(mem, None, file, Some(GuestAddress(KERNEL_START)))
+    // Guest memory is fresh (zero): the file bytes under the kernel's NOBITS sections are not
+    // copied into it (about 6 MB of the Debian cloud kernel's 45 MB).
+    let skip = super::elf_reader::nobits_file_ranges(file);
+    tracing::debug!(
+        bytes = skip.iter().map(|(a, b)| b - a).sum::<u64>(),
+        "kernel NOBITS bytes not copied"
+    );
+    let mut reader = super::elf_reader::SkippingReader::new(file, skip);
+    let loaded = Elf::load(mem, None, &mut reader, Some(GuestAddress(KERNEL_START)))
         .map_err(|e| BootError::BadKernel(kernel.to_path_buf(), e))?;
     // The kernel's early page tables and brk live past `_end`, inside the last segment's memsz.
     if loaded.kernel_end > low_end {

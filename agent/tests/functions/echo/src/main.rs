@@ -131,7 +131,10 @@ fn status_uid() -> String {
         .unwrap_or_default()
 }
 
-#[tokio::main]
+/// A single-threaded tokio runtime, as lean Rust functions use: the runtime's loop polls one
+/// invoke at a time (or `AWS_LAMBDA_MAX_CONCURRENCY` of them as tasks), so worker threads would
+/// only add cross-thread wake-ups to every invoke.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Error> {
     let _ = BOOT.set(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
     println!("echo function init");

@@ -265,6 +265,7 @@ impl<B: VsockBackend> Vsock<B> {
         let result = queue::add_used(&mut active.queues[EVQ], &active.mem, chain.head, written);
         if result.is_ok() && written > 0 {
             self.transport_reset_pending = false;
+            tracing::debug!("vsock: transport reset given to the guest");
         }
         self.finish(true, EVQ, result)
     }

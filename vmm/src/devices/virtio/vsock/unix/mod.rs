@@ -40,8 +40,17 @@ pub const MAX_HANDSHAKES: usize = 64;
 const MAX_HANDSHAKE_LINE: usize = 32;
 /// Most resets queued for packets that match no connection.
 const MAX_ORPHAN_RSTS: usize = 256;
-/// First host-side port given to host-initiated connections.
+/// Host-side ports given to host-initiated connections lie in `FIRST_LOCAL_PORT..` and wrap
+/// back to it.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// Each backend starts its host-side ports at a random point of this many after
+/// [`FIRST_LOCAL_PORT`]. A guest restored from a snapshot can still hold sockets of the snapshot
+/// VMM's connections (a transport reset closes them, but the guest keeps a closed socket in its
+/// connected table until its owner releases it, or for a close timeout of seconds); a new
+/// connection from the same host port would match that dead socket and be refused with a reset.
+/// Starting where the snapshot's VMM started made exactly that happen to the first host
+/// connection after a restore.
+const LOCAL_PORT_SPREAD: u32 = 1 << 30;
 
 /// How long a host client's request may wait for the guest's answer.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -140,7 +149,7 @@ impl VsockUnixBackend {
             handshakes: HashMap::new(),
             targets: HashMap::new(),
             next_token: LISTENER_TOKEN + 1,
-            next_local_port: FIRST_LOCAL_PORT,
+            next_local_port: random_first_port(),
             rxq: VecDeque::new(),
             timer,
             request_timeout: REQUEST_TIMEOUT,
@@ -311,6 +320,7 @@ impl VsockUnixBackend {
             self.queue_orphan_rst(header);
             return;
         }
+        tracing::debug!(port = header.dst_port, "vsock: guest connected to the host");
         self.add_conn(stream, key, ConnState::Established, pending::RESPONSE);
         if let Some(conn) = self.conns.get_mut(&key) {
             conn.update_peer_credit(header);
@@ -669,6 +679,15 @@ impl VsockBackend for VsockUnixBackend {
     }
 }
 
+/// A random host-side port to start from (see [`LOCAL_PORT_SPREAD`]). The randomness is std's
+/// per-process hash keys, which come from the OS's random source.
+fn random_first_port() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(u64::from(std::process::id()));
+    FIRST_LOCAL_PORT + (hasher.finish() % u64::from(LOCAL_PORT_SPREAD)) as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -681,5 +700,21 @@ mod tests {
         assert_eq!(parse_connect(b"CONNECT 99999999999"), None);
         assert_eq!(parse_connect(b"connect 5"), None);
         assert_eq!(parse_connect(&[0xff, 0xfe]), None);
+    }
+
+    #[test]
+    fn each_backend_starts_its_host_ports_somewhere_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let starts: Vec<u32> = (0..4)
+            .map(|i| {
+                let b = VsockUnixBackend::new(3, &dir.path().join(format!("v{i}.sock"))).unwrap();
+                assert!(b.next_local_port >= FIRST_LOCAL_PORT);
+                b.next_local_port
+            })
+            .collect();
+        let mut distinct = starts.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), starts.len(), "{starts:?}");
     }
 }
