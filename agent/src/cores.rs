@@ -752,7 +752,6 @@ impl InvokeHandler for Router {
 mod tests {
     use super::*;
     use crate::proxy::client::{ClientError, ProxyClient};
-    use crate::proxy::protocol::{FunctionSpec, InvocationType};
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -786,28 +785,7 @@ mod tests {
     }
 
     fn request(id: &str, function: &str, ms: u64) -> InvokeRequest {
-        InvokeRequest {
-            request_id: id.into(),
-            function: FunctionSpec {
-                function_arn: format!("arn:aws:lambda:us-east-1:000000000000:function:{function}"),
-                function_name: function.into(),
-                version: "$LATEST".into(),
-                code_sha256_hex: String::new(),
-                runtime: String::new(),
-                handler: String::new(),
-                memory_mib: 128,
-                timeout_s: 3,
-                environment: vec![],
-                reserved_concurrency: None,
-                revision_id: String::new(),
-            },
-            payload: ms.to_string().into_bytes(),
-            invocation_type: InvocationType::RequestResponse,
-            client_context: None,
-            trace_id: None,
-            deadline_ms: 0,
-            log_tail: false,
-        }
+        crate::proxy::protocol::test_request(id, function, ms.to_string().as_bytes())
     }
 
     fn ran_on(r: &InvokeResult) -> String {

@@ -116,6 +116,39 @@ pub fn zip_bootstrap(binary: &[u8]) -> Result<Vec<u8>, TestingError> {
     Ok(w.finish().map_err(TestingError::Zip)?.into_inner())
 }
 
+/// A synchronous invoke, as the frontend sends it, of the echo function named `function`
+/// (`$LATEST`, `provided.al2023`, 256 MB, 30 s, revision `rev-1`) whose code has the sha256
+/// `code_hex`, with a JSON `payload` and a fresh request id.
+pub fn echo_invoke(
+    function: &str,
+    code_hex: &str,
+    payload: &serde_json::Value,
+) -> crate::proxy::protocol::InvokeRequest {
+    use crate::proxy::protocol::{FunctionSpec, InvocationType, InvokeRequest};
+    InvokeRequest {
+        request_id: crate::sandbox::new_request_id(),
+        function: FunctionSpec {
+            function_arn: format!("arn:aws:lambda:us-east-1:000000000000:function:{function}"),
+            function_name: function.into(),
+            version: "$LATEST".into(),
+            code_sha256_hex: code_hex.into(),
+            runtime: "provided.al2023".into(),
+            handler: "bootstrap".into(),
+            memory_mib: 256,
+            timeout_s: 30,
+            environment: vec![],
+            reserved_concurrency: None,
+            revision_id: "rev-1".into(),
+        },
+        payload: payload.to_string().into_bytes(),
+        invocation_type: InvocationType::RequestResponse,
+        client_context: None,
+        trace_id: None,
+        deadline_ms: 0,
+        log_tail: false,
+    }
+}
+
 /// The echo function with `code` (its zip): 256 MB, `provided.al2023`, the given timeout,
 /// `AWS_LAMBDA_MAX_CONCURRENCY` and environment.
 pub fn echo_function(

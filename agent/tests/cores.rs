@@ -15,9 +15,7 @@ use hearth_agent::cores::{CoresConfig, shard_of};
 use hearth_agent::environment::EnvironmentConfig;
 use hearth_agent::host::{Agent, AgentConfig};
 use hearth_agent::proxy::client::ProxyClient;
-use hearth_agent::proxy::protocol::{
-    FunctionSpec, InvocationType, InvokeRequest, InvokeResult, Outcome, ThrottleReason,
-};
+use hearth_agent::proxy::protocol::{InvokeRequest, InvokeResult, Outcome, ThrottleReason};
 use hearth_agent::sandbox::run::SandboxKind;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -75,28 +73,7 @@ fn arn(function: &str) -> String {
 }
 
 fn request(s: &Setup, function: &str, payload: Value) -> InvokeRequest {
-    InvokeRequest {
-        request_id: hearth_agent::sandbox::new_request_id(),
-        function: FunctionSpec {
-            function_arn: arn(function),
-            function_name: function.into(),
-            version: "$LATEST".into(),
-            code_sha256_hex: s.code_hex.clone(),
-            runtime: "provided.al2023".into(),
-            handler: "bootstrap".into(),
-            memory_mib: 256,
-            timeout_s: 30,
-            environment: vec![],
-            reserved_concurrency: None,
-            revision_id: "rev-1".into(),
-        },
-        payload: payload.to_string().into_bytes(),
-        invocation_type: InvocationType::RequestResponse,
-        client_context: None,
-        trace_id: None,
-        deadline_ms: 0,
-        log_tail: false,
-    }
+    hearth_agent::testing::echo_invoke(function, &s.code_hex, &payload)
 }
 
 fn success(r: &InvokeResult) -> Value {

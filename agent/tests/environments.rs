@@ -13,9 +13,7 @@ use hearth_agent::code_cache::{CodeCache, DirectorySource};
 use hearth_agent::concurrency::{Concurrency, ConcurrencyConfig};
 use hearth_agent::environment::{EnvironmentConfig, Environments};
 use hearth_agent::proxy::client::ProxyClient;
-use hearth_agent::proxy::protocol::{
-    FunctionSpec, InvocationType, InvokeRequest, InvokeResult, Outcome, ThrottleReason,
-};
+use hearth_agent::proxy::protocol::{InvokeRequest, InvokeResult, Outcome, ThrottleReason};
 use hearth_agent::proxy::server::{InvokeHandler, ProxyServer};
 use hearth_agent::sandbox::container::{ContainerConfig, ContainerSandbox};
 use serde_json::{Value, json};
@@ -77,29 +75,11 @@ fn default_host() -> Host {
     host(EnvironmentConfig::default(), ConcurrencyConfig::default())
 }
 
+/// An echo invoke that asks for the log tail.
 fn request(h: &Host, payload: Value) -> InvokeRequest {
-    InvokeRequest {
-        request_id: hearth_agent::sandbox::new_request_id(),
-        function: FunctionSpec {
-            function_arn: "arn:aws:lambda:us-east-1:000000000000:function:echo".into(),
-            function_name: "echo".into(),
-            version: "$LATEST".into(),
-            code_sha256_hex: h.code_hex.clone(),
-            runtime: "provided.al2023".into(),
-            handler: "bootstrap".into(),
-            memory_mib: 256,
-            timeout_s: 30,
-            environment: vec![],
-            reserved_concurrency: None,
-            revision_id: "rev-1".into(),
-        },
-        payload: payload.to_string().into_bytes(),
-        invocation_type: InvocationType::RequestResponse,
-        client_context: None,
-        trace_id: None,
-        deadline_ms: 0,
-        log_tail: true,
-    }
+    let mut request = hearth_agent::testing::echo_invoke("echo", &h.code_hex, &payload);
+    request.log_tail = true;
+    request
 }
 
 fn success(r: &InvokeResult) -> Value {

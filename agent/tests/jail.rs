@@ -36,6 +36,29 @@ fn kernel() -> PathBuf {
     }
 }
 
+/// Runs `hearth jail --id ID` (uid/gid 4242, 256 MiB, `extra` flags) around an empty `vmm`, expects
+/// it to refuse (exit 1) and returns its stderr.
+fn refused_jailer(id: &str, base: &Path, extra: &[&std::ffi::OsStr]) -> String {
+    let out = Command::new(hearth_binary())
+        .args(["jail", "--id", id, "--uid", "4242", "--gid", "4242"])
+        .arg("--jail-base")
+        .arg(base)
+        .args(extra)
+        .args([
+            "--memory-limit-mib",
+            "256",
+            "--",
+            "vmm",
+            "--config-json",
+            "{}",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    stderr
+}
+
 fn read(path: impl AsRef<Path>) -> String {
     let path = path.as_ref();
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {path:?}: {e}"))
@@ -188,22 +211,7 @@ fn jailed_vmm_is_isolated() {
     );
 
     // A second jailer for the same id is refused and leaves the running jail alone.
-    let out = Command::new(hearth_binary())
-        .args(["jail", "--id", &id, "--uid", "4242", "--gid", "4242"])
-        .arg("--jail-base")
-        .arg(&base)
-        .args([
-            "--memory-limit-mib",
-            "256",
-            "--",
-            "vmm",
-            "--config-json",
-            "{}",
-        ])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = refused_jailer(&id, &base, &[]);
     assert!(stderr.contains("in use by another jailer"), "{stderr}");
     assert!(
         control.exists(),
@@ -420,32 +428,11 @@ fn a_symlinked_or_hard_linked_kernel_is_refused() {
 
     // Through `hearth jail` itself: a kernel with a second name.
     std::fs::hard_link(&real, tmp.path().join("vmlinux-second-name")).unwrap();
-    let out = Command::new(hearth_binary())
-        .args([
-            "jail",
-            "--id",
-            "refused-hard-link",
-            "--uid",
-            "4242",
-            "--gid",
-            "4242",
-        ])
-        .arg("--jail-base")
-        .arg(&base)
-        .arg("--kernel")
-        .arg(&real)
-        .args([
-            "--memory-limit-mib",
-            "256",
-            "--",
-            "vmm",
-            "--config-json",
-            "{}",
-        ])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = refused_jailer(
+        "refused-hard-link",
+        &base,
+        &["--kernel".as_ref(), real.as_os_str()],
+    );
     assert!(stderr.contains("has 2 hard links"), "{stderr}");
 
     // Nothing was made for either.
@@ -454,27 +441,51 @@ fn a_symlinked_or_hard_linked_kernel_is_refused() {
     }
 }
 
+/// A jail launcher under `tmp` with a cgroup parent of its own (`hearth-jail-NAME-test-PID`), and
+/// a VM configuration whose VMM waits for its start on `/control.sock`.
+fn kill_test_jail(tmp: &tempfile::TempDir, name: &str) -> (JailConfig, VmConfig) {
+    let mut jc = JailConfig::new(hearth_binary());
+    jc.jail_base = tmp.path().join("jails");
+    jc.cgroup_parent = format!("hearth-jail-{name}-test-{}", std::process::id());
+    let mut config = VmConfig::new(kernel());
+    config.control_socket = Some(PathBuf::from("/control.sock"));
+    (jc, config)
+}
+
+/// Spawns a jailed VMM as `id`: its jail, the process, its limit cgroups (non-empty) and their
+/// parents (removed when dropped).
+fn spawn_jailed(
+    jc: &JailConfig,
+    config: &VmConfig,
+    id: &str,
+) -> (
+    hearth_agent::jail::VmJail,
+    hearth_vmm::VmmProcess,
+    Vec<(String, PathBuf)>,
+    CgroupParents,
+) {
+    let jail = jc.jail_for(id, config).unwrap();
+    let vmm = jc.spawn(&jail, config, None).unwrap();
+    let cgroups = limit_cgroups(vmm.vmm_pid());
+    let parents = CgroupParents(
+        cgroups
+            .iter()
+            .filter_map(|(_, d)| d.parent().map(Path::to_path_buf))
+            .collect(),
+    );
+    assert!(!cgroups.is_empty());
+    (jail, vmm, cgroups, parents)
+}
+
 #[test]
 fn a_terminated_or_killed_jailed_vmm_leaves_nothing_behind() {
     require_root_and_kvm();
     let tmp = tempfile::tempdir().unwrap();
-    let mut jc = JailConfig::new(hearth_binary());
-    jc.jail_base = tmp.path().join("jails");
-    jc.cgroup_parent = format!("hearth-jail-kill-test-{}", std::process::id());
-    let mut config = VmConfig::new(kernel());
-    config.control_socket = Some(PathBuf::from("/control.sock"));
+    let (jc, config) = kill_test_jail(&tmp, "kill");
     for terminate in [true, false] {
         let id = format!("jail-kill-{}-{terminate}", std::process::id());
-        let jail = jc.jail_for(&id, &config).unwrap();
-        let mut parents = CgroupParents(Vec::new());
-        let mut vmm = jc.spawn(&jail, &config, None).unwrap();
+        let (_jail, mut vmm, cgroups, parents) = spawn_jailed(&jc, &config, &id);
         let pid = vmm.vmm_pid();
-        let cgroups = limit_cgroups(pid);
-        parents.0 = cgroups
-            .iter()
-            .filter_map(|(_, d)| d.parent().map(Path::to_path_buf))
-            .collect();
-        assert!(!cgroups.is_empty());
 
         let status = if terminate {
             // SIGTERM to the jailer: forwarded to the VMM, which stops cleanly (status 0).
@@ -508,22 +519,10 @@ fn a_terminated_or_killed_jailed_vmm_leaves_nothing_behind() {
 fn what_a_killed_jailer_leaves_is_cleaned_up() {
     require_root_and_kvm();
     let tmp = tempfile::tempdir().unwrap();
-    let mut jc = JailConfig::new(hearth_binary());
-    jc.jail_base = tmp.path().join("jails");
-    jc.cgroup_parent = format!("hearth-jail-orphan-test-{}", std::process::id());
-    let mut config = VmConfig::new(kernel());
-    config.control_socket = Some(PathBuf::from("/control.sock"));
+    let (jc, config) = kill_test_jail(&tmp, "orphan");
     let id = format!("jail-orphan-{}", std::process::id());
-    let jail = jc.jail_for(&id, &config).unwrap();
-    let mut parents = CgroupParents(Vec::new());
-    let mut vmm = jc.spawn(&jail, &config, None).unwrap();
+    let (jail, mut vmm, cgroups, parents) = spawn_jailed(&jc, &config, &id);
     let pid = vmm.vmm_pid();
-    let cgroups = limit_cgroups(pid);
-    parents.0 = cgroups
-        .iter()
-        .filter_map(|(_, d)| d.parent().map(Path::to_path_buf))
-        .collect();
-    assert!(!cgroups.is_empty());
     // The jailer itself dies: nobody removes the cgroup or the folder, and the VMM, PID 1 of its
     // namespace, lives on (reparented).
     let jailer = nix::unistd::Pid::from_raw(vmm.pid() as i32);

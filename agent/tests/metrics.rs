@@ -13,7 +13,7 @@ use hearth_agent::concurrency::{Concurrency, ConcurrencyConfig};
 use hearth_agent::environment::{EnvironmentConfig, Environments};
 use hearth_agent::metrics::{self, Metrics};
 use hearth_agent::proxy::client::ProxyClient;
-use hearth_agent::proxy::protocol::{FunctionSpec, InvocationType, InvokeRequest, Outcome};
+use hearth_agent::proxy::protocol::{InvokeRequest, Outcome};
 use hearth_agent::proxy::server::{InvokeHandler, ProxyServer};
 use hearth_agent::sandbox::container::{ContainerConfig, ContainerSandbox};
 use serde_json::{Value, json};
@@ -21,28 +21,9 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 fn request(code_hex: &str, payload: Value, reserved: Option<u32>) -> InvokeRequest {
-    InvokeRequest {
-        request_id: hearth_agent::sandbox::new_request_id(),
-        function: FunctionSpec {
-            function_arn: "arn:aws:lambda:us-east-1:000000000000:function:echo".into(),
-            function_name: "echo".into(),
-            version: "$LATEST".into(),
-            code_sha256_hex: code_hex.into(),
-            runtime: "provided.al2023".into(),
-            handler: "bootstrap".into(),
-            memory_mib: 256,
-            timeout_s: 30,
-            environment: vec![],
-            reserved_concurrency: reserved,
-            revision_id: "rev-1".into(),
-        },
-        payload: payload.to_string().into_bytes(),
-        invocation_type: InvocationType::RequestResponse,
-        client_context: None,
-        trace_id: None,
-        deadline_ms: 0,
-        log_tail: false,
-    }
+    let mut request = hearth_agent::testing::echo_invoke("echo", code_hex, &payload);
+    request.function.reserved_concurrency = reserved;
+    request
 }
 
 /// `GET /metrics` over a plain TCP connection: (status line, content type, body).

@@ -9,6 +9,20 @@ use axum::http::{Method, StatusCode};
 use common::*;
 use serde_json::{Value, json};
 
+/// Sends a request that must fail with `status` and `error_type` in Lambda's shape.
+async fn expect_error(
+    router: &axum::Router,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+    status: u16,
+    error_type: &str,
+) -> Reply {
+    let reply = send(router, method, path, body).await;
+    reply.assert_error(status, error_type);
+    reply
+}
+
 #[tokio::test]
 async fn create_has_lambda_defaults_then_goes_active() {
     let app = new_app();
@@ -69,44 +83,48 @@ async fn names_partial_and_full_arns_and_qualifiers() {
         assert_eq!(reply.json()["Configuration"]["FunctionName"], "named");
         assert_eq!(reply.json()["Code"]["RepositoryType"], "S3");
     }
-    let reply = send(
+    expect_error(
         &app.router,
         Method::GET,
         "/2015-03-31/functions/named:1/configuration?Qualifier=2",
         None,
+        400,
+        "InvalidParameterValueException",
     )
     .await;
-    reply.assert_error(400, "InvalidParameterValueException");
-    let reply = send(
+    let reply = expect_error(
         &app.router,
         Method::GET,
         "/2015-03-31/functions/named/configuration?Qualifier=7",
         None,
+        404,
+        "ResourceNotFoundException",
     )
     .await;
-    reply.assert_error(404, "ResourceNotFoundException");
     assert!(
         reply.json()["Message"]
             .as_str()
             .unwrap()
             .contains("function:named:7")
     );
-    let reply = send(
+    expect_error(
         &app.router,
         Method::GET,
         "/2015-03-31/functions/arn:aws:lambda:eu-west-1:123456789012:function:named",
         None,
+        404,
+        "ResourceNotFoundException",
     )
     .await;
-    reply.assert_error(404, "ResourceNotFoundException");
-    let reply = send(
+    expect_error(
         &app.router,
         Method::GET,
         "/2015-03-31/functions/bad%20name",
         None,
+        400,
+        "ValidationException",
     )
     .await;
-    reply.assert_error(400, "ValidationException");
 }
 
 #[tokio::test]
@@ -115,14 +133,7 @@ async fn update_configuration_and_code_with_revision_checks() {
     let cfg = create_active(&app, "upd").await;
     let rev = cfg["RevisionId"].as_str().unwrap().to_string();
 
-    let reply = send(
-        &app.router,
-        Method::PUT,
-        "/2015-03-31/functions/upd/configuration",
-        Some(json!({"Timeout": 30, "MemorySize": 512, "RevisionId": "stale", "Environment": {"Variables": {"AA": "1"}}})),
-    )
-    .await;
-    reply.assert_error(412, "PreconditionFailedException");
+    let reply = expect_error(&app.router, Method::PUT, "/2015-03-31/functions/upd/configuration", Some(json!({"Timeout": 30, "MemorySize": 512, "RevisionId": "stale", "Environment": {"Variables": {"AA": "1"}}})), 412, "PreconditionFailedException").await;
     assert!(reply.json()["message"].is_string());
 
     let reply = send(
@@ -142,14 +153,15 @@ async fn update_configuration_and_code_with_revision_checks() {
     assert_eq!(done["MemorySize"], 512);
 
     let new_zip = zip_with(b"new code");
-    let reply = send(
+    expect_error(
         &app.router,
         Method::PUT,
         "/2015-03-31/functions/upd/code",
         Some(json!({"ZipFile": b64(&new_zip), "RevisionId": "stale"})),
+        412,
+        "PreconditionFailedException",
     )
     .await;
-    reply.assert_error(412, "PreconditionFailedException");
     let reply = send(
         &app.router,
         Method::PUT,
@@ -226,14 +238,15 @@ async fn versions_aliases_and_weighted_routing() {
     )
     .await;
     wait_until(&app, "ver", |c| c["LastUpdateStatus"] == "Successful").await;
-    let reply = send(
+    expect_error(
         &app.router,
         Method::POST,
         "/2015-03-31/functions/ver/versions",
         Some(json!({"RevisionId": "x"})),
+        412,
+        "PreconditionFailedException",
     )
     .await;
-    reply.assert_error(412, "PreconditionFailedException");
     let reply = send(
         &app.router,
         Method::POST,
@@ -286,14 +299,15 @@ async fn versions_aliases_and_weighted_routing() {
         created["RoutingConfig"]["AdditionalVersionWeights"]["2"],
         0.25
     );
-    let reply = send(
+    expect_error(
         &app.router,
         Method::POST,
         "/2015-03-31/functions/ver/aliases",
         Some(alias),
+        409,
+        "ResourceConflictException",
     )
     .await;
-    reply.assert_error(409, "ResourceConflictException");
     for bad in [
         json!({"Name": "a", "FunctionVersion": "9"}),
         json!({"Name": "b", "FunctionVersion": "1", "RoutingConfig": {"AdditionalVersionWeights": {"1": 0.5}}}),
@@ -319,14 +333,15 @@ async fn versions_aliases_and_weighted_routing() {
     .await;
     assert_eq!(reply.json()["FunctionVersion"], "1");
     let rev = reply.json()["RevisionId"].as_str().unwrap().to_string();
-    let reply = send(
+    expect_error(
         &app.router,
         Method::PUT,
         "/2015-03-31/functions/ver/aliases/live",
         Some(json!({"RevisionId": "old"})),
+        412,
+        "PreconditionFailedException",
     )
     .await;
-    reply.assert_error(412, "PreconditionFailedException");
     let reply = send(
         &app.router,
         Method::PUT,
@@ -339,14 +354,15 @@ async fn versions_aliases_and_weighted_routing() {
     assert!(reply.json().get("RoutingConfig").is_none());
 
     // DryRun through the alias and through a version.
-    let reply = send(
+    expect_error(
         &app.router,
         Method::POST,
         "/2015-03-31/functions/ver:live/invocations",
         None,
+        500,
+        "ServiceException",
     )
     .await;
-    reply.assert_error(500, "ServiceException");
     let reply = common::send_with(
         &app.router,
         Method::POST,
@@ -360,14 +376,15 @@ async fn versions_aliases_and_weighted_routing() {
     assert_eq!(reply.headers["x-amz-executed-version"], "2");
 
     // A version an alias uses cannot be deleted; the alias can.
-    let reply = send(
+    expect_error(
         &app.router,
         Method::DELETE,
         "/2015-03-31/functions/ver?Qualifier=2",
         None,
+        409,
+        "ResourceConflictException",
     )
     .await;
-    reply.assert_error(409, "ResourceConflictException");
     let reply = send(
         &app.router,
         Method::GET,
@@ -384,14 +401,15 @@ async fn versions_aliases_and_weighted_routing() {
     )
     .await;
     assert_eq!(reply.status, StatusCode::NO_CONTENT);
-    let reply = send(
+    expect_error(
         &app.router,
         Method::DELETE,
         "/2015-03-31/functions/ver/aliases/live",
         None,
+        404,
+        "ResourceNotFoundException",
     )
     .await;
-    reply.assert_error(404, "ResourceNotFoundException");
     let reply = send(
         &app.router,
         Method::DELETE,
@@ -400,14 +418,15 @@ async fn versions_aliases_and_weighted_routing() {
     )
     .await;
     assert_eq!(reply.status, StatusCode::NO_CONTENT);
-    let reply = send(
+    expect_error(
         &app.router,
         Method::DELETE,
         "/2015-03-31/functions/ver?Qualifier=$LATEST",
         None,
+        400,
+        "InvalidParameterValueException",
     )
     .await;
-    reply.assert_error(400, "InvalidParameterValueException");
 }
 
 #[tokio::test]
@@ -439,22 +458,24 @@ async fn list_functions_paginates_every_function_once() {
     }
     names.sort();
     assert_eq!(seen, names);
-    let reply = send(
+    expect_error(
         &app.router,
         Method::GET,
         "/2015-03-31/functions?MaxItems=0",
         None,
+        400,
+        "ValidationException",
     )
     .await;
-    reply.assert_error(400, "ValidationException");
-    let reply = send(
+    expect_error(
         &app.router,
         Method::GET,
         "/2015-03-31/functions?Marker=!!",
         None,
+        400,
+        "InvalidParameterValueException",
     )
     .await;
-    reply.assert_error(400, "InvalidParameterValueException");
 }
 
 #[tokio::test]
@@ -469,14 +490,15 @@ async fn concurrency_routes_and_throttle() {
     )
     .await;
     assert_eq!(reply.json(), json!({}));
-    let reply = send(
+    expect_error(
         &app.router,
         Method::PUT,
         "/2017-10-31/functions/conc/concurrency",
         Some(json!({"ReservedConcurrentExecutions": 901})),
+        400,
+        "InvalidParameterValueException",
     )
     .await;
-    reply.assert_error(400, "InvalidParameterValueException");
     let reply = send(
         &app.router,
         Method::PUT,
@@ -507,14 +529,15 @@ async fn concurrency_routes_and_throttle() {
     assert_eq!(reply.json()["AccountUsage"]["FunctionCount"], 1);
 
     // Reserved concurrency 0 throttles every invoke.
-    let reply = send(
+    let reply = expect_error(
         &app.router,
         Method::POST,
         "/2015-03-31/functions/conc/invocations",
         Some(json!({})),
+        429,
+        "TooManyRequestsException",
     )
     .await;
-    reply.assert_error(429, "TooManyRequestsException");
     assert_eq!(
         reply.json()["Reason"],
         "ReservedFunctionConcurrentInvocationLimitExceeded"
@@ -537,14 +560,15 @@ async fn concurrency_routes_and_throttle() {
     )
     .await;
     assert_eq!(reply.json(), json!({}));
-    let reply = send(
+    expect_error(
         &app.router,
         Method::GET,
         "/2017-10-31/functions/conc/concurrency",
         None,
+        404,
+        "UnknownOperationException",
     )
     .await;
-    reply.assert_error(404, "UnknownOperationException");
 }
 
 #[tokio::test]
@@ -640,47 +664,51 @@ async fn error_shapes_for_routes_bodies_and_conflicts() {
     )
     .await;
     reply.assert_error(400, "InvalidRequestContentException");
-    let reply = send(
+    let reply = expect_error(
         &app.router,
         Method::GET,
         "/2015-03-31/functions/missing",
         None,
+        404,
+        "ResourceNotFoundException",
     )
     .await;
-    reply.assert_error(404, "ResourceNotFoundException");
     assert_eq!(
         reply.json()["Message"],
         "Function not found: arn:aws:lambda:us-east-1:123456789012:function:missing"
     );
 
     create_active(&app, "dup").await;
-    let reply = send(
+    expect_error(
         &app.router,
         Method::POST,
         "/2015-03-31/functions",
         Some(create_body("dup", &zip_with(b"x"))),
+        409,
+        "ResourceConflictException",
     )
     .await;
-    reply.assert_error(409, "ResourceConflictException");
 
     let mut body = create_body("badzip", b"not a zip");
-    let reply = send(
+    expect_error(
         &app.router,
         Method::POST,
         "/2015-03-31/functions",
         Some(body.clone()),
+        400,
+        "InvalidParameterValueException",
     )
     .await;
-    reply.assert_error(400, "InvalidParameterValueException");
     body["Code"] = json!({"S3Bucket": "bucket", "S3Key": "key.zip"});
-    let reply = send(
+    let reply = expect_error(
         &app.router,
         Method::POST,
         "/2015-03-31/functions",
         Some(body.clone()),
+        400,
+        "InvalidParameterValueException",
     )
     .await;
-    reply.assert_error(400, "InvalidParameterValueException");
     assert!(
         reply.json()["message"]
             .as_str()
@@ -720,14 +748,15 @@ async fn unzipped_size_limit_uses_the_central_directory() {
         .position(|w| w == [0x50, 0x4b, 0x01, 0x02])
         .unwrap();
     zip[cd + 24..cd + 28].copy_from_slice(&declared.to_le_bytes());
-    let reply = send(
+    let reply = expect_error(
         &app.router,
         Method::POST,
         "/2015-03-31/functions",
         Some(create_body("bomb", &zip)),
+        400,
+        "InvalidParameterValueException",
     )
     .await;
-    reply.assert_error(400, "InvalidParameterValueException");
     assert!(
         reply.json()["message"]
             .as_str()
@@ -1068,23 +1097,25 @@ async fn everything_survives_a_reopen_and_delete_removes_it() {
 async fn invoke_without_agent_is_a_service_exception_and_pending_is_a_conflict() {
     let app = new_app();
     create_active(&app, "inv").await;
-    let reply = send(
+    let reply = expect_error(
         &app.router,
         Method::POST,
         "/2015-03-31/functions/inv/invocations",
         Some(json!({"k": 1})),
+        500,
+        "ServiceException",
     )
     .await;
-    reply.assert_error(500, "ServiceException");
     assert!(reply.json()["Message"].as_str().unwrap().contains("agent"));
-    let reply = send(
+    expect_error(
         &app.router,
         Method::POST,
         "/2015-03-31/functions/nope/invocations",
         Some(json!({})),
+        404,
+        "ResourceNotFoundException",
     )
     .await;
-    reply.assert_error(404, "ResourceNotFoundException");
     let reply = common::send_with(
         &app.router,
         Method::POST,

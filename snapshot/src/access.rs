@@ -118,7 +118,9 @@ mod tests {
         // A private leftover of that name is replaced by a new file of the mode.
         std::fs::write(&path, b"old").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let old = std::fs::metadata(&path).unwrap().ino();
+        // Held open, so the old inode stays allocated and its number cannot be reused at once.
+        let old_file = std::fs::File::open(&path).unwrap();
+        let old = old_file.metadata().unwrap().ino();
         let file = create(&path).unwrap();
         let meta = file.metadata().unwrap();
         assert_eq!(meta.mode() & 0o7777, FILE_MODE);

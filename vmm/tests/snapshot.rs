@@ -86,6 +86,32 @@ fn first_data_offset(path: &Path) -> u64 {
         .expect("guest RAM has data") as u64
 }
 
+/// Boots the template guest of `config` and waits for its Ready: the VMM, the Ready connection
+/// (kept open while the guest runs) and what the guest said.
+fn boot_template(
+    dir: &VmDir,
+    config: &VmConfig,
+    listener: &std::os::unix::net::UnixListener,
+) -> (
+    VmmProcess,
+    std::os::unix::net::UnixStream,
+    hearth_guest::protocol::Ready,
+) {
+    let mut vmm = VmmProcess::spawn(&hearth_binary(), config).expect("spawn hearth vmm");
+    {
+        let r = vmm.start();
+        ok(&mut vmm, "start", r);
+    }
+    match wait_ready(listener, &mut vmm, READY_TIMEOUT) {
+        Ok((conn, ready)) => (vmm, conn, ready),
+        Err(e) => panic!(
+            "{e}\nVMM stderr:\n{}\nserial:\n{}",
+            vmm.stderr_tail(),
+            serial_tail(dir)
+        ),
+    }
+}
+
 #[test]
 fn snapshot_restore_and_bad_snapshot_files() {
     in_kvm("snapshot_restore_and_bad_snapshot_files", || {
@@ -93,19 +119,7 @@ fn snapshot_restore_and_bad_snapshot_files() {
         let initrd = guest_initrd(&dir);
         let listener = ready_listener(&dir);
         let config = config(&dir, &initrd, 128, 1, TEMPLATE_CMDLINE);
-        let mut vmm = VmmProcess::spawn(&hearth_binary(), &config).expect("spawn hearth vmm");
-        {
-            let r = vmm.start();
-            ok(&mut vmm, "start", r);
-        }
-        let (ready_conn, ready) = match wait_ready(&listener, &mut vmm, READY_TIMEOUT) {
-            Ok(r) => r,
-            Err(e) => panic!(
-                "{e}\nVMM stderr:\n{}\nserial:\n{}",
-                vmm.stderr_tail(),
-                serial_tail(&dir)
-            ),
-        };
+        let (mut vmm, ready_conn, ready) = boot_template(&dir, &config, &listener);
         eprintln!("booted: ready at {} ms kernel time", ready.ready_ms);
         let mut client = ControlClient::connect_uds(&dir.uds()).expect("control port");
         assert_eq!(client.ping(b"before".to_vec()).expect("ping"), b"before");
@@ -329,15 +343,7 @@ fn clones_are_unique_and_current() {
         let initrd = guest_initrd(&dir);
         let listener = ready_listener(&dir);
         let config = config(&dir, &initrd, 128, 1, TEMPLATE_CMDLINE);
-        let mut vmm = VmmProcess::spawn(&hearth_binary(), &config).expect("spawn hearth vmm");
-        {
-            let r = vmm.start();
-            ok(&mut vmm, "start", r);
-        }
-        let (ready_conn, _) = match wait_ready(&listener, &mut vmm, READY_TIMEOUT) {
-            Ok(r) => r,
-            Err(e) => panic!("{e}\n{}\n{}", vmm.stderr_tail(), serial_tail(&dir)),
-        };
+        let (mut vmm, ready_conn, _) = boot_template(&dir, &config, &listener);
         {
             let r = vmm.pause();
             ok(&mut vmm, "pause", r);
@@ -465,15 +471,7 @@ fn uffd_restore_working_set_and_bad_working_set() {
         let initrd = guest_initrd(&dir);
         let listener = ready_listener(&dir);
         let config = config(&dir, &initrd, 128, 1, TEMPLATE_CMDLINE);
-        let mut vmm = VmmProcess::spawn(&hearth_binary(), &config).expect("spawn hearth vmm");
-        {
-            let r = vmm.start();
-            ok(&mut vmm, "start", r);
-        }
-        let (ready_conn, _) = match wait_ready(&listener, &mut vmm, READY_TIMEOUT) {
-            Ok(r) => r,
-            Err(e) => panic!("{e}\n{}\n{}", vmm.stderr_tail(), serial_tail(&dir)),
-        };
+        let (mut vmm, ready_conn, _) = boot_template(&dir, &config, &listener);
         let files = SnapshotFiles {
             state: dir.path("vm.state"),
             mem: dir.path("vm.mem"),

@@ -340,6 +340,33 @@ pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
     decode_payload(&payload).map(Some)
 }
 
+/// A plain synchronous invoke of `function`'s `$LATEST` for unit tests: 128 MB, 3 s, no code.
+#[cfg(test)]
+pub(crate) fn test_request(id: &str, function: &str, payload: &[u8]) -> InvokeRequest {
+    InvokeRequest {
+        request_id: id.into(),
+        function: FunctionSpec {
+            function_arn: format!("arn:aws:lambda:us-east-1:000000000000:function:{function}"),
+            function_name: function.into(),
+            version: "$LATEST".into(),
+            code_sha256_hex: String::new(),
+            runtime: String::new(),
+            handler: String::new(),
+            memory_mib: 128,
+            timeout_s: 3,
+            environment: vec![],
+            reserved_concurrency: None,
+            revision_id: String::new(),
+        },
+        payload: payload.to_vec(),
+        invocation_type: InvocationType::RequestResponse,
+        client_context: None,
+        trace_id: None,
+        deadline_ms: 0,
+        log_tail: false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

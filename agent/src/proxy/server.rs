@@ -285,7 +285,7 @@ pub(crate) async fn serve_connection<R, W>(
 mod tests {
     use super::*;
     use crate::proxy::client::{ClientError, ProxyClient};
-    use crate::proxy::protocol::{FunctionSpec, InvocationType, Outcome};
+    use crate::proxy::protocol::Outcome;
     use tokio::io::AsyncWriteExt as _;
     use tokio::net::UnixStream;
 
@@ -315,28 +315,7 @@ mod tests {
     }
 
     fn request(id: &str, ms: u64) -> InvokeRequest {
-        InvokeRequest {
-            request_id: id.into(),
-            function: FunctionSpec {
-                function_arn: "arn:aws:lambda:us-east-1:000000000000:function:f".into(),
-                function_name: "f".into(),
-                version: "$LATEST".into(),
-                code_sha256_hex: String::new(),
-                runtime: String::new(),
-                handler: String::new(),
-                memory_mib: 128,
-                timeout_s: 3,
-                environment: vec![],
-                reserved_concurrency: None,
-                revision_id: String::new(),
-            },
-            payload: ms.to_string().into_bytes(),
-            invocation_type: InvocationType::RequestResponse,
-            client_context: None,
-            trace_id: None,
-            deadline_ms: 0,
-            log_tail: false,
-        }
+        crate::proxy::protocol::test_request(id, "f", ms.to_string().as_bytes())
     }
 
     fn start() -> (tempfile::TempDir, PathBuf, watch::Sender<bool>) {

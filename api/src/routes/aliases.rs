@@ -5,10 +5,10 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::{
-    check_revision, function_ref, load_function, load_version, paginate, prefix, sub_key,
+    check_revision, function_ref, load_function, load_version, page_response, prefix, sub_key,
     unqualified,
 };
 use crate::AppState;
@@ -187,18 +187,13 @@ async fn list_aliases(
             .collect(),
         None => items,
     };
-    let (page, next) = paginate(
+    page_response(
+        "Aliases",
         items,
         q.marker.as_deref(),
         q.max_items.as_deref(),
-        50,
         10000,
-    )?;
-    let mut body = json!({ "Aliases": page });
-    if let Some(next) = next {
-        body["NextMarker"] = next.into();
-    }
-    Ok(Json(body))
+    )
 }
 
 async fn update_alias(

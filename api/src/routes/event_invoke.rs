@@ -5,9 +5,9 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use super::{function_ref, load_function, paginate, prefix, resolve, sub_key, unqualified};
+use super::{function_ref, load_function, page_response, prefix, resolve, sub_key, unqualified};
 use crate::AppState;
 use crate::body::{LambdaJson, LambdaPath, LambdaQuery};
 use crate::error::{ApiError, check_range};
@@ -188,10 +188,11 @@ async fn list_configs(
             r.list(Table::EventInvokeConfigs, Some(&prefix(&fref.name)))?;
         Ok::<_, ApiError>(rows)
     })?;
-    let (page, next) = paginate(items, q.marker.as_deref(), q.max_items.as_deref(), 50, 50)?;
-    let mut body = json!({ "FunctionEventInvokeConfigs": page });
-    if let Some(next) = next {
-        body["NextMarker"] = next.into();
-    }
-    Ok(Json(body))
+    page_response(
+        "FunctionEventInvokeConfigs",
+        items,
+        q.marker.as_deref(),
+        q.max_items.as_deref(),
+        50,
+    )
 }

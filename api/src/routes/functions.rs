@@ -12,8 +12,8 @@ use axum::routing::get;
 use serde_json::{Value, json};
 
 use super::{
-    check_revision, function_ref, load_function, not_found, paginate, prefix, resolve, sub_key,
-    unqualified, version_key,
+    check_revision, function_ref, load_function, not_found, page_response, prefix, resolve,
+    sub_key, unqualified, version_key,
 };
 use crate::AppState;
 use crate::body::{LambdaJson, LambdaPath, LambdaQuery};
@@ -703,18 +703,13 @@ async fn list_functions(
         }
         Ok::<_, ApiError>(items)
     })?;
-    let (page, next) = paginate(
+    page_response(
+        "Functions",
         items,
         q.marker.as_deref(),
         q.max_items.as_deref(),
-        50,
         10000,
-    )?;
-    let mut body = json!({ "Functions": page });
-    if let Some(next) = next {
-        body["NextMarker"] = next.into();
-    }
-    Ok(Json(body))
+    )
 }
 
 async fn update_function_code(

@@ -161,6 +161,25 @@ pub fn check_revision(given: Option<&str>, current: &str) -> Result<(), ApiError
     }
 }
 
+/// A List response: one page of `items` (at most `max_items`, 50 by default, `limit_max` at
+/// most) under `key`, and `NextMarker` when more follow.
+pub fn page_response<T: serde::Serialize>(
+    key: &str,
+    items: Vec<(String, T)>,
+    marker: Option<&str>,
+    max_items: Option<&str>,
+    limit_max: i64,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let (page, next) = paginate(items, marker, max_items, 50, limit_max)?;
+    let page = serde_json::to_value(page).map_err(|e| ApiError::internal("list page", &e))?;
+    let mut body = serde_json::Map::new();
+    body.insert(key.to_owned(), page);
+    if let Some(next) = next {
+        body.insert("NextMarker".to_owned(), next.into());
+    }
+    Ok(axum::Json(serde_json::Value::Object(body)))
+}
+
 /// One page of a sorted list: items from `marker` on, at most `max_items`, and the marker of the
 /// next page. Markers are opaque (base64 of the next item's key).
 pub fn paginate<T>(

@@ -5,11 +5,11 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::functions::{check_not_in_progress, publish_in};
 use super::{
-    check_revision, function_ref, load_function, paginate, prefix, unqualified, version_key,
+    check_revision, function_ref, load_function, page_response, prefix, unqualified, version_key,
 };
 use crate::AppState;
 use crate::body::{LambdaJson, LambdaPath, LambdaQuery};
@@ -74,16 +74,11 @@ async fn list_versions(
         items.extend(versions.into_iter().map(|(k, v)| (k, v.config)));
         Ok::<_, ApiError>(items)
     })?;
-    let (page, next) = paginate(
+    page_response(
+        "Versions",
         items,
         q.marker.as_deref(),
         q.max_items.as_deref(),
-        50,
         10000,
-    )?;
-    let mut body = json!({ "Versions": page });
-    if let Some(next) = next {
-        body["NextMarker"] = next.into();
-    }
-    Ok(Json(body))
+    )
 }

@@ -88,6 +88,34 @@ pub fn inner_args(args: &[String]) -> Vec<String> {
     inner
 }
 
+/// The last `bytes` (about: cut at a character boundary) of the text file at `path`; empty when
+/// it cannot be read.
+pub(crate) fn file_tail(path: &std::path::Path, bytes: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let start = text.len().saturating_sub(bytes);
+    let start = (start..text.len())
+        .find(|i| text.is_char_boundary(*i))
+        .unwrap_or(text.len());
+    text[start..].to_owned()
+}
+
+/// Stops a child process the scenario started: SIGTERM, up to `grace` for it to exit, then
+/// SIGKILL.
+pub(crate) fn stop_child(child: &mut std::process::Child, grace: std::time::Duration) {
+    if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+    let deadline = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// Runs this `hearth-perf` command again inside the test host (with this binary packed), streams
 /// its output, and returns the report it printed.
 pub fn rerun_in_testhost(timeout_secs: u64) -> anyhow::Result<Report> {
@@ -95,13 +123,21 @@ pub fn rerun_in_testhost(timeout_secs: u64) -> anyhow::Result<Report> {
 }
 
 /// [`rerun_in_testhost`], with the files `with` (absolute paths) packed too, at the same paths.
-pub fn rerun_in_testhost_with(timeout_secs: u64, with: Vec<PathBuf>) -> anyhow::Result<Report> {
+/// The VMM executable that spawned VMMs run (`hearth_vmm::process::vmm_program`) is packed too,
+/// where it is not `hearth` itself, so the scenario inside runs the same one.
+pub fn rerun_in_testhost_with(timeout_secs: u64, mut with: Vec<PathBuf>) -> anyhow::Result<Report> {
     let exe = std::env::current_exe().context("cannot find the hearth-perf binary to pack")?;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut argv = vec![exe.display().to_string()];
     argv.extend(inner_args(&args));
     let mut config = TesthostConfig::new(argv);
     config.with.push(exe);
+    if let Ok(hearth) = crate::testhost::find_hearth() {
+        let vmm = hearth_vmm::process::vmm_program(&hearth);
+        if vmm != hearth && !with.contains(&vmm) {
+            with.push(vmm);
+        }
+    }
     config.with.extend(with);
     config.timeout = Some(std::time::Duration::from_secs(timeout_secs));
     println!(
