@@ -230,11 +230,40 @@ fn reuseport_listener(address: SocketAddr) -> std::io::Result<std::net::TcpListe
     Ok(socket.into())
 }
 
-/// Pins the calling thread to `cpu`.
+/// The CPUs the first core thread could use before [`pin`] narrowed it to one.
+static UNPINNED: std::sync::OnceLock<rustix::thread::CpuSet> = std::sync::OnceLock::new();
+
+/// Pins the calling thread to `cpu`, remembering what it could use before ([`unpinned`]).
 fn pin(cpu: usize) -> std::io::Result<()> {
+    let before = rustix::thread::sched_getaffinity(None).map_err(std::io::Error::from)?;
     let mut set = rustix::thread::CpuSet::new();
     set.set(cpu);
-    rustix::thread::sched_setaffinity(None, &set).map_err(std::io::Error::from)
+    rustix::thread::sched_setaffinity(None, &set).map_err(std::io::Error::from)?;
+    let _ = UNPINNED.set(before);
+    Ok(())
+}
+
+/// Runs `spawn`, which starts a child process, with the calling thread's CPU affinity widened
+/// back to what the cores could use before they pinned themselves. A child inherits the affinity
+/// of the thread that forks it (and a thread that of the thread that made it): started from a
+/// pinned core or one of its blocking threads, every sandbox (its init, the function and their
+/// threads) or VMM of that core's functions would share that one CPU, however many the host has.
+/// Where no core was pinned, `spawn` just runs.
+pub fn unpinned<T>(spawn: impl FnOnce() -> T) -> T {
+    let Some(&wide) = UNPINNED.get() else {
+        return spawn();
+    };
+    let narrow = rustix::thread::sched_getaffinity(None).ok();
+    if let Err(e) = rustix::thread::sched_setaffinity(None, &wide) {
+        tracing::debug!(error = %e, "cannot widen the core's affinity for a child");
+    }
+    let spawned = spawn();
+    if let Some(narrow) = narrow
+        && let Err(e) = rustix::thread::sched_setaffinity(None, &narrow)
+    {
+        tracing::warn!(error = %e, "cannot pin the core again after starting a child");
+    }
+    spawned
 }
 
 impl Cores {
@@ -827,6 +856,36 @@ mod tests {
         made.sort();
         assert_eq!(made, (0..threads).collect::<Vec<_>>(), "a handler per core");
         (dir, path, cores, drained)
+    }
+
+    /// The CPUs a freshly started `grep` may use, as /proc says.
+    fn child_cpus() -> String {
+        let out = std::process::Command::new("grep")
+            .args(["Cpus_allowed_list", "/proc/self/status"])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    #[test]
+    fn children_of_a_pinned_core_may_use_every_cpu() {
+        let all = allowed_cpus().unwrap();
+        let everywhere = child_cpus();
+        let first = all[0];
+        let (pinned, widened, after) = std::thread::spawn(move || {
+            pin(first).unwrap();
+            let pinned = child_cpus();
+            let widened = unpinned(child_cpus);
+            (pinned, widened, allowed_cpus().unwrap())
+        })
+        .join()
+        .unwrap();
+        assert_eq!(widened, everywhere, "started unpinned");
+        assert_eq!(pinned.trim_end(), format!("Cpus_allowed_list:\t{first}"));
+        assert_eq!(after, vec![first], "the core is pinned again");
+        if all.len() > 1 {
+            assert_ne!(pinned, everywhere);
+        }
     }
 
     #[test]

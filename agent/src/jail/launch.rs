@@ -210,13 +210,9 @@ impl JailConfig {
             .collect(),
             None => Vec::new(),
         };
-        Ok(VmmProcess::spawn_jailed(
-            &self.hearth_binary,
-            &args,
-            &jail.root,
-            &inside,
-            &extra,
-        )?)
+        Ok(crate::cores::unpinned(|| {
+            VmmProcess::spawn_jailed(&self.hearth_binary, &args, &jail.root, &inside, &extra)
+        })?)
     }
 }
 

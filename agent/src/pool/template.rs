@@ -328,7 +328,8 @@ fn build_in(
         vcpus = spec.vcpus,
         "building a VM template"
     );
-    let mut vmm = VmmProcess::spawn(&spec.hearth_binary, &config).map_err(TemplateError::Vmm)?;
+    let mut vmm = crate::cores::unpinned(|| VmmProcess::spawn(&spec.hearth_binary, &config))
+        .map_err(TemplateError::Vmm)?;
     let boot_failed = |vmm: &mut VmmProcess, why: String| {
         let _ = vmm.kill();
         TemplateError::Boot {

@@ -182,8 +182,10 @@ impl PooledVm {
                     .and_then(|()| jails.spawn(jail, &config, Some(&template.files)))
                     .map_err(PooledVmError::Jail)
             }
-            None => VmmProcess::spawn_restored(hearth_binary, &config, &template.files)
-                .map_err(PooledVmError::Restore),
+            None => crate::cores::unpinned(|| {
+                VmmProcess::spawn_restored(hearth_binary, &config, &template.files)
+            })
+            .map_err(PooledVmError::Restore),
         };
         let vmm = vm.vmm.insert(spawned?);
         if let Err(e) = vmm.start() {

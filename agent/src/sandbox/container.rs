@@ -115,15 +115,18 @@ impl Sandbox for ContainerSandbox {
             what: "encode the container spec".into(),
             source: std::io::Error::other(e),
         })?;
-        let mut launcher = tokio::process::Command::new(&config.init_path)
-            .arg("container-launch")
-            .arg(spec)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(setup(format!("start {}", config.init_path.display())))?;
+        // Started with every CPU the agent may use, not just the calling core's.
+        let mut launcher = crate::cores::unpinned(|| {
+            tokio::process::Command::new(&config.init_path)
+                .arg("container-launch")
+                .arg(spec)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+        })
+        .map_err(setup(format!("start {}", config.init_path.display())))?;
         let stderr = launcher.stderr.take();
         let stderr_task = tokio::spawn(async move {
             let mut buf = Vec::new();

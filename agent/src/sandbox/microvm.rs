@@ -364,7 +364,8 @@ async fn boot(config: &MicrovmConfig, function: &FunctionSpec) -> Result<Started
                     .spawn(jail, &vm, None)
                     .map_err(|e| std::io::Error::other(e.to_string()))?
             }
-            _ => VmmProcess::spawn(&binary, &vm).map_err(std::io::Error::other)?,
+            _ => crate::cores::unpinned(|| VmmProcess::spawn(&binary, &vm))
+                .map_err(std::io::Error::other)?,
         };
         vmm.start().map_err(std::io::Error::other)?;
         Ok::<_, std::io::Error>(vmm)
