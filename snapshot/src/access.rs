@@ -87,6 +87,39 @@ pub(crate) fn create(path: &std::path::Path) -> std::io::Result<std::fs::File> {
     Ok(file)
 }
 
+/// What reading a snapshot file gave, for [`check_owner_and_mode_rules`].
+#[cfg(test)]
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum TestRead {
+    /// Read, and what was written.
+    Read,
+    /// Refused for its owner or mode.
+    Refused,
+}
+
+/// For the tests of each file kind: `path`, just written by this (root) process, has
+/// [`FILE_MODE`]; `read` refuses it while it belongs to uid 4242, reads it back once root owns it
+/// again, and refuses it once others may write it.
+#[cfg(test)]
+pub(crate) fn check_owner_and_mode_rules(
+    path: &std::path::Path,
+    read: impl Fn(&std::path::Path) -> TestRead,
+) {
+    use std::os::unix::fs::PermissionsExt;
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test gives a file to another user (chown): run it as root"
+    );
+    let meta = std::fs::metadata(path).unwrap();
+    assert_eq!(meta.mode() & 0o7777, FILE_MODE);
+    std::os::unix::fs::chown(path, Some(4242), None).unwrap();
+    assert_eq!(read(path), TestRead::Refused, "another user's file");
+    std::os::unix::fs::chown(path, Some(0), None).unwrap();
+    assert_eq!(read(path), TestRead::Read, "root's file");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o646)).unwrap();
+    assert_eq!(read(path), TestRead::Refused, "a file others may write");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -468,6 +468,7 @@ mod tests {
             limits: crate::bundle::Limits::default(),
             isolate: false,
             set_clock: false,
+            report_peak_memory: true,
         };
         let (host, guest) = UnixStream::pair().unwrap();
         host.set_read_timeout(Some(Duration::from_secs(20)))

@@ -400,8 +400,6 @@ pub(crate) fn container_init(args: &[OsString]) -> Result<i32, RuntimeError> {
     .map_err(RuntimeError::Link)?;
     link.set_nonblocking(true)
         .map_err(step("nonblocking link"))?;
-    // The agent reads the sandbox cgroup's peak memory after each invoke.
-    super::host_reads_peak_memory();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -412,6 +410,7 @@ pub(crate) fn container_init(args: &[OsString]) -> Result<i32, RuntimeError> {
         super::serve_function(
             RuntimeConfig {
                 set_clock: false,
+                report_peak_memory: false,
                 ..RuntimeConfig::lambda()
             },
             r,

@@ -53,19 +53,6 @@ where
     result
 }
 
-/// Set when the host reads the sandbox's peak memory itself (a container sandbox: from its
-/// cgroup, which the init cannot see from inside): the init then leaves `max_memory_used_mb` at 0
-/// rather than reading the runtime's `/proc/<pid>/status` after every invoke (a kernel-formatted
-/// page: ~10% of the init's CPU on a warm echo invoke).
-static HOST_READS_PEAK_MEMORY: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
-
-/// Tells this process's sessions that the host reads the peak memory (see
-/// [`HOST_READS_PEAK_MEMORY`]); `hearth-init container-init` calls it.
-pub(crate) fn host_reads_peak_memory() {
-    HOST_READS_PEAK_MEMORY.store(true, Ordering::Relaxed);
-}
-
 /// How far the guest's clock may be from the host's before the init sets it.
 pub const CLOCK_TOLERANCE_MS: u64 = 10;
 
@@ -355,6 +342,8 @@ struct Child {
     pumps: Vec<tokio::task::JoinHandle<()>>,
     /// Started through the `function-exec` helper: the runtime is the helper's child.
     isolated: bool,
+    /// Whether [`Child::max_memory_mb`] reads the runtime's peak memory.
+    report_peak_memory: bool,
     /// The runtime's `/proc/<pid>/status`, opened on first use and re-read from offset 0 after
     /// (read once per invoke: an open per read costs two path walks).
     status_file: std::sync::OnceLock<std::fs::File>,
@@ -405,6 +394,7 @@ impl Child {
             exited: None,
             pumps,
             isolated: cfg.isolate && cfg.run_as.is_some(),
+            report_peak_memory: cfg.report_peak_memory,
             status_file: std::sync::OnceLock::new(),
         })
     }
@@ -441,11 +431,11 @@ impl Child {
         let _ = self.inner.start_kill();
     }
 
-    /// Peak resident memory of the runtime process (VmHWM), in MiB, rounded up; 0 when the host
-    /// reads it itself ([`host_reads_peak_memory`]).
+    /// Peak resident memory of the runtime process (VmHWM), in MiB, rounded up; 0 where the host
+    /// reads it itself ([`RuntimeConfig::report_peak_memory`] off).
     fn max_memory_mb(&self) -> u64 {
         use std::os::unix::fs::FileExt as _;
-        if HOST_READS_PEAK_MEMORY.load(Ordering::Relaxed) {
+        if !self.report_peak_memory {
             return 0;
         }
         let file = match self.status_file.get() {
