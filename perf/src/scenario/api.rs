@@ -404,21 +404,22 @@ pub fn run(args: &ApiArgs) -> anyhow::Result<Report> {
     }
     report.add("http_invoke", &measured.http, "us");
     report.add("proxy_invoke", &measured.proxy, "us");
-    let cost: Vec<f64> = measured
-        .http
-        .iter()
-        .zip(&measured.proxy)
-        .map(|(h, p)| h - p)
-        .collect();
-    report.add("frontend_cost", &cost, "us");
+    // Each HTTP sample minus the invoke-proxy sample taken beside it.
+    let paired = |proxy: &[f64]| -> Vec<f64> {
+        measured
+            .http
+            .iter()
+            .zip(proxy)
+            .map(|(h, p)| h - p)
+            .collect()
+    };
+    report.add("frontend_cost", &paired(&measured.proxy), "us");
     report.add("proxy_tcp_invoke", &measured.proxy_tcp, "us");
-    let same_transport: Vec<f64> = measured
-        .http
-        .iter()
-        .zip(&measured.proxy_tcp)
-        .map(|(h, p)| h - p)
-        .collect();
-    report.add("frontend_cost_same_transport", &same_transport, "us");
+    report.add(
+        "frontend_cost_same_transport",
+        &paired(&measured.proxy_tcp),
+        "us",
+    );
     if let (Some(h), Some(p)) = (
         report.metrics.get("http_invoke"),
         report.metrics.get("proxy_invoke"),
