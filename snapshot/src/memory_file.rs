@@ -337,8 +337,9 @@ fn write_region(
     Ok(())
 }
 
-/// The data extents of `file` in `[at, at + len)`, relative to `at`, rounded out to whole pages.
-fn data_extents(file: &File, at: u64, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+/// The data extents of `file` in `[at, at + len)`, relative to `at`, rounded out to whole pages
+/// (`SEEK_DATA`/`SEEK_HOLE`): what is not in them reads as zero.
+pub fn data_extents(file: &File, at: u64, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
     let page = PAGE_SIZE as u64;
     let end = at + len;
     let mut extents = Vec::new();

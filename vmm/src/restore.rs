@@ -98,24 +98,6 @@ pub enum RestoreError {
     CopyData(u64, #[source] std::io::Error),
 }
 
-/// `lseek(fd, offset, whence)` for `SEEK_DATA`/`SEEK_HOLE`: `None` past the last data extent
-/// (ENXIO).
-fn seek(file: &std::fs::File, offset: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: lseek on a descriptor we own; it only moves the file offset, which nothing else
-    // relies on (reads are positional).
-    let at = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
-    if at < 0 {
-        let e = std::io::Error::last_os_error();
-        return if e.raw_os_error() == Some(libc::ENXIO) {
-            Ok(None)
-        } else {
-            Err(e)
-        };
-    }
-    Ok(Some(at as u64))
-}
-
 /// Reads the data extents of `file` (guest RAM, the regions one after the other; holes are
 /// zero, as fresh anonymous memory is) into `mem`. Returns the bytes read.
 fn copy_data(file: &std::fs::File, mem: &memory::GuestMemory) -> Result<u64, RestoreError> {
@@ -127,31 +109,20 @@ fn copy_data(file: &std::fs::File, mem: &memory::GuestMemory) -> Result<u64, Res
         let host = region
             .get_host_address(MemoryRegionAddress(0))
             .map_err(|e| RestoreError::CopyData(offset, std::io::Error::other(e.to_string())))?;
-        let end = offset + len;
-        let mut at = offset;
-        while at < end {
-            let Some(data) = seek(file, at, libc::SEEK_DATA)
-                .map_err(|e| RestoreError::CopyData(at, e))?
-                .filter(|&d| d < end)
-            else {
-                break;
-            };
-            let hole = seek(file, data, libc::SEEK_HOLE)
-                .map_err(|e| RestoreError::CopyData(data, e))?
-                .unwrap_or(end)
-                .min(end);
-            let mut pos = data;
-            while pos < hole {
-                let n = (hole - pos) as usize;
+        let extents = hearth_snapshot::memory_file::data_extents(file, offset, len)
+            .map_err(|e| RestoreError::CopyData(offset, e))?;
+        for (start, end) in extents {
+            let mut pos = start;
+            while pos < end {
                 // SAFETY: `host` is the start of this region's mapping of `len` bytes, and
-                // `pos - offset + n <= len`; the memory is the process's own anonymous guest RAM,
-                // which no vCPU or device uses yet.
+                // `pos < end <= len` (extents lie within the region); the memory is the process's
+                // own anonymous guest RAM, which no vCPU or device uses yet.
                 let r = unsafe {
                     libc::pread(
                         std::os::fd::AsRawFd::as_raw_fd(file),
-                        host.add((pos - offset) as usize).cast(),
-                        n,
-                        pos as libc::off_t,
+                        host.add(pos as usize).cast(),
+                        (end - pos) as usize,
+                        (offset + pos) as libc::off_t,
                     )
                 };
                 if r < 0 {
@@ -159,20 +130,19 @@ fn copy_data(file: &std::fs::File, mem: &memory::GuestMemory) -> Result<u64, Res
                     if e.kind() == std::io::ErrorKind::Interrupted {
                         continue;
                     }
-                    return Err(RestoreError::CopyData(pos, e));
+                    return Err(RestoreError::CopyData(offset + pos, e));
                 }
                 if r == 0 {
                     return Err(RestoreError::CopyData(
-                        pos,
+                        offset + pos,
                         std::io::ErrorKind::UnexpectedEof.into(),
                     ));
                 }
                 pos += r as u64;
                 copied += r as u64;
             }
-            at = hole;
         }
-        offset = end;
+        offset += len;
     }
     Ok(copied)
 }
