@@ -4,12 +4,17 @@
 //! - Listeners: the Unix invoke-proxy socket has one listener (on core 0) whose accepted
 //!   connections are dealt round-robin to the cores; the optional TCP listener is one
 //!   `SO_REUSEPORT` socket per core, so the kernel spreads the connections.
-//! - Sharding: each function version belongs to one core ([`shard_of`]: FNV-1a of its ARN without
-//!   a qualifier, and the version). That core owns the function's execution environments: every
+//! - Sharding: each function (all its versions) belongs to one core ([`shard_of`]: FNV-1a of its
+//!   ARN without a qualifier). That core owns the function's execution environments: every
 //!   core has its own handler (its own `Environments`), so an invoke takes no lock shared between
 //!   cores. An invoke read on another core is handed to its owner over the owner's command channel
 //!   (tokio's unbounded mpsc, a lock-free list of blocks; `cargo bench -p hearth-agent --bench
 //!   handover` compares it with a crossbeam queue) and its result comes back over a oneshot.
+//! - Steering: a [`TcpService`] may be given a [`Steer`], which names the function of a new
+//!   connection's first request from its first bytes (peeked, not read); the accepting core then
+//!   hands the connection itself to that function's owner, so a client that keeps invoking one
+//!   function over one connection (an SDK's keep-alive connection) never pays the two cross-core
+//!   wake-ups of a hand-over per invoke.
 //! - Shared between cores: the concurrency counters (atomics, [`crate::concurrency`], so the
 //!   account-wide count stays exact) and the code cache (cold starts only).
 //! - Shutdown ([`Cores::shutdown`]): every core stops accepting and reading invokes; the invokes
@@ -25,6 +30,23 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::proxy::protocol::{InvokeRequest, InvokeResult, Outcome};
 use crate::proxy::server::{self, BoxFuture, InFlight, InvokeHandler, ServerError};
+
+thread_local! {
+    /// On a core's thread: its index and its own handler, so a [`Dispatcher`] called there runs
+    /// an invoke of a function this core owns in place instead of handing it to itself.
+    static THIS_CORE: std::cell::RefCell<Option<(usize, Arc<dyn InvokeHandler>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The handler of core `owner`, when the calling thread is that core.
+fn on_core(owner: usize) -> Option<Arc<dyn InvokeHandler>> {
+    THIS_CORE.with(|core| {
+        core.borrow()
+            .as_ref()
+            .filter(|(index, _)| *index == owner)
+            .map(|(_, handler)| handler.clone())
+    })
+}
 
 /// How many cores, and whether they are pinned.
 #[derive(Debug, Clone)]
@@ -83,6 +105,17 @@ pub enum CoresError {
 pub type ConnectionService =
     Arc<dyn Fn(tokio::net::TcpStream, SocketAddr) -> BoxFuture<'static, ()> + Send + Sync>;
 
+/// Names the function (its ARN, a qualifier allowed) that a connection's first request invokes,
+/// from the first bytes the client sent; `None` when they name none (the connection stays where
+/// it was accepted).
+pub type Steer = Arc<dyn Fn(&[u8]) -> Option<String> + Send + Sync>;
+
+/// How many bytes of a new connection [`Steer`] sees: enough for a request line.
+const STEER_PEEK: usize = 1024;
+
+/// How long a new connection may take to send its first bytes before it is served unsteered.
+const STEER_WAIT: Duration = Duration::from_secs(1);
+
 /// A TCP service the cores serve beside the invoke-proxy protocol (`hearth serve`'s Lambda API):
 /// one `SO_REUSEPORT` listener per core, each connection served on the core whose listener took
 /// it, so an invoke of a function that core owns never leaves its thread. It stops accepting on
@@ -110,10 +143,73 @@ impl Drop for TcpService {
     }
 }
 
+/// Where a core's [`TcpService`] connections may be steered.
+#[derive(Clone)]
+struct Steering {
+    steer: Steer,
+    /// This core.
+    index: usize,
+    peers: Arc<[mpsc::UnboundedSender<Command>]>,
+}
+
+impl Steering {
+    /// Serves `stream` on the core that owns the function its first request invokes (here when
+    /// that is this core, or when the first bytes name none or are slow to come).
+    async fn serve(
+        self,
+        stream: tokio::net::TcpStream,
+        peer: SocketAddr,
+        service: ConnectionService,
+    ) {
+        let mut first = [0u8; STEER_PEEK];
+        let owner = match tokio::time::timeout(STEER_WAIT, stream.peek(&mut first)).await {
+            Ok(Ok(n)) if n > 0 => {
+                (self.steer)(&first[..n]).map(|arn| shard_of(&arn, self.peers.len()))
+            }
+            _ => None,
+        };
+        let Some(owner) = owner.filter(|&owner| owner != self.index) else {
+            return service(stream, peer).await;
+        };
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot hand a connection over; it is closed");
+                return;
+            }
+        };
+        let command = Command::Steered {
+            stream,
+            peer,
+            service: service.clone(),
+        };
+        if let Err(mpsc::error::SendError(command)) = self.peers[owner].send(command)
+            && let Command::Steered { stream, .. } = command
+        {
+            // The owner has stopped: serve it here after all.
+            match tokio::net::TcpStream::from_std(stream) {
+                Ok(stream) => service(stream, peer).await,
+                Err(e) => tracing::debug!(error = %e, "cannot take a connection back"),
+            }
+        }
+    }
+}
+
+/// Serves a connection that another core steered here.
+fn serve_steered(stream: std::net::TcpStream, peer: SocketAddr, service: &ConnectionService) {
+    match tokio::net::TcpStream::from_std(stream) {
+        Ok(stream) => {
+            tokio::spawn(service(stream, peer));
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot take over a steered connection"),
+    }
+}
+
 /// A core's accept loop of a [`TcpService`].
 async fn accept_service(
     listener: std::net::TcpListener,
     service: ConnectionService,
+    steering: Option<Steering>,
     mut stop: watch::Receiver<bool>,
 ) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
@@ -135,7 +231,14 @@ async fn accept_service(
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
                     }
-                    tokio::spawn(service(stream, peer));
+                    match &steering {
+                        Some(steering) => {
+                            tokio::spawn(steering.clone().serve(stream, peer, service.clone()));
+                        }
+                        None => {
+                            tokio::spawn(service(stream, peer));
+                        }
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed; retrying");
@@ -157,11 +260,19 @@ enum Command {
     ),
     /// Serve a connection accepted on another core.
     Connection(std::os::unix::net::UnixStream),
-    /// Accept on this core's listener of a [`TcpService`] and serve its connections here.
+    /// Accept on this core's listener of a [`TcpService`] and serve its connections here (or
+    /// steer them to their function's owner).
     ServeTcp {
         listener: std::net::TcpListener,
         service: ConnectionService,
+        steer: Option<Steer>,
         stop: watch::Receiver<bool>,
+    },
+    /// Serve a [`TcpService`] connection that another core steered here.
+    Steered {
+        stream: std::net::TcpStream,
+        peer: SocketAddr,
+        service: ConnectionService,
     },
     /// Drain the handler within the grace, then end.
     Drain(Duration, oneshot::Sender<()>),
@@ -194,10 +305,11 @@ pub fn allowed_cpus() -> Result<Vec<usize>, CoresError> {
         .collect())
 }
 
-/// The core that owns invokes of `function_arn` at `version` among `cores`: FNV-1a of the ARN
-/// without its qualifier (so a version reached by alias lands where it does by name) and the
-/// version. Stable across runs and builds.
-pub fn shard_of(function_arn: &str, version: &str, cores: usize) -> usize {
+/// The core that owns invokes of the function `function_arn` (any version) among `cores`: FNV-1a
+/// of the ARN without its qualifier, so every version, and every alias of it, lands on one core,
+/// and a connection can be steered there from the function's name alone ([`Steer`]). Stable
+/// across runs and builds.
+pub fn shard_of(function_arn: &str, cores: usize) -> usize {
     if cores <= 1 {
         return 0;
     }
@@ -207,7 +319,7 @@ pub fn shard_of(function_arn: &str, version: &str, cores: usize) -> usize {
         None => function_arn,
     };
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in unqualified.bytes().chain([0]).chain(version.bytes()) {
+    for byte in unqualified.bytes() {
         hash ^= u64::from(byte);
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }
@@ -361,6 +473,7 @@ impl Cores {
         &self,
         address: SocketAddr,
         service: ConnectionService,
+        steer: Option<Steer>,
     ) -> Result<TcpService, CoresError> {
         let tcp_err = |source| CoresError::Tcp { address, source };
         // The first bind picks the port (when 0); the others join it.
@@ -375,6 +488,7 @@ impl Cores {
             let command = Command::ServeTcp {
                 listener,
                 service: service.clone(),
+                steer: steer.clone(),
                 stop: stopped.clone(),
             };
             if core.commands.send(command).is_err() {
@@ -524,6 +638,7 @@ impl CoreSetup {
             ..
         } = self;
         let local = factory(index);
+        THIS_CORE.with(|core| *core.borrow_mut() = Some((index, local.clone())));
         let router: Arc<dyn InvokeHandler> = Arc::new(Router {
             index,
             local: local.clone(),
@@ -538,7 +653,12 @@ impl CoreSetup {
         if let Some((listener, path)) = unix {
             match tokio::net::UnixListener::from_std(listener) {
                 Ok(listener) => {
-                    listeners.spawn(serving.clone().accept_unix(listener, path, index, peers));
+                    listeners.spawn(serving.clone().accept_unix(
+                        listener,
+                        path,
+                        index,
+                        peers.clone(),
+                    ));
                 }
                 Err(source) => {
                     let _ = ready.send(Err(CoresError::Unix(ServerError::Bind { path, source })));
@@ -573,10 +693,21 @@ impl CoreSetup {
                 Command::ServeTcp {
                     listener,
                     service,
+                    steer,
                     stop,
                 } => {
-                    tokio::spawn(accept_service(listener, service, stop));
+                    let steering = steer.map(|steer| Steering {
+                        steer,
+                        index,
+                        peers: peers.clone(),
+                    });
+                    tokio::spawn(accept_service(listener, service, steering, stop));
                 }
+                Command::Steered {
+                    stream,
+                    peer,
+                    service,
+                } => serve_steered(stream, peer, &service),
                 Command::Drain(grace, done) => {
                     let started = tokio::time::Instant::now();
                     while listeners.join_next().await.is_some() {}
@@ -741,7 +872,15 @@ pub struct Dispatcher {
 impl InvokeHandler for Dispatcher {
     fn invoke(&self, request: InvokeRequest) -> BoxFuture<'_, InvokeResult> {
         let f = &request.function;
-        let owner = shard_of(&f.function_arn, &f.version, self.peers.len());
+        let owner = shard_of(&f.function_arn, self.peers.len());
+        // Called on the owning core (the Lambda API's connections are served on the cores): run
+        // it here, as that core's own connections do, without a hand-over to itself.
+        if let Some(local) = on_core(owner) {
+            let arrived = std::time::Instant::now();
+            return Box::pin(async move {
+                crate::metrics::with_arrival(arrived, local.invoke(request)).await
+            });
+        }
         Box::pin(hand_over(&self.peers, owner, request))
     }
 
@@ -764,7 +903,7 @@ fn core_gone(request_id: String) -> InvokeResult {
 impl InvokeHandler for Router {
     fn invoke(&self, request: InvokeRequest) -> BoxFuture<'_, InvokeResult> {
         let f = &request.function;
-        let owner = shard_of(&f.function_arn, &f.version, self.peers.len());
+        let owner = shard_of(&f.function_arn, self.peers.len());
         if owner == self.index {
             return self.local.invoke(request);
         }
@@ -891,15 +1030,13 @@ mod tests {
     #[test]
     fn shards_are_stable_spread_and_ignore_qualifiers() {
         let arn = "arn:aws:lambda:us-east-1:000000000000:function:f";
-        assert_eq!(shard_of(arn, "1", 1), 0);
-        assert_eq!(
-            shard_of(arn, "1", 4),
-            shard_of(&format!("{arn}:prod"), "1", 4)
-        );
-        assert_eq!(shard_of(arn, "1", 4), shard_of(arn, "1", 4));
+        assert_eq!(shard_of(arn, 1), 0);
+        assert_eq!(shard_of(arn, 4), shard_of(&format!("{arn}:prod"), 4));
+        assert_eq!(shard_of(arn, 4), shard_of(&format!("{arn}:7"), 4));
+        assert_eq!(shard_of(arn, 4), shard_of(arn, 4));
         let mut seen = [0usize; 4];
         for i in 0..400 {
-            seen[shard_of(&format!("{arn}{i}"), "$LATEST", 4)] += 1;
+            seen[shard_of(&format!("{arn}{i}"), 4)] += 1;
         }
         assert!(seen.iter().all(|&n| n > 60), "{seen:?}");
     }
@@ -935,7 +1072,7 @@ mod tests {
             for f in 0..12 {
                 let function = format!("f{f}");
                 let arn = format!("arn:aws:lambda:us-east-1:000000000000:function:{function}");
-                let owner = shard_of(&arn, "$LATEST", threads);
+                let owner = shard_of(&arn, threads);
                 let r = client
                     .invoke(request(&format!("c{c}-{f}"), &function, 0))
                     .await
@@ -960,10 +1097,7 @@ mod tests {
                         .await
                         .unwrap();
                     let arn = format!("arn:aws:lambda:us-east-1:000000000000:function:f{i}");
-                    assert_eq!(
-                        ran_on(&r),
-                        format!("hearth-core-{}", shard_of(&arn, "$LATEST", 2))
-                    );
+                    assert_eq!(ran_on(&r), format!("hearth-core-{}", shard_of(&arn, 2)));
                 })
             })
             .collect();
@@ -972,6 +1106,62 @@ mod tests {
         }
         cores.shutdown(Duration::from_secs(5)).await;
         assert!(ProxyClient::connect_tcp(address).await.is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tcp_services_steer_each_connection_to_its_first_functions_core() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (_dir, _path, cores, _) = start(2, false).await;
+        // The service answers with the name of the core thread that serves the connection, and
+        // a `Dispatcher` invoke's core, both after reading the line the client sent.
+        let dispatcher = cores.dispatcher();
+        let service: ConnectionService = Arc::new(move |mut stream, _peer| {
+            let dispatcher = dispatcher.clone();
+            Box::pin(async move {
+                let mut line = Vec::new();
+                let mut byte = [0u8; 1];
+                while stream.read(&mut byte).await.unwrap_or(0) == 1 && byte[0] != b'\n' {
+                    line.push(byte[0]);
+                }
+                let served_on = std::thread::current().name().unwrap_or("").to_string();
+                let function = String::from_utf8_lossy(&line).to_string();
+                let r = dispatcher.invoke(request("d", &function, 0)).await;
+                let answer = format!("{served_on} {}", ran_on(&r));
+                let _ = stream.write_all(answer.as_bytes()).await;
+            })
+        });
+        let steer: Steer = Arc::new(|first: &[u8]| {
+            let line = first.split(|&b| b == b'\n').next()?;
+            (line.len() < first.len()).then(|| {
+                format!(
+                    "arn:aws:lambda:us-east-1:000000000000:function:{}",
+                    String::from_utf8_lossy(line)
+                )
+            })
+        });
+        let tcp = cores
+            .serve_tcp("127.0.0.1:0".parse().unwrap(), service, Some(steer))
+            .unwrap();
+        for i in 0..16 {
+            let function = format!("f{i}");
+            let owner = format!(
+                "hearth-core-{}",
+                shard_of(
+                    &format!("arn:aws:lambda:us-east-1:000000000000:function:{function}"),
+                    2
+                )
+            );
+            let mut stream = tokio::net::TcpStream::connect(tcp.address()).await.unwrap();
+            stream
+                .write_all(format!("{function}\n").as_bytes())
+                .await
+                .unwrap();
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).await.unwrap();
+            assert_eq!(answer, format!("{owner} {owner}"), "{function}");
+        }
+        tcp.stop();
+        cores.shutdown(Duration::from_secs(5)).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

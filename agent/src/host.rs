@@ -196,9 +196,10 @@ impl Agent {
         &self,
         address: SocketAddr,
         service: crate::cores::ConnectionService,
+        steer: Option<crate::cores::Steer>,
     ) -> Result<crate::cores::TcpService, AgentError> {
         self.cores
-            .serve_tcp(address, service)
+            .serve_tcp(address, service, steer)
             .map_err(AgentError::Cores)
     }
 

@@ -16,7 +16,7 @@ use axum::body::Body;
 use axum::http::Request;
 use base64::Engine as _;
 use hearth_api::{
-    ApiError, AppState, Auth, InvokeRequest, InvokeResponse, Invoker, Partition, Store, app,
+    ApiError, ApiService, AppState, Auth, InvokeRequest, InvokeResponse, Invoker, Partition, Store,
 };
 use http_body_util::BodyExt as _;
 use tower::ServiceExt as _;
@@ -89,7 +89,7 @@ async fn main() {
         region: "us-east-1".into(),
         account: "000000000000".into(),
     };
-    let router = app(AppState::new(store, auth, partition, Arc::new(Echo)));
+    let router = ApiService::new(AppState::new(store, auth, partition, Arc::new(Echo)));
 
     let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
     zip.start_file("bootstrap", zip::write::SimpleFileOptions::default())

@@ -304,21 +304,80 @@ fn canonical_header_value(headers: &HeaderMap, name: &str) -> Option<String> {
             joined.push(',');
         }
         let v = String::from_utf8_lossy(v.as_bytes());
-        joined.push_str(&v.split_whitespace().collect::<Vec<_>>().join(" "));
+        // Trimmed, with each run of spaces as one; most values are that already.
+        let mut words = v.split_whitespace();
+        if let Some(first) = words.next() {
+            joined.push_str(first);
+            for word in words {
+                joined.push(' ');
+                joined.push_str(word);
+            }
+        }
     }
     Some(joined)
 }
 
+/// Lower-case hex of `bytes` (SigV4's hashes and signatures).
+pub fn hex_lower(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
+}
+
 type HmacSha256 = Hmac<Sha256>;
 
-fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
+fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
     // HMAC accepts keys of any length; new_from_slice cannot fail for it.
     let mut mac = match HmacSha256::new_from_slice(key) {
         Ok(mac) => mac,
-        Err(_) => return Vec::new(),
+        Err(_) => return [0; 32],
     };
     mac.update(data);
-    mac.finalize().into_bytes().to_vec()
+    mac.finalize().into_bytes().into()
+}
+
+/// Signing keys derived on this thread, by secret and scope: a key changes once a day per
+/// scope, so four of the five HMACs of a verification are done once, not per request.
+const SIGNING_KEYS_KEPT: usize = 16;
+
+thread_local! {
+    static SIGNING_KEYS: std::cell::RefCell<Vec<(String, String, [u8; 32])>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// SigV4's signing key of `secret` for `scope` (`date/region/service/aws4_request`).
+fn signing_key(secret: &str, scope: &str) -> [u8; 32] {
+    let cached = SIGNING_KEYS.with(|keys| {
+        keys.borrow()
+            .iter()
+            .find(|(s, c, _)| s == secret && c == scope)
+            .map(|(_, _, key)| *key)
+    });
+    if let Some(key) = cached {
+        return key;
+    }
+    let mut parts = scope.split('/');
+    let (date, region, service) = (
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+    );
+    let k_date = hmac(format!("AWS4{secret}").as_bytes(), date.as_bytes());
+    let k_region = hmac(&k_date, region.as_bytes());
+    let k_service = hmac(&k_region, service.as_bytes());
+    let key = hmac(&k_service, b"aws4_request");
+    SIGNING_KEYS.with(|keys| {
+        let mut keys = keys.borrow_mut();
+        if keys.len() >= SIGNING_KEYS_KEPT {
+            keys.remove(0);
+        }
+        keys.push((secret.to_string(), scope.to_string(), key));
+    });
+    key
 }
 
 /// The canonical request of SigV4 for this request.
@@ -375,19 +434,10 @@ pub fn verify(
         "AWS4-HMAC-SHA256\n{}\n{}\n{}",
         pre.amz_date,
         pre.scope,
-        hex::encode(Sha256::digest(creq.as_bytes()))
+        hex_lower(&Sha256::digest(creq.as_bytes()))
     );
-    let mut parts = pre.scope.split('/');
-    let (date, region, service) = (
-        parts.next().unwrap_or(""),
-        parts.next().unwrap_or(""),
-        parts.next().unwrap_or(""),
-    );
-    let k_date = hmac(format!("AWS4{secret}").as_bytes(), date.as_bytes());
-    let k_region = hmac(&k_date, region.as_bytes());
-    let k_service = hmac(&k_region, service.as_bytes());
-    let k_signing = hmac(&k_service, b"aws4_request");
-    let expected = hex::encode(hmac(&k_signing, string_to_sign.as_bytes()));
+    let k_signing = signing_key(secret, &pre.scope);
+    let expected = hex_lower(&hmac(&k_signing, string_to_sign.as_bytes()));
     if bool::from(expected.as_bytes().ct_eq(pre.signature.as_bytes())) {
         Ok(())
     } else {

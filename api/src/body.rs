@@ -125,7 +125,7 @@ async fn read_limited(
     if seen > limit {
         return Err(too_large(limit, operation));
     }
-    Ok((Bytes::from(buf), hex::encode(hasher.finalize())))
+    Ok((Bytes::from(buf), crate::auth::hex_lower(&hasher.finalize())))
 }
 
 /// Authenticates the request and reads its body under the operation's limit.
@@ -136,7 +136,10 @@ pub async fn authenticate(State(state): State<AppState>, req: Request, next: Nex
     }
 }
 
-async fn authenticate_inner(state: &AppState, req: Request) -> Result<Request, ApiError> {
+pub(crate) async fn authenticate_inner(
+    state: &AppState,
+    req: Request,
+) -> Result<Request, ApiError> {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let pre = auth::precheck(&state.inner.auth, req.headers(), now)?;
     let invocation_type = req

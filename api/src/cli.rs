@@ -22,7 +22,7 @@ pub enum InvokePath {
     /// Through the invoke-proxy socket.
     Socket,
 }
-use crate::{AppState, Auth, Partition, Store, app, server};
+use crate::{AppState, Auth, Partition, Store, server};
 
 /// `hearth serve` options.
 #[derive(Debug, Clone, clap::Args)]
@@ -241,9 +241,18 @@ pub fn run(args: ServeArgs) -> anyhow::Result<u8> {
         state.collect_garbage();
         // The API is served by the agent's cores: each accepts on its own SO_REUSEPORT
         // listener, so an invoke of a function the accepting core owns stays on its thread.
-        let (service, connections) = server::on_cores(app(state), server::ServerLimits::default());
+        let steer_partition = state.partition().clone();
+        let (service, connections) = server::on_cores(
+            crate::ApiService::new(state),
+            server::ServerLimits::default(),
+        );
+        // A new connection is served on the core that runs the function its first request
+        // invokes, so the invokes that follow on it stay on that core's thread.
+        let steer: hearth_agent::cores::Steer = Arc::new(move |first: &[u8]| {
+            crate::names::invoked_function_arn(first, &steer_partition)
+        });
         let http = agent
-            .serve_tcp(args.listen, service)
+            .serve_tcp(args.listen, service, Some(steer))
             .with_context(|| format!("binding {}", args.listen))?;
         let local = http.address();
         tracing::info!(address = %local, data_dir = %args.data_dir.display(), cores = agent.cores(), "Lambda API listening");

@@ -25,6 +25,7 @@ pub mod model;
 pub mod names;
 pub mod routes;
 pub mod server;
+pub mod service;
 pub mod store;
 pub mod util;
 
@@ -36,6 +37,7 @@ pub use auth::Auth;
 pub use error::ApiError;
 pub use invoker::{InvocationType, InvokeRequest, InvokeResponse, Invoker, NoAgent};
 pub use names::Partition;
+pub use service::ApiService;
 pub use store::Store;
 
 /// Everything the handlers share.

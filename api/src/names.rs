@@ -133,6 +133,26 @@ pub fn parse_function_ref(input: &str, partition: &Partition) -> Result<Function
     })
 }
 
+/// The unqualified ARN of the function an Invoke names, read from the first bytes of an HTTP
+/// request (its request line, `POST /2015-03-31/functions/{name}/invocations...`), so a new
+/// connection can be served where that function runs (`hearth_agent::cores::Steer`). `None` for
+/// anything else: another route, a partial line, a name that does not parse.
+pub fn invoked_function_arn(first: &[u8], partition: &Partition) -> Option<String> {
+    let rest = first.strip_prefix(b"POST /2015-03-31/functions/")?;
+    let end = rest.iter().position(|&b| b == b'/')?;
+    let (raw, tail) = rest.split_at(end);
+    let tail = tail.strip_prefix(b"/invocations")?;
+    if !matches!(tail.first(), Some(b' ' | b'?')) {
+        return None;
+    }
+    let raw = std::str::from_utf8(raw).ok()?;
+    let name = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .ok()?;
+    let fref = parse_function_ref(&name, partition).ok()?;
+    Some(partition.function_arn(&fref.name))
+}
+
 /// Merges the qualifier carried by the name with the `Qualifier` query parameter.
 pub fn merge_qualifier(
     fref: &FunctionRef,
@@ -162,6 +182,47 @@ mod tests {
         Partition {
             region: "us-east-1".into(),
             account: "123456789012".into(),
+        }
+    }
+
+    #[test]
+    fn invoke_request_lines_name_their_function() {
+        let p = partition();
+        let arn = "arn:aws:lambda:us-east-1:123456789012:function:echo";
+        for line in [
+            "POST /2015-03-31/functions/echo/invocations HTTP/1.1\r\nhost: x\r\n",
+            "POST /2015-03-31/functions/echo/invocations?Qualifier=7 HTTP/1.1\r\n",
+            "POST /2015-03-31/functions/echo%3Aprod/invocations HTTP/1.1\r\n",
+            "POST /2015-03-31/functions/arn%3Aaws%3Alambda%3Aus-east-1%3A123456789012%3Afunction%3Aecho/invocations HTTP/1.1",
+            "POST /2015-03-31/functions/123456789012:function:echo:3/invocations HTTP/1.1",
+        ] {
+            assert_eq!(
+                invoked_function_arn(line.as_bytes(), &p).as_deref(),
+                Some(arn),
+                "{line}"
+            );
+        }
+        for line in [
+            "GET /2015-03-31/functions/echo HTTP/1.1\r\n",
+            "POST /2015-03-31/functions HTTP/1.1\r\n",
+            "POST /2015-03-31/functions/echo/invocationsX HTTP/1.1",
+            "POST /2015-03-31/functions/echo/invocations",
+            "POST /2015-03-31/functions/ec",
+            "POST /2015-03-31/functions/bad%20name/invocations HTTP/1.1",
+            "POST /2015-03-31/functions/arn%3Aaws%3Alambda%3Aeu-west-1%3A123456789012%3Afunction%3Aecho/invocations HTTP/1.1",
+            "",
+        ] {
+            assert_eq!(invoked_function_arn(line.as_bytes(), &p), None, "{line}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn invoked_function_arn_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let mut line = b"POST /2015-03-31/functions/".to_vec();
+            line.extend_from_slice(&bytes);
+            let _ = invoked_function_arn(&line, &partition());
+            let _ = invoked_function_arn(&bytes, &partition());
         }
     }
 

@@ -5,7 +5,6 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -43,7 +42,7 @@ impl Default for ServerLimits {
 /// Serves `app` on `listener` until `shutdown` completes, then lets open requests finish.
 pub async fn serve(
     listener: TcpListener,
-    app: Router,
+    app: crate::ApiService,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     serve_with_limits(listener, app, shutdown, ServerLimits::default()).await
@@ -52,7 +51,7 @@ pub async fn serve(
 /// `serve` with explicit connection limits.
 pub async fn serve_with_limits(
     listener: TcpListener,
-    app: Router,
+    app: crate::ApiService,
     shutdown: impl Future<Output = ()>,
     limits: ServerLimits,
 ) -> Result<(), ServerError> {
@@ -112,10 +111,11 @@ pub struct CoreConnections {
     graceful: Arc<Mutex<Option<GracefulShutdown>>>,
 }
 
-/// `app` as a connection service for the agent's cores, with `limits`: the same HTTP/1.1
-/// settings as [`serve_with_limits`], each connection watched for a graceful shutdown.
+/// The API ([`crate::ApiService`]) as a connection service for the agent's cores, with `limits`:
+/// the same HTTP/1.1 settings as [`serve_with_limits`], each connection watched for a graceful
+/// shutdown.
 pub fn on_cores(
-    app: Router,
+    app: crate::ApiService,
     limits: ServerLimits,
 ) -> (hearth_agent::cores::ConnectionService, CoreConnections) {
     let mut builder = hyper::server::conn::http1::Builder::new();

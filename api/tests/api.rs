@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 /// Sends a request that must fail with `status` and `error_type` in Lambda's shape.
 async fn expect_error(
-    router: &axum::Router,
+    router: &hearth_api::ApiService,
     method: Method,
     path: &str,
     body: Option<Value>,
@@ -952,7 +952,7 @@ async fn accept_any_key_still_needs_a_signature() {
         partition,
         std::sync::Arc::new(hearth_api::NoAgent),
     );
-    let router = hearth_api::app(state);
+    let router = hearth_api::ApiService::new(state);
     let path = "/2016-08-19/account-settings";
     let reply = common::send_with(
         &router,
@@ -1242,4 +1242,132 @@ async fn invoke_sees_every_write_at_once() {
     dry_run(path)
         .await
         .assert_error(404, "ResourceNotFoundException");
+}
+
+#[tokio::test]
+async fn invokes_answer_the_same_directly_and_through_the_router() {
+    let app = new_app();
+    let zip = zip_with(b"#!/bin/sh\necho hi\n");
+    send(
+        &app.router,
+        Method::POST,
+        "/2015-03-31/functions",
+        Some(create_body("same", &zip)),
+    )
+    .await;
+    wait_until(&app, "same", |c| c["State"] == "Active").await;
+    let router = hearth_api::app(app.state.clone());
+    let now = SystemTime::now();
+    let signed = Some((KEY, SECRET, now));
+    let big = vec![b' '; 6 * 1024 * 1024 + 1];
+    type Case<'a> = (
+        &'a str,
+        Vec<u8>,
+        Vec<(&'a str, &'a str)>,
+        Option<(&'a str, &'a str, SystemTime)>,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "/2015-03-31/functions/same/invocations",
+            b"{}".to_vec(),
+            vec![("x-amz-invocation-type", "DryRun")],
+            signed,
+        ),
+        (
+            "/2015-03-31/functions/same/invocations?Qualifier=%24LATEST",
+            b"{}".to_vec(),
+            vec![("x-amz-invocation-type", "DryRun")],
+            signed,
+        ),
+        (
+            "/2015-03-31/functions/same/invocations",
+            b"{}".to_vec(),
+            vec![],
+            signed,
+        ),
+        (
+            "/2015-03-31/functions/same/invocations",
+            b"{not json".to_vec(),
+            vec![],
+            signed,
+        ),
+        (
+            "/2015-03-31/functions/same/invocations",
+            b"{}".to_vec(),
+            vec![("x-amz-invocation-type", "Later")],
+            signed,
+        ),
+        (
+            "/2015-03-31/functions/same/invocations",
+            b"{}".to_vec(),
+            vec![("x-amz-log-type", "All")],
+            signed,
+        ),
+        (
+            "/2015-03-31/functions/same/invocations?Qualifier=nope",
+            b"{}".to_vec(),
+            vec![],
+            signed,
+        ),
+        (
+            "/2015-03-31/functions/missing/invocations",
+            b"{}".to_vec(),
+            vec![],
+            signed,
+        ),
+        (
+            "/2015-03-31/functions/bad%20name/invocations",
+            b"{}".to_vec(),
+            vec![],
+            signed,
+        ),
+        (
+            "/2015-03-31/functions/same/invocations",
+            b"{}".to_vec(),
+            vec![],
+            None,
+        ),
+        (
+            "/2015-03-31/functions/same/invocations",
+            b"{}".to_vec(),
+            vec![],
+            Some((KEY, "wrong", now)),
+        ),
+        (
+            "/2015-03-31/functions/same/invocations",
+            big,
+            vec![],
+            signed,
+        ),
+    ];
+    for (path, body, headers, signer) in cases {
+        let direct = common::send_with(
+            &app.router,
+            Method::POST,
+            path,
+            body.clone(),
+            &headers,
+            signer,
+        )
+        .await;
+        let routed = common::send_with(&router, Method::POST, path, body, &headers, signer).await;
+        assert_eq!(direct.status, routed.status, "{path} {headers:?}");
+        assert_eq!(
+            direct.headers.get("x-amzn-errortype"),
+            routed.headers.get("x-amzn-errortype"),
+            "{path} {headers:?}"
+        );
+        assert_eq!(
+            direct.headers.get("x-amz-executed-version"),
+            routed.headers.get("x-amz-executed-version"),
+            "{path} {headers:?}"
+        );
+        assert!(direct.headers.contains_key("x-amzn-requestid"));
+        let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).to_string();
+        assert_eq!(
+            text(&direct.bytes),
+            text(&routed.bytes),
+            "{path} {headers:?}"
+        );
+    }
 }

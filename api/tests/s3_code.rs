@@ -11,7 +11,7 @@ use std::sync::Arc;
 use axum::http::{Method, StatusCode};
 use common::*;
 use hearth_api::buckets::{Buckets, BucketsConfig};
-use hearth_api::{AppState, NoAgent, Partition, Store, app};
+use hearth_api::{AppState, NoAgent, Partition, Store};
 use serde_json::{Value, json};
 
 /// An app whose object store is `<tmp>/objects`, with bucket `code-bucket` made.
@@ -27,7 +27,7 @@ fn app_with_buckets() -> (TestApp, std::path::PathBuf) {
     let buckets = Buckets::open(&BucketsConfig::Local(objects.clone())).unwrap();
     let state = AppState::new(store, auth(), partition, Arc::new(NoAgent)).with_buckets(buckets);
     let app = TestApp {
-        router: app(state.clone()),
+        router: hearth_api::ApiService::new(state.clone()),
         state,
         dir,
     };

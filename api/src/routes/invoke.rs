@@ -39,7 +39,37 @@ async fn invoke(
     headers: HeaderMap,
     RawBody(payload): RawBody,
 ) -> Result<Response, ApiError> {
-    let invocation_type = match header(&headers, "x-amz-invocation-type") {
+    run(&state, &raw, q, request_id, &headers, payload).await
+}
+
+/// The function-name segment of an Invoke path (`/2015-03-31/functions/{name}/invocations`),
+/// percent-decoded as the router's path parameter is; `None` for any other path, or a name that
+/// does not decode (the router then answers it).
+pub fn invoke_path_name(path: &str) -> Option<String> {
+    let name = path
+        .strip_prefix("/2015-03-31/functions/")?
+        .strip_suffix("/invocations")?;
+    if name.is_empty() || name.contains('/') {
+        return None;
+    }
+    percent_encoding::percent_decode_str(name)
+        .decode_utf8()
+        .ok()
+        .map(|name| name.into_owned())
+}
+
+/// An authenticated Invoke whose body was read under its limit ([`crate::body`]): resolves the
+/// function and qualifier and runs it. Both the router's handler and [`crate::service`]'s direct
+/// path end here.
+pub async fn run(
+    state: &AppState,
+    raw: &str,
+    q: QualifierQuery,
+    request_id: String,
+    headers: &HeaderMap,
+    payload: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let invocation_type = match header(headers, "x-amz-invocation-type") {
         None | Some("RequestResponse") => InvocationType::RequestResponse,
         Some("Event") => InvocationType::Event,
         Some("DryRun") => InvocationType::DryRun,
@@ -49,7 +79,7 @@ async fn invoke(
             )));
         }
     };
-    let log_tail = match header(&headers, "x-amz-log-type") {
+    let log_tail = match header(headers, "x-amz-log-type") {
         None | Some("None") => false,
         Some("Tail") => true,
         Some(other) => {
@@ -58,7 +88,7 @@ async fn invoke(
             )));
         }
     };
-    let client_context = header(&headers, "x-amz-client-context").map(str::to_string);
+    let client_context = header(headers, "x-amz-client-context").map(str::to_string);
     if let Some(cc) = &client_context
         && (cc.len() > MAX_CLIENT_CONTEXT
             || base64::engine::general_purpose::STANDARD
@@ -76,12 +106,12 @@ async fn invoke(
             "Could not parse request body into json: the payload is not valid JSON".into(),
         ));
     }
-    let fref = function_ref(&state, &raw)?;
+    let fref = function_ref(state, raw)?;
     let qualifier = merge_qualifier(&fref, q.qualifier.as_deref())?;
     let target = state
         .inner
         .invoke_cache
-        .get(&state, &fref.name, qualifier.as_deref())?;
+        .get(state, &fref.name, qualifier.as_deref())?;
     let (config, code_hex) = target.pick();
     let reserved = target.reserved;
     check_invocable(&config)?;

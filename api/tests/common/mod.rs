@@ -9,11 +9,10 @@ use std::time::{Duration, SystemTime};
 use aws_credential_types::Credentials;
 use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
 use aws_sigv4::sign::v4;
-use axum::Router;
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
 use base64::Engine as _;
-use hearth_api::{AppState, Auth, NoAgent, Partition, Store, app};
+use hearth_api::{ApiService, AppState, Auth, NoAgent, Partition, Store};
 use http_body_util::BodyExt as _;
 use serde_json::Value;
 use tower::ServiceExt as _;
@@ -25,7 +24,8 @@ pub const REGION: &str = "us-east-1";
 pub const ROLE: &str = "arn:aws:iam::123456789012:role/lambda-role";
 
 pub struct TestApp {
-    pub router: Router,
+    /// The API as the servers run it (Invoke served directly, the rest by the router).
+    pub router: ApiService,
     pub state: AppState,
     pub dir: tempfile::TempDir,
 }
@@ -45,7 +45,7 @@ pub fn open_at(dir: tempfile::TempDir) -> TestApp {
     let state = AppState::new(store, auth(), partition, Arc::new(NoAgent));
     state.finish_pending();
     TestApp {
-        router: app(state.clone()),
+        router: ApiService::new(state.clone()),
         state,
         dir,
     }
@@ -132,15 +132,23 @@ impl Reply {
     }
 }
 
-/// Sends one request through the router; `signer` is (key, secret, time) or None for unsigned.
-pub async fn send_with(
-    router: &Router,
+/// Sends one request through the API (or the bare router); `signer` is (key, secret, time) or
+/// None for unsigned.
+pub async fn send_with<S>(
+    router: &S,
     method: Method,
     path: &str,
     body: Vec<u8>,
     extra_headers: &[(&str, &str)],
     signer: Option<(&str, &str, SystemTime)>,
-) -> Reply {
+) -> Reply
+where
+    S: tower::Service<
+            Request<Body>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone,
+{
     let mut req = Request::builder()
         .method(method)
         .uri(path)
@@ -172,7 +180,7 @@ pub async fn send_with(
     }
 }
 
-pub async fn send(router: &Router, method: Method, path: &str, body: Option<Value>) -> Reply {
+pub async fn send(router: &ApiService, method: Method, path: &str, body: Option<Value>) -> Reply {
     let bytes = body
         .map(|b| serde_json::to_vec(&b).unwrap())
         .unwrap_or_default();

@@ -5,7 +5,9 @@
 //! `lambda_runtime` echo function (`hearth_agent::testing`) and warms it. Then it measures the same
 //! invoke two ways, interleaved so both see the same machine: over HTTP (SigV4-signed, as an SDK
 //! sends it, one keep-alive connection) and straight through the invoke-proxy socket with the
-//! request the frontend would have sent. The paired difference is the frontend's own cost: HTTP,
+//! request the frontend would have sent. The timed requests go through minimal clients
+//! ([`super::lean_client`]) that write and read on the timing task itself, so neither path's
+//! figure carries client machinery (hyper's client is used for the set-up and the throughput). The paired difference is the frontend's own cost: HTTP,
 //! SigV4 verification, routing and the metadata read. Throughput is measured the same two ways
 //! with several invokes in flight, in one-second windows. A DryRun invoke (authenticated, routed
 //! and resolved, then answered without the agent) times the frontend alone.
@@ -15,6 +17,11 @@
 //! (`frontend_cost_same_transport` = HTTP minus this). The first includes what TCP costs over a
 //! Unix socket on this host; the second holds the transport equal, leaving what the frontend
 //! itself adds: HTTP parsing, SigV4 verification, routing, the metadata read and the response.
+//!
+//! Placement is held equal too: the function's name is picked so that its agent core is the one
+//! that serves the benchmark's Unix connection, and `hearth serve` steers the HTTP connection to
+//! that core by its first request; neither path hands invokes between cores. (The TCP
+//! invoke-proxy connection lands where the kernel's `SO_REUSEPORT` hash puts it.)
 
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
@@ -34,12 +41,35 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 
+use super::lean_client::{LeanHttp, LeanProxy};
 use crate::report::Report;
 
 const KEY: &str = "AKIDHEARTHPERF";
 const SECRET: &str = "hearth-perf-secret";
 const REGION: &str = "us-east-1";
-const FUNCTION: &str = "perf-echo";
+/// The echo function's name ([`function_name`]).
+static FUNCTION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The echo function's name: the first of `perf-echo`, `perf-echo-1`, ... that the agent's
+/// `cores` shard to core 0, the core that serves the benchmark's (first) invoke-proxy Unix
+/// connection. So both paths are served on the function's own core: the HTTP connection is
+/// steered there by its first request, and neither path pays a hand-over between cores.
+fn pick_function_name(cores: usize) -> String {
+    (0..)
+        .map(|i| match i {
+            0 => "perf-echo".to_string(),
+            i => format!("perf-echo-{i}"),
+        })
+        .find(|name| {
+            let arn = format!("arn:aws:lambda:{REGION}:000000000000:function:{name}");
+            hearth_agent::cores::shard_of(&arn, cores) == 0
+        })
+        .unwrap_or_else(|| "perf-echo".to_string())
+}
+
+fn function_name() -> &'static str {
+    FUNCTION.get().map(String::as_str).unwrap_or("perf-echo")
+}
 const ROLE: &str = "arn:aws:iam::000000000000:role/hearth-perf";
 
 /// `hearth-perf api` options.
@@ -287,7 +317,7 @@ impl Http {
     async fn invoke(&mut self, payload: &[u8], expected: &[u8]) -> anyhow::Result<()> {
         let request = self.signed(
             "POST",
-            &format!("/2015-03-31/functions/{FUNCTION}/invocations"),
+            &format!("/2015-03-31/functions/{}/invocations", function_name()),
             payload.to_vec(),
             &[],
         )?;
@@ -383,6 +413,13 @@ pub fn run(args: &ApiArgs) -> anyhow::Result<Report> {
         .prefix("hearth-perf-api-")
         .tempdir()
         .context("cannot make a work folder")?;
+    let cores = match args.agent_cores {
+        Some(n) => n,
+        None => hearth_agent::cores::allowed_cpus()
+            .context("reading the CPUs this process may use")?
+            .len(),
+    };
+    let _ = FUNCTION.set(pick_function_name(cores.max(1)));
     let serve = Serve::start(&hearth, work.path(), args.agent_cores)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -447,7 +484,7 @@ struct Measured {
 async fn measure(args: &ApiArgs, serve: &Serve, code: Vec<u8>) -> anyhow::Result<Measured> {
     let mut http = Http::connect(&serve.address).await?;
     let create = json!({
-        "FunctionName": FUNCTION,
+        "FunctionName": function_name(),
         "Runtime": "provided.al2023",
         "Role": ROLE,
         "Handler": "bootstrap",
@@ -464,9 +501,25 @@ async fn measure(args: &ApiArgs, serve: &Serve, code: Vec<u8>) -> anyhow::Result
         serde_json::to_vec(&json!({ "pad": "x".repeat(args.payload_bytes.saturating_sub(10)) }))?;
     let expected = payload.clone();
     let socket = serve.data_dir.join("agent.sock");
+    // The timing connection first: the agent deals Unix connections to its cores round-robin
+    // from core 0, the core that owns the function ([`pick_function_name`]).
+    let mut lean_unix = LeanProxy::start(
+        tokio::net::UnixStream::connect(&socket)
+            .await
+            .with_context(|| format!("connecting to {}", socket.display()))?,
+    )
+    .await?;
     let proxy = ProxyClient::connect(&socket)
         .with_context(|| format!("connecting to the invoke-proxy socket {}", socket.display()))?;
     let proxy_tcp = connect_agent_tcp(serve.agent_tcp).await?;
+    let mut lean_tcp = LeanProxy::start(
+        tokio::net::TcpStream::connect(serve.agent_tcp)
+            .await
+            .context("connecting to the agent's TCP listener")?,
+    )
+    .await?;
+    lean_tcp.set_nodelay()?;
+    let mut lean_http = LeanHttp::connect(&serve.address).await?;
 
     // The first invoke starts the environment (a cold start); then both paths warm up.
     http.invoke(&payload, &expected)
@@ -479,6 +532,11 @@ async fn measure(args: &ApiArgs, serve: &Serve, code: Vec<u8>) -> anyhow::Result
         proxy_invoke(&proxy, &config, &payload, &expected, n).await?;
         n += 1;
         proxy_invoke(&proxy_tcp, &config, &payload, &expected, n).await?;
+        time_http(&http, &mut lean_http, &payload, &expected).await?;
+        n += 1;
+        time_proxy(&mut lean_unix, &config, &payload, &expected, n).await?;
+        n += 1;
+        time_proxy(&mut lean_tcp, &config, &payload, &expected, n).await?;
     }
 
     // Latency: interleaved, one invoke in flight; the three paths take turns going first, so
@@ -490,10 +548,11 @@ async fn measure(args: &ApiArgs, serve: &Serve, code: Vec<u8>) -> anyhow::Result
         for step in 0..3 {
             n += 1;
             match (i + step) % 3 {
-                0 => http_us.push(time_http(&mut http, &payload, &expected).await?),
-                1 => proxy_us.push(time_proxy(&proxy, &config, &payload, &expected, n).await?),
+                0 => http_us.push(time_http(&http, &mut lean_http, &payload, &expected).await?),
+                1 => proxy_us
+                    .push(time_proxy(&mut lean_unix, &config, &payload, &expected, n).await?),
                 _ => proxy_tcp_us
-                    .push(time_proxy(&proxy_tcp, &config, &payload, &expected, n).await?),
+                    .push(time_proxy(&mut lean_tcp, &config, &payload, &expected, n).await?),
             }
         }
     }
@@ -502,7 +561,7 @@ async fn measure(args: &ApiArgs, serve: &Serve, code: Vec<u8>) -> anyhow::Result
     // answered (204) without the agent.
     let mut dry_us = Vec::with_capacity(args.invokes);
     for _ in 0..args.invokes {
-        dry_us.push(time_dry_run(&mut http, &payload).await?);
+        dry_us.push(time_dry_run(&http, &mut lean_http, &payload).await?);
     }
 
     // Throughput: `concurrency` loops per path, counted in one-second windows.
@@ -576,19 +635,22 @@ async fn connect_agent_tcp(address: std::net::SocketAddr) -> anyhow::Result<Prox
     }
 }
 
-async fn time_http(http: &mut Http, payload: &[u8], expected: &[u8]) -> anyhow::Result<f64> {
-    // Signing is the client's work: sign first, then time the request.
-    let request = http.signed(
-        "POST",
-        &format!("/2015-03-31/functions/{FUNCTION}/invocations"),
-        payload.to_vec(),
-        &[],
-    )?;
+/// One timed HTTP invoke over the lean connection; `http` signs it (untimed, as the SDKs sign
+/// before they send).
+async fn time_http(
+    http: &Http,
+    lean: &mut LeanHttp,
+    payload: &[u8],
+    expected: &[u8],
+) -> anyhow::Result<f64> {
+    let path = format!("/2015-03-31/functions/{}/invocations", function_name());
+    let request = http.signed("POST", &path, payload.to_vec(), &[])?;
+    let bytes = LeanHttp::encode(&request, payload);
     let start = Instant::now();
-    let reply = http.send(request).await?;
+    let reply = lean.round_trip(&bytes).await?;
     let us = us_since(start);
     ensure!(
-        reply.status == 200 && reply.body.as_ref() == expected,
+        reply.status == 200 && reply.body == expected,
         "HTTP invoke: {} {}",
         reply.status,
         String::from_utf8_lossy(&reply.body)
@@ -596,15 +658,17 @@ async fn time_http(http: &mut Http, payload: &[u8], expected: &[u8]) -> anyhow::
     Ok(us)
 }
 
-async fn time_dry_run(http: &mut Http, payload: &[u8]) -> anyhow::Result<f64> {
+async fn time_dry_run(http: &Http, lean: &mut LeanHttp, payload: &[u8]) -> anyhow::Result<f64> {
+    let path = format!("/2015-03-31/functions/{}/invocations", function_name());
     let request = http.signed(
         "POST",
-        &format!("/2015-03-31/functions/{FUNCTION}/invocations"),
+        &path,
         payload.to_vec(),
         &[("x-amz-invocation-type", "DryRun")],
     )?;
+    let bytes = LeanHttp::encode(&request, payload);
     let start = Instant::now();
-    let reply = http.send(request).await?;
+    let reply = lean.round_trip(&bytes).await?;
     let us = us_since(start);
     ensure!(
         reply.status == 204,
@@ -615,13 +679,17 @@ async fn time_dry_run(http: &mut Http, payload: &[u8]) -> anyhow::Result<f64> {
     Ok(us)
 }
 
-async fn time_proxy(
-    proxy: &ProxyClient,
+/// One timed invoke over a lean invoke-proxy connection (the request is built untimed).
+async fn time_proxy<S>(
+    proxy: &mut LeanProxy<S>,
     config: &Value,
     payload: &[u8],
     expected: &[u8],
     n: u64,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<f64>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let request = proxy_request(config, payload, n)?;
     let start = Instant::now();
     let result = proxy
@@ -723,7 +791,7 @@ async fn wait_active(http: &mut Http) -> anyhow::Result<Value> {
         let config = http
             .call(
                 "GET",
-                &format!("/2015-03-31/functions/{FUNCTION}/configuration"),
+                &format!("/2015-03-31/functions/{}/configuration", function_name()),
                 None,
             )
             .await?;

@@ -1,0 +1,105 @@
+//! The whole API as one tower service, as the HTTP servers run it: an Invoke
+//! (`POST /2015-03-31/functions/{name}/invocations`) is served directly (request id, SigV4 and
+//! the body limit from [`crate::body`], then [`crate::routes::invoke::run`]); every other request
+//! goes through the router ([`crate::app`]). The answers are the same either way; the direct
+//! path skips the router's matching, its two middleware layers and the extractors on the one
+//! operation whose latency the frontend is measured by (`hearth-perf api`: on this host the
+//! frontend's code runs with cold caches between invokes, so each layer it passes costs several
+//! times what it costs in a hot loop).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{HeaderValue, Method, Request};
+use axum::response::{IntoResponse as _, Response};
+use tower::Service;
+
+use crate::AppState;
+use crate::body::RawBody;
+use crate::error::ApiError;
+use crate::model::QualifierQuery;
+
+/// The API: the router, with Invoke served directly.
+#[derive(Clone)]
+pub struct ApiService {
+    state: AppState,
+    router: Router,
+}
+
+impl ApiService {
+    pub fn new(state: AppState) -> Self {
+        ApiService {
+            router: crate::app(state.clone()),
+            state,
+        }
+    }
+}
+
+impl<B> Service<Request<B>> for ApiService
+where
+    B: axum::body::HttpBody<Data = axum::body::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let req = req.map(Body::new);
+        let name = (req.method() == Method::POST)
+            .then(|| crate::routes::invoke::invoke_path_name(req.uri().path()))
+            .flatten();
+        match name {
+            Some(name) => Box::pin(invoke_directly(self.state.clone(), name, req)),
+            None => {
+                let router = self.router.clone();
+                Box::pin(async move { tower::ServiceExt::oneshot(router, req).await })
+            }
+        }
+    }
+}
+
+/// An Invoke without the router; the same checks, answers and `x-amzn-RequestId` as through it.
+async fn invoke_directly(
+    state: AppState,
+    name: String,
+    req: Request<Body>,
+) -> Result<Response, Infallible> {
+    let request_id = crate::util::uuid_v4();
+    let mut response = match authenticated_invoke(&state, &name, request_id.clone(), req).await {
+        Ok(response) => response,
+        Err(err) => err.into_response(),
+    };
+    tracing::debug!(method = "POST", path = %name, status = response.status().as_u16(), request_id = %request_id, "invoke request");
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-amzn-RequestId", value);
+    }
+    Ok(response)
+}
+
+async fn authenticated_invoke(
+    state: &AppState,
+    name: &str,
+    request_id: String,
+    req: Request<Body>,
+) -> Result<Response, ApiError> {
+    let req = crate::body::authenticate_inner(state, req).await?;
+    let (parts, _) = req.into_parts();
+    let payload = parts
+        .extensions
+        .get::<RawBody>()
+        .map(|body| body.0.clone())
+        .unwrap_or_default();
+    let query = axum::extract::Query::<QualifierQuery>::try_from_uri(&parts.uri).map_err(|e| {
+        ApiError::Validation(format!("1 validation error detected: {}", e.body_text()))
+    })?;
+    crate::routes::invoke::run(state, name, query.0, request_id, &parts.headers, payload).await
+}
