@@ -111,10 +111,33 @@ fn incomplete(msg: &str) -> ApiError {
 
 /// Parses `yyyymmddThhmmssZ` into seconds since the epoch.
 fn parse_amz_date(s: &str) -> Option<i64> {
-    let format = time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
-    time::PrimitiveDateTime::parse(s, &format)
-        .ok()
-        .map(|t| t.assume_utc().unix_timestamp())
+    let b = s.as_bytes();
+    if b.len() != 16 || b[8] != b'T' || b[15] != b'Z' {
+        return None;
+    }
+    let number = |range: std::ops::Range<usize>| -> Option<u32> {
+        b.get(range)?.iter().try_fold(0u32, |n, &d| {
+            d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
+        })
+    };
+    let month = time::Month::try_from(u8::try_from(number(4..6)?).ok()?).ok()?;
+    let date = time::Date::from_calendar_date(
+        i32::try_from(number(0..4)?).ok()?,
+        month,
+        u8::try_from(number(6..8)?).ok()?,
+    )
+    .ok()?;
+    let time = time::Time::from_hms(
+        u8::try_from(number(9..11)?).ok()?,
+        u8::try_from(number(11..13)?).ok()?,
+        u8::try_from(number(13..15)?).ok()?,
+    )
+    .ok()?;
+    Some(
+        time::PrimitiveDateTime::new(date, time)
+            .assume_utc()
+            .unix_timestamp(),
+    )
 }
 
 fn format_amz_date(t: i64) -> String {
@@ -320,12 +343,13 @@ fn canonical_header_value(headers: &HeaderMap, name: &str) -> Option<String> {
 /// Lower-case hex of `bytes` (SigV4's hashes and signatures).
 pub fn hex_lower(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
+    let mut out = Vec::with_capacity(bytes.len() * 2);
     for &b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+        out.push(DIGITS[usize::from(b >> 4)]);
+        out.push(DIGITS[usize::from(b & 0xf)]);
     }
-    out
+    // Only ASCII digits were written.
+    String::from_utf8(out).unwrap_or_default()
 }
 
 type HmacSha256 = Hmac<Sha256>;
@@ -499,5 +523,23 @@ mod tests {
         let t = parse_amz_date("20261128T173000Z").unwrap();
         assert_eq!(format_amz_date(t), "20261128T173000Z");
         assert!(parse_amz_date("2026-11-28").is_none());
+        assert_eq!(parse_amz_date("19700101T000001Z"), Some(1));
+        for bad in [
+            "20261328T173000Z",
+            "20260230T173000Z",
+            "20261128T243000Z",
+            "20261128T176000Z",
+            "20261128 173000Z",
+            "20261128T173000",
+            "2026112xT173000Z",
+            "+0261128T173000Z",
+            "20261128T173000Zz",
+        ] {
+            assert!(parse_amz_date(bad).is_none(), "{bad}");
+        }
+        assert_eq!(
+            hex_lower(&[0x00, 0x0f, 0xa5, 0xff]),
+            hex::encode([0x00, 0x0f, 0xa5, 0xff])
+        );
     }
 }

@@ -17,15 +17,18 @@ pub fn uuid_v4() -> String {
     rand::rng().fill_bytes(&mut b);
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let h = hex::encode(b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    let h = crate::auth::hex_lower(&b);
+    let mut id = String::with_capacity(36);
+    for (i, part) in [0..8, 8..12, 12..16, 16..20, 20..32]
+        .into_iter()
+        .enumerate()
+    {
+        if i > 0 {
+            id.push('-');
+        }
+        id.push_str(&h[part]);
+    }
+    id
 }
 
 /// Now, as Lambda writes `LastModified` in a function configuration: `2026-11-28T17:32:25.123+0000`.
@@ -62,6 +65,11 @@ mod tests {
         let id = uuid_v4();
         assert_eq!(id.len(), 36);
         assert_eq!(&id[14..15], "4");
+        for dash in [8, 13, 18, 23] {
+            assert_eq!(&id[dash..dash + 1], "-", "{id}");
+        }
+        assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"), "{id}");
+        assert_eq!(id.chars().filter(char::is_ascii_hexdigit).count(), 32);
         let ts = lambda_timestamp_now();
         assert!(ts.ends_with("+0000") && ts.len() == 28, "{ts}");
         let (b64, hex) = sha256_b64_hex(b"");

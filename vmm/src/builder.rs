@@ -21,7 +21,11 @@ use std::time::Instant;
 use vmm_sys_util::eventfd::EventFd;
 
 /// The command line every guest gets before the caller's extra.
-pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off quiet 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.dumbkbd";
+///
+/// `cryptomgr.notests` skips the crypto API's self-tests of every algorithm the kernel registers
+/// (the slowest initcall, `crypto_algapi_init`, with `initcall_debug` in the test host); measured
+/// there, the guest's kernel-to-init time fell from 2898 to 2125 ms p50 (10 boots each).
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off quiet 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.dumbkbd cryptomgr.notests";
 /// The virtio-mmio notify register offset.
 pub const NOTIFY_OFFSET: u64 = 0x50;
 

@@ -4,7 +4,14 @@
 //! started, and the init's vsock `Ready`; and the VMM process's RSS and PSS with an idle guest,
 //! with and without guest RAM.
 //!
+//! `--cmdline` adds to the guests' kernel command line and `--serial-log` prints each guest's
+//! console with the time each line arrived (with `initcall_debug`, where the kernel's time goes);
+//! `--floor PATH` times the `kvm_floor` example instead (`floor`: the least a VMM can take to its
+//! guest's first instruction on this host).
+//!
 //! Where this machine has no hardware KVM, the scenario re-runs itself inside the test host.
+
+mod floor;
 
 use std::io::ErrorKind;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -49,6 +56,20 @@ pub struct BootArgs {
     /// The time limit for the whole run inside the test host, in seconds.
     #[arg(long, default_value_t = 1800)]
     pub testhost_timeout: u64,
+    /// Extra kernel command line for every guest (after the VMM's base command line), e.g.
+    /// `initcall_debug printk.time=1`.
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// Print each guest's serial console log after its boot, each line with the time it reached
+    /// the log file (ms from the VMM's start; the file is polled every millisecond, which takes a
+    /// little CPU from the guest).
+    #[arg(long)]
+    pub serial_log: bool,
+    /// Instead of booting guests, time the floor of a VMM's own share: run the `kvm_floor` example
+    /// (an absolute path to its static build) `--runs` times and measure spawn to its `main` and
+    /// spawn to its guest's first exit (`hlt`, the first instruction).
+    #[arg(long)]
+    pub floor: Option<PathBuf>,
 }
 
 /// One boot's measurements, in milliseconds from the VMM process's start, and memory in KiB.
@@ -77,8 +98,18 @@ pub fn run(args: &BootArgs) -> anyhow::Result<Report> {
             Some(p) => std::path::absolute(p).context("the --vmm-program path")?,
             None => hearth_vmm::process::vmm_program(&hearth),
         };
-        let with = if vmm == hearth { Vec::new() } else { vec![vmm] };
+        let mut with = if vmm == hearth { Vec::new() } else { vec![vmm] };
+        if let Some(floor) = &args.floor {
+            anyhow::ensure!(
+                floor.is_absolute(),
+                "--floor needs an absolute path (it is packed into the test host at that path)"
+            );
+            with.push(floor.clone());
+        }
         return super::rerun_in_testhost_with(args.testhost_timeout, with);
+    }
+    if let Some(floor) = &args.floor {
+        return floor::run(args.runs, floor);
     }
     let hearth = crate::testhost::find_hearth()?;
     let vmm_program = match &args.vmm_program {
@@ -184,6 +215,7 @@ fn boot_once(
     config.initrd = Some(initrd.to_path_buf());
     config.mem_mib = args.memory;
     config.vcpus = args.vcpus;
+    config.cmdline_extra = args.cmdline.clone();
     config.vsock = Some(VsockConfig {
         guest_cid: 3,
         uds_path: uds,
@@ -192,6 +224,9 @@ fn boot_once(
     config.control_socket = Some(dir.join("control.sock"));
 
     let started = Instant::now();
+    let timeline = args
+        .serial_log
+        .then(|| SerialTimeline::start(dir.join("serial.log"), started));
     let mut vmm = VmmProcess::spawn_program(vmm_program, &config)?;
     let control_ready = started.elapsed();
     vmm.start()?;
@@ -224,6 +259,12 @@ fn boot_once(
     if args.vmm_log {
         println!("VMM log:\n{}", vmm.stderr_tail().trim_end());
     }
+    if let Some(timeline) = timeline {
+        println!("guest serial log (ms from the VMM's start when the line was seen):");
+        for (at, line) in timeline.finish() {
+            println!("{at:9.1} {line}");
+        }
+    }
     let init_to_ready = Duration::from_millis(ready.ready_ms.saturating_sub(ready.init_start_ms));
     let guest_init = vsock_ready.saturating_sub(init_to_ready);
 
@@ -242,6 +283,60 @@ fn boot_once(
         kernel_to_init: ready.init_start_ms as f64,
         memory,
     })
+}
+
+/// The guest's serial log, polled every millisecond: each line with when it was first seen. The
+/// polling stops when this is finished or dropped.
+struct SerialTimeline {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<(f64, String)>>>,
+}
+
+impl SerialTimeline {
+    fn start(path: PathBuf, started: Instant) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut lines = Vec::new();
+            let mut seen = 0;
+            loop {
+                let done = flag.load(Ordering::Relaxed);
+                let text = std::fs::read(&path).unwrap_or_default();
+                let at = ms(started.elapsed());
+                let complete = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+                let upto = if done { text.len() } else { complete };
+                if upto > seen {
+                    for line in String::from_utf8_lossy(&text[seen..upto]).lines() {
+                        lines.push((at, line.to_owned()));
+                    }
+                    seen = upto;
+                }
+                if done {
+                    return lines;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        SerialTimeline {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> Vec<(f64, String)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for SerialTimeline {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Where the VMM's vsock backend delivers guest connections to host port `port`: `<uds>_<port>`.
