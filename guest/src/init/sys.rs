@@ -190,6 +190,13 @@ pub fn accept(listener: &OwnedFd) -> Result<File, io::Error> {
 }
 
 /// Shuts down the writing half of a socket, so the peer reads end-of-stream.
+/// Waits until what was written to the console (stderr) has gone out of the serial port: the
+/// tty sends it from interrupts, after `write` returned. Not a tty (a test): returns at once.
+pub fn drain_console() {
+    // SAFETY: tcdrain(3) on file descriptor 2; an error (not a tty) is ignored.
+    unsafe { libc::tcdrain(libc::STDERR_FILENO) };
+}
+
 pub fn shutdown_write(sock: &File) {
     // SAFETY: shutdown(2) on a descriptor we own; failure is harmless here.
     unsafe {

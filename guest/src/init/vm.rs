@@ -2,8 +2,11 @@
 //!
 //! Mounts /proc, /sys, /dev, /tmp, /run; loads the virtio and vsock modules listed in
 //! `/lib/modules/load-order`; brings up `lo`; listens on vsock port [`CONTROL_PORT`]; connects to the
-//! host on port [`READY_PORT`] and sends `Hello` + `Ready`; then serves control connections, one
-//! thread each.
+//! host on port [`READY_PORT`], lets the console drain and sends `Hello` + `Ready` (and prints
+//! nothing after it, so a snapshot taken then holds no console output still to send); then serves
+//! control connections, one thread each. The listener outlives a vsock transport reset, so after
+//! a restore the host can connect to it at once (the VMM holds the connection until the guest
+//! has handled the reset).
 //!
 //! The ready connection is held by a thread of its own for the VM's life. When it ends (after a
 //! restore from a snapshot the VMM sends a vsock transport reset, which resets every connection
@@ -74,7 +77,6 @@ pub fn run(start_ms: u64) -> ! {
         Ok(c) => c,
         Err(e) => fatal(&chain(&e)),
     };
-    console!("ready at {} ms (kernel uptime)", sys::boottime_ms());
     keep_ready_link(ready_conn, start_ms);
     loop {
         match sys::accept(&listener) {
@@ -149,6 +151,10 @@ fn connect_ready(start_ms: u64) -> Result<File, InitError> {
             began.elapsed().as_millis()
         );
     }
+    // The host may snapshot the VM as soon as it has `Ready`: console output still on its way
+    // out then would go out again, a trap per byte, on every restore. Nothing is printed after
+    // `Ready` either (the host logs it, with its `ready_ms`).
+    sys::drain_console();
     write_frame(&mut conn, &Message::Hello(Hello::ours("hearth-init")))?;
     let ready = Ready {
         init_start_ms: start_ms,
@@ -168,20 +174,16 @@ fn keep_ready_link(conn: File, start_ms: u64) {
             let mut conn = conn;
             loop {
                 wait_for_end(&mut conn);
-                // Said only once the host has its Ready: each byte written to the serial
-                // console is a trap to the VMM, a costly one in a nested VM (the console line
-                // ahead of the reconnect cost a restored guest tens of milliseconds).
-                let reset_ms = sys::boottime_ms();
+                // Nothing on the console when all goes well: each byte written to the serial
+                // console is a trap to the VMM, a costly one in a nested VM (a line here cost a
+                // restored guest tens of milliseconds, competing with the host's first
+                // requests). The VMM logs the guest's connection.
                 conn = loop {
                     match connect_ready(start_ms) {
                         Ok(c) => break c,
                         Err(e) => console!("cannot reach the host again: {}", chain(&e)),
                     }
                 };
-                console!(
-                    "host link reset at {reset_ms} ms; ready again at {} ms (kernel uptime)",
-                    sys::boottime_ms()
-                );
             }
         });
     if let Err(e) = spawned {

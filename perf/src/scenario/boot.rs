@@ -355,6 +355,25 @@ pub(super) fn wait_ready(
     limit: Duration,
     tick: Duration,
 ) -> anyhow::Result<(UnixStream, Ready)> {
+    let (stream, _, ready) = accept_ready(listener, limit, tick, || {
+        if let Some(status) = vmm.wait(Duration::ZERO)? {
+            anyhow::bail!("the VMM exited ({status}) before the guest was ready");
+        }
+        Ok(())
+    })?;
+    Ok((stream, ready))
+}
+
+/// Accepts the init's ready connection on `listener` (non-blocking) and reads its `Hello` and
+/// `Ready`; returns the connection, when it was accepted, and the `Ready`. Between polls of up to
+/// `tick` it asks `go_on` whether waiting still makes sense (its error ends the wait); it fails
+/// after `limit`.
+pub(super) fn accept_ready(
+    listener: &UnixListener,
+    limit: Duration,
+    tick: Duration,
+    mut go_on: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<(UnixStream, Instant, Ready)> {
     use rustix::event::{PollFd, PollFlags, Timespec};
     let deadline = Instant::now() + limit;
     let tick = Timespec {
@@ -364,6 +383,7 @@ pub(super) fn wait_ready(
     loop {
         match listener.accept() {
             Ok((mut stream, _)) => {
+                let at = Instant::now();
                 stream
                     .set_nonblocking(false)
                     .context("cannot make the ready connection blocking")?;
@@ -372,14 +392,12 @@ pub(super) fn wait_ready(
                     .context("cannot set a read timeout")?;
                 let (_hello, ready) =
                     client::read_ready(&mut stream).context("the init's ready message")?;
-                return Ok((stream, ready));
+                return Ok((stream, at, ready));
             }
             Err(err) if err.kind() == ErrorKind::WouldBlock => {}
             Err(err) => return Err(err).context("cannot accept the guest's ready connection"),
         }
-        if let Some(status) = vmm.wait(Duration::ZERO)? {
-            anyhow::bail!("the VMM exited ({status}) before the guest was ready");
-        }
+        go_on()?;
         anyhow::ensure!(
             Instant::now() < deadline,
             "the guest did not report ready within {} s",

@@ -4,8 +4,10 @@
 //! apparent and allocated sizes). Then, over `--runs` restores of that one snapshot in each mode
 //! of `--modes`, interleaved (file-mapped; the memory file's data copied into huge-page memory;
 //! userfaultfd; userfaultfd with the working set of an earlier restore prefetched): from the VMM
-//! process's spawn to the init's Ready after the vsock transport reset and to a ping answered on
-//! vsock, and the process's memory just after. Then RSS and PSS per idle restored VM with 1, 8
+//! process's spawn to a ping answered on the init's control port (connected right after the
+//! start: the VMM holds the connection until the guest has handled the vsock transport reset) and,
+//! timed on its own meanwhile, to the init's Ready re-announced after that reset; and the process's
+//! memory just after. Then RSS and PSS per idle restored VM with 1, 8
 //! and 32 clones of the snapshot alive together (`--clone-modes`, file by default), and restores
 //! per second (restore, ping, kill) with 1, 2 and 4 in flight.
 //!
@@ -75,6 +77,138 @@ pub struct RestoreArgs {
     /// The time limit for the whole run inside the test host, in seconds.
     #[arg(long, default_value_t = 1800)]
     pub testhost_timeout: u64,
+    /// Keep the snapshot files on a tmpfs mounted `huge=always` (2 MiB page-cache folios, so a
+    /// file-mode restore's read faults can map whole 2 MiB pages). Needs root.
+    #[arg(long)]
+    pub huge_tmpfs: bool,
+    /// How long the template runs after its init's Ready before it is paused and snapshotted, in
+    /// milliseconds (a guest still busy with its boot when snapshotted is busy again after every
+    /// restore).
+    #[arg(long, default_value_t = 0)]
+    pub settle_ms: u64,
+}
+
+/// A tmpfs mounted `huge=always` for the snapshot files; unmounted on drop.
+struct HugeTmpfs(PathBuf);
+
+impl HugeTmpfs {
+    fn mount(dir: PathBuf) -> anyhow::Result<Self> {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let target = CString::new(dir.as_os_str().as_bytes()).context("a NUL in the path")?;
+        let (fs, opts) = (c"tmpfs", c"huge=always,mode=0700");
+        // SAFETY: mount(2) with NUL-terminated strings that outlive the call.
+        let rc = unsafe {
+            libc::mount(
+                fs.as_ptr(),
+                target.as_ptr(),
+                fs.as_ptr(),
+                0,
+                opts.as_ptr().cast(),
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("cannot mount a huge=always tmpfs on {}", dir.display()));
+        }
+        Ok(HugeTmpfs(dir))
+    }
+}
+
+impl Drop for HugeTmpfs {
+    fn drop(&mut self) {
+        use std::os::unix::ffi::OsStrExt;
+        if let Ok(target) = std::ffi::CString::new(self.0.as_os_str().as_bytes()) {
+            // SAFETY: umount2(2) with a NUL-terminated path that outlives the call.
+            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+/// The kernel's transparent huge page settings, for the report.
+fn thp_settings() -> String {
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("/sys/kernel/mm/transparent_hugepage/{name}"))
+            .map(|t| t.trim().to_owned())
+            .unwrap_or_else(|e| format!("unreadable ({e})"))
+    };
+    format!(
+        "enabled: {}; shmem_enabled: {}",
+        read("enabled"),
+        read("shmem_enabled")
+    )
+}
+
+/// Mounts debugfs (where KVM's statistics are) if it is not mounted; best effort.
+fn mount_debugfs() {
+    if Path::new("/sys/kernel/debug/kvm").exists() {
+        return;
+    }
+    let (fs, target) = (c"debugfs", c"/sys/kernel/debug");
+    // SAFETY: mount(2) with NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            fs.as_ptr(),
+            target.as_ptr(),
+            fs.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        println!(
+            "no KVM statistics: cannot mount debugfs: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// KVM's statistics of the VM that process `pid` made (debugfs `kvm/PID-FD/`), for the report.
+fn kvm_stats(pid: u32) -> String {
+    const NAMES: [&str; 9] = [
+        "pages_4k",
+        "pages_2m",
+        "pf_taken",
+        "pf_fixed",
+        "exits",
+        "halt_exits",
+        "halt_wakeup",
+        "io_exits",
+        "mmio_exits",
+    ];
+    let Ok(dirs) = std::fs::read_dir("/sys/kernel/debug/kvm") else {
+        return "unreadable".into();
+    };
+    let prefix = format!("{pid}-");
+    let Some(dir) = dirs
+        .flatten()
+        .find(|d| d.file_name().to_string_lossy().starts_with(&prefix))
+    else {
+        return format!("no kvm/{prefix}* folder");
+    };
+    NAMES
+        .iter()
+        .map(|n| {
+            let v = std::fs::read_to_string(dir.path().join(n)).unwrap_or_else(|_| "?".into());
+            format!("{n} {}", v.trim())
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The huge-page lines of a process's /proc/PID/smaps_rollup.
+fn pmd_mapped(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .map(|t| {
+            t.lines()
+                .filter(|l| l.contains("PmdMapped") || l.starts_with("Rss:"))
+                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_else(|e| format!("unreadable ({e})"))
 }
 
 /// The guest kernel zeroes the pages it frees, so that they stay holes in the memory file.
@@ -130,7 +264,13 @@ struct Restored {
     spawned_ms: f64,
     ready_ms: f64,
     echo_ms: f64,
+    /// Control connections the guest turned away before the one that answered.
+    turned_away: u32,
 }
+
+/// How long a restore's first control connection keeps being retried while the guest turns it
+/// away (it should not: the VMM holds it until the guest has handled the transport reset).
+const TURNED_AWAY_RETRY: Duration = Duration::from_secs(5);
 
 /// The restore modes compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -182,33 +322,87 @@ struct Setup<'a> {
 }
 
 impl Setup<'_> {
-    /// Restores the snapshot in `slot` with `mode`, starts it, waits for the init's Ready and a
-    /// ping answered.
+    /// Restores the snapshot in `slot` with `mode`, starts it and pings the init's control port
+    /// at once (its listener outlives the transport reset); meanwhile waits for the init's
+    /// re-announced Ready, timed on its own.
     fn restore(&self, slot: &Slot, mode: RestoreMode) -> anyhow::Result<Restored> {
         let config = slot.config(&self.kernel, &self.initrd, self.args);
         // A connection left queued by an earlier VM would pass for this one's Ready (the
         // listener is non-blocking).
         while slot.ready.accept().is_ok() {}
         let t = Instant::now();
-        let mut vmm = VmmProcess::spawn_restored_with(&self.hearth, &config, &self.files, mode)?;
+        let vmm = VmmProcess::spawn_restored_with(&self.hearth, &config, &self.files, mode)?;
         let spawned_ms = ms(t.elapsed());
         vmm.start()?;
         let limit = Duration::from_secs(self.args.ready_timeout);
-        let (ready, _) = wait_ready(&slot.ready, &mut vmm, limit, READY_TICK)
-            .map_err(|e| e.context(format!("VMM stderr:\n{}", vmm.stderr_tail())))?;
-        let ready_ms = ms(t.elapsed());
-        let mut control = ControlClient::connect_uds(&slot.uds()).context("the control port")?;
-        let answer = control.ping(b"echo".to_vec()).context("ping")?;
-        anyhow::ensure!(answer == b"echo", "the guest answered {answer:?}");
-        let echo_ms = ms(t.elapsed());
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (echo, ready) = std::thread::scope(|scope| {
+            let waiter = scope.spawn(|| accept_ready(&slot.ready, limit, &stop));
+            let echo = echo(&slot.uds()).map(|turned_away| (ms(t.elapsed()), turned_away));
+            if echo.is_err() {
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            let ready = match waiter.join() {
+                Ok(r) => r.map(|(conn, at)| (conn, ms(at.duration_since(t)))),
+                Err(_) => Err(anyhow::anyhow!("the Ready waiter panicked")),
+            };
+            (echo, ready)
+        });
+        let context = |e: anyhow::Error| e.context(format!("VMM stderr:\n{}", vmm.stderr_tail()));
+        let (echo_ms, turned_away) = echo.map_err(context)?;
+        let (ready, ready_ms) = ready.map_err(context)?;
         Ok(Restored {
             vmm,
             _ready: ready,
             spawned_ms,
             ready_ms,
             echo_ms,
+            turned_away,
         })
     }
+}
+
+/// Connects to the init's control port through `uds` and pings it, retrying (every 5 ms, for up
+/// to [`TURNED_AWAY_RETRY`]) while the guest turns the connection away; returns how many times
+/// it did.
+fn echo(uds: &Path) -> anyhow::Result<u32> {
+    let deadline = Instant::now() + TURNED_AWAY_RETRY;
+    let mut turned_away = 0;
+    loop {
+        let tried = ControlClient::connect_uds(uds).and_then(|mut c| c.ping(b"echo".to_vec()));
+        match tried {
+            Ok(answer) => {
+                anyhow::ensure!(answer == b"echo", "the guest answered {answer:?}");
+                return Ok(turned_away);
+            }
+            Err(e) if hearth_agent::pool::guest::turned_away(&e) && Instant::now() < deadline => {
+                turned_away += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "ping on the control port ({turned_away} connections turned away before)"
+                )));
+            }
+        }
+    }
+}
+
+/// Waits for the init's ready connection on `listener` (non-blocking) and reads its Ready;
+/// returns it with when it was accepted. Gives up after `limit`, or when `stop` is set.
+fn accept_ready(
+    listener: &UnixListener,
+    limit: Duration,
+    stop: &std::sync::atomic::AtomicBool,
+) -> anyhow::Result<(UnixStream, Instant)> {
+    let (stream, at, _) = super::boot::accept_ready(listener, limit, READY_TICK, || {
+        anyhow::ensure!(
+            !stop.load(std::sync::atomic::Ordering::Relaxed),
+            "no Ready: the echo failed"
+        );
+        Ok(())
+    })?;
+    Ok((stream, at))
 }
 
 /// Runs the scenario here on hardware KVM, else inside the test host.
@@ -240,9 +434,19 @@ pub fn run(args: &RestoreArgs) -> anyhow::Result<Report> {
     report.parameter("vcpus", args.vcpus);
     report.parameter("kernel", kernel.package.clone() + " " + &kernel.version);
 
+    println!("transparent huge pages: {}", thp_settings());
+    mount_debugfs();
+    let huge = if args.huge_tmpfs {
+        Some(HugeTmpfs::mount(work.path().join("huge"))?)
+    } else {
+        None
+    };
+    report.parameter("huge_tmpfs", args.huge_tmpfs);
+    report.parameter("settle_ms", args.settle_ms);
+    let files_dir = huge.as_ref().map_or(work.path(), |h| h.0.as_path());
     let files = SnapshotFiles {
-        state: work.path().join("vm.state"),
-        mem: work.path().join("vm.mem"),
+        state: files_dir.join("vm.state"),
+        mem: files_dir.join("vm.mem"),
     };
     let mut ws = files.mem.clone().into_os_string();
     ws.push(".ws");
@@ -291,6 +495,7 @@ fn template(setup: &Setup<'_>, slot: &Slot, report: &mut Report) -> anyhow::Resu
         READY_TICK,
     )
     .map_err(|e| e.context(format!("VMM stderr:\n{}", vmm.stderr_tail())))?;
+    std::thread::sleep(Duration::from_millis(args.settle_ms));
     vmm.pause()?;
     let mut create = Vec::new();
     let (mut mem_size, mut mem_alloc, mut state_size, mut state_alloc) = (0.0, 0.0, 0.0, 0.0);
@@ -307,6 +512,12 @@ fn template(setup: &Setup<'_>, slot: &Slot, report: &mut Report) -> anyhow::Resu
             i + 1,
             create.last().copied().unwrap_or(0.0)
         );
+    }
+    // The VMM's own account of each snapshot (with HEARTH_LOG=hearth_vmm=info or more).
+    for line in vmm.stderr_tail().lines() {
+        if line.contains("snapshot written") || line.contains("memory file written") {
+            println!("template VMM: {line}");
+        }
     }
     drop(vmm);
     report.add("snapshot_create", &create, "ms");
@@ -343,7 +554,7 @@ fn restore_to_echo(setup: &Setup<'_>, slot: &Slot, report: &mut Report) -> anyho
             "pages",
         );
     }
-    let mut samples: Vec<[Vec<f64>; 5]> = modes.iter().map(|_| Default::default()).collect();
+    let mut samples: Vec<[Vec<f64>; 6]> = modes.iter().map(|_| Default::default()).collect();
     for run in 0..setup.args.runs {
         for (m, mode) in modes.iter().enumerate() {
             let mut r = setup
@@ -356,10 +567,12 @@ fn restore_to_echo(setup: &Setup<'_>, slot: &Slot, report: &mut Report) -> anyho
                     std::fs::read_to_string(slot.dir.join("serial.log")).unwrap_or_default();
                 let tail: Vec<&str> = serial.lines().rev().take(4).collect();
                 println!(
-                    "first {} restore: VMM stderr:\n{}guest console (last lines, newest first):\n{}",
+                    "first {} restore: VMM stderr:\n{}guest console (last lines, newest first):\n{}\nVMM memory: {}\nKVM: {}",
                     mode.name(),
                     r.vmm.stderr_tail(),
-                    tail.join("\n")
+                    tail.join("\n"),
+                    pmd_mapped(r.vmm.vmm_pid()),
+                    kvm_stats(r.vmm.vmm_pid())
                 );
             }
             let s = &mut samples[m];
@@ -368,6 +581,7 @@ fn restore_to_echo(setup: &Setup<'_>, slot: &Slot, report: &mut Report) -> anyho
             s[2].push(r.echo_ms);
             s[3].push(mib(memory.rss_kib * 1024));
             s[4].push(mib(memory.own_rss_kib() * 1024));
+            s[5].push(f64::from(r.turned_away));
             r.vmm.kill()?;
         }
         if (run + 1) % 10 == 0 || run + 1 == setup.args.runs {
@@ -389,6 +603,7 @@ fn restore_to_echo(setup: &Setup<'_>, slot: &Slot, report: &mut Report) -> anyho
         report.add(&format!("restore_{name}_to_echo"), &s[2], "ms");
         report.add(&format!("restore_{name}_rss_after_echo"), &s[3], "MiB");
         report.add(&format!("restore_{name}_own_rss_after_echo"), &s[4], "MiB");
+        report.add(&format!("restore_{name}_turned_away"), &s[5], "connections");
     }
     Ok(())
 }

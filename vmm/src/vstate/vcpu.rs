@@ -314,22 +314,27 @@ impl Vcpu {
         let id = self.id;
         let action = match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
+                tracing::trace!(vcpu = id, port, "exit: port read");
                 if !self.pio.read(u64::from(port), data) {
                     limited_debug!(vcpu = id, port, "read from an unmapped port");
                 }
                 BusAction::None
             }
-            Ok(VcpuExit::IoOut(port, data)) => self
-                .pio
-                .write(u64::from(port), data)
-                .unwrap_or(BusAction::None),
+            Ok(VcpuExit::IoOut(port, data)) => {
+                tracing::trace!(vcpu = id, port, "exit: port write");
+                self.pio
+                    .write(u64::from(port), data)
+                    .unwrap_or(BusAction::None)
+            }
             Ok(VcpuExit::MmioRead(addr, data)) => {
+                tracing::trace!(vcpu = id, addr, "exit: MMIO read");
                 if !self.mmio.read(addr, data) {
                     limited_debug!(vcpu = id, addr, "read from unmapped MMIO");
                 }
                 BusAction::None
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                tracing::trace!(vcpu = id, addr, "exit: MMIO write");
                 self.mmio.write(addr, data).unwrap_or(BusAction::None)
             }
             Ok(VcpuExit::Hlt) => BusAction::PowerOff,

@@ -5,6 +5,11 @@
 //! - rx queue: the guest's empty buffers; each gets one packet the backend produces.
 //! - event queue: buffers for events; used for the transport-reset event after a restore.
 //!
+//! After a transport reset goes out, the rx queue is held until the guest has handled it: a
+//! connection the host opens meanwhile would be accepted by the guest and then reset with the
+//! rest. The guest says it is done by giving the event buffer back (Linux's driver refills and
+//! kicks the event queue after each event), so the host can connect right after a restore.
+//!
 //! A malformed queue (see [`QueueError`]) stops the device: it sets DEVICE_NEEDS_RESET (the
 //! transport reports it), raises a config interrupt and ignores its queues until reset. A
 //! malformed packet only drops that packet.
@@ -64,6 +69,9 @@ pub struct Vsock<B> {
     pub(super) active: Option<Active>,
     pub(super) failed: bool,
     transport_reset_pending: bool,
+    /// A transport reset went out and the guest has not handled it yet: the event queue's avail
+    /// index then. Rx is held meanwhile.
+    reset_unhandled: Option<u16>,
     backend_reset_pending: bool,
     scratch: Vec<u8>,
 }
@@ -92,6 +100,7 @@ impl<B: VsockBackend> Vsock<B> {
             active: None,
             failed: false,
             transport_reset_pending: false,
+            reset_unhandled: None,
             backend_reset_pending: false,
             scratch: Vec::with_capacity(packet::MAX_PAYLOAD as usize),
         })
@@ -168,6 +177,9 @@ impl<B: VsockBackend> Vsock<B> {
         if self.failed {
             return Err(VsockError::NeedsReset);
         }
+        if !self.reset_handled() {
+            return Ok(());
+        }
         let Some(active) = self.active.as_mut() else {
             return Ok(());
         };
@@ -232,9 +244,38 @@ impl<B: VsockBackend> Vsock<B> {
         self.transport_reset_pending = true;
     }
 
-    /// The guest gave event buffers: deliver a pending transport reset.
+    /// The guest gave event buffers: deliver a pending transport reset; or, when it gave back the
+    /// one a reset went out in, release the rx queue held meanwhile.
     pub fn process_evq(&mut self) -> Result<(), VsockError> {
+        if self.reset_unhandled.is_some() && self.reset_handled() {
+            tracing::debug!("vsock: the guest handled the transport reset");
+            self.process_rx()?;
+        }
         self.deliver_transport_reset()
+    }
+
+    /// Whether the guest is past the last transport reset (its event queue's avail index moved
+    /// on since the reset went out); clears the hold when it is.
+    fn reset_handled(&mut self) -> bool {
+        let Some(at) = self.reset_unhandled else {
+            return true;
+        };
+        let Some(active) = self.active.as_ref() else {
+            return true;
+        };
+        let now = virtio_queue::QueueT::avail_idx(
+            &active.queues[EVQ],
+            &active.mem,
+            std::sync::atomic::Ordering::Acquire,
+        );
+        match now {
+            Ok(idx) if idx.0 == at => false,
+            // Moved on, or unreadable (then the queue is broken anyway): stop holding.
+            _ => {
+                self.reset_unhandled = None;
+                true
+            }
+        }
     }
 
     fn deliver_transport_reset(&mut self) -> Result<(), VsockError> {
@@ -265,6 +306,12 @@ impl<B: VsockBackend> Vsock<B> {
         let result = queue::add_used(&mut active.queues[EVQ], &active.mem, chain.head, written);
         if result.is_ok() && written > 0 {
             self.transport_reset_pending = false;
+            let avail = virtio_queue::QueueT::avail_idx(
+                &active.queues[EVQ],
+                &active.mem,
+                std::sync::atomic::Ordering::Acquire,
+            );
+            self.reset_unhandled = avail.ok().map(|idx| idx.0);
             tracing::debug!("vsock: transport reset given to the guest");
         }
         self.finish(true, EVQ, result)
@@ -381,6 +428,7 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
     fn reset(&mut self) {
         self.active = None;
         self.failed = false;
+        self.reset_unhandled = None;
         self.acked_features = 0;
         for evt in &self.queue_evts {
             // Drain stale notifications; an empty eventfd answers EAGAIN, which is fine.
@@ -636,5 +684,29 @@ mod tests {
         r.ev.add_chain(&r.mem, &[DescSpec::writable(0x30000, 4)]);
         r.dev.process_evq().expect("evq");
         assert!(r.ev.take_used(&r.mem).is_empty());
+    }
+
+    #[test]
+    fn rx_waits_until_the_guest_handled_the_transport_reset() {
+        let mut r = rig();
+        r.ev.add_chain(&r.mem, &[DescSpec::writable(0x30000, 4)]);
+        r.ev.add_chain(&r.mem, &[DescSpec::writable(0x30010, 4)]);
+        r.dev.send_transport_reset().expect("delivered");
+        assert_eq!(r.ev.take_used(&r.mem).len(), 1);
+        // A host connection opened right after the restore: held while the guest has not
+        // handled the reset (its second event buffer is still there, but it gave none back).
+        r.dev
+            .backend_mut()
+            .to_guest
+            .push_back((header(op::REQUEST, 0), Vec::new()));
+        r.rx.add_chain(&r.mem, &[DescSpec::writable(0x20000, 4096)]);
+        r.dev.process_rx().expect("rx");
+        r.dev.process_evq().expect("evq: a kick of our own");
+        assert!(r.rx.take_used(&r.mem).is_empty(), "held");
+        // The guest refills the event buffer it got the reset in: rx goes out.
+        r.ev.add_chain(&r.mem, &[DescSpec::writable(0x30000, 4)]);
+        r.dev.process_evq().expect("evq");
+        assert_eq!(r.rx.take_used(&r.mem).len(), 1);
+        assert!(r.ev.take_used(&r.mem).is_empty(), "no second reset");
     }
 }
