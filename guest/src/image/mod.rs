@@ -266,8 +266,10 @@ fn has_interpreter(elf: &[u8]) -> Option<bool> {
     Some(false)
 }
 
-/// The microVM initramfs: `/init` = the init binary, the guest modules under `/lib/modules/` with
-/// their load order in `/lib/modules/load-order`, mount points and `/dev/console`.
+/// The microVM initramfs: `/init` = the init binary, the guest modules under `/lib/modules/`
+/// (their appended signatures cut: `finit_module` skips verifying them, see
+/// [`modules::without_signature`]) with their load order in `/lib/modules/load-order`, mount
+/// points and `/dev/console`.
 pub fn guest_initramfs(kernel: &KernelImage, init: &Path) -> Result<Vec<u8>, ImageError> {
     ensure_static(init)?;
     let modules_dir = kernel
@@ -288,7 +290,8 @@ pub fn guest_initramfs(kernel: &KernelImage, init: &Path) -> Result<Vec<u8>, Ima
                     what: "module with a UTF-8 file name",
                 })?;
         let inside = format!("{INITRAMFS_MODULES_DIR}/{name}");
-        ir.add_file_from_host(&inside, path, 0o644)?;
+        let module = std::fs::read(path).map_err(io_err(path))?;
+        ir.add_file(&inside, modules::without_signature(&module), 0o644)?;
         order_file.push_str(&inside);
         order_file.push('\n');
     }

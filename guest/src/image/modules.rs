@@ -3,6 +3,7 @@
 //! Debian's kernel package ships no `modules.dep` (depmod runs at install time, and we never
 //! install). Each `.ko` names its dependencies in the `depends=` field of its `.modinfo` ELF
 //! section; this module reads that field and orders modules so each comes after what it needs.
+//! It also cuts the signature `scripts/sign-file` appends to each module ([`without_signature`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -32,6 +33,38 @@ pub enum ModulesError {
     BadElf { path: PathBuf, reason: &'static str },
     #[error("kernel module dependency cycle through {name:?}")]
     Cycle { name: String },
+}
+
+/// The marker `scripts/sign-file` writes after a module's appended signature.
+const SIGNATURE_MAGIC: &[u8] = b"~Module signature appended~\n";
+/// `struct module_signature` before the marker: algorithm, hash, id type, signer length, key id
+/// length, 3 pad bytes, then the signature's length (big-endian u32).
+const SIGNATURE_INFO_LEN: usize = 12;
+
+/// `module` without its appended signature (PKCS#7 blob, `struct module_signature`, marker), or
+/// all of it when it carries none or the trailer does not parse. Without a signature the kernel
+/// skips verifying it (hashing the module and an RSA check) unless it enforces signatures
+/// (`module.sig_enforce`, lockdown), and marks itself tainted (`E`) once.
+pub fn without_signature(module: &[u8]) -> &[u8] {
+    let Some(rest) = module.strip_suffix(SIGNATURE_MAGIC) else {
+        return module;
+    };
+    let Some(info_at) = rest.len().checked_sub(SIGNATURE_INFO_LEN) else {
+        return module;
+    };
+    let Some(len_bytes) = rest
+        .get(info_at + 8..)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+    else {
+        return module;
+    };
+    let Ok(sig_len) = usize::try_from(u32::from_be_bytes(len_bytes)) else {
+        return module;
+    };
+    match info_at.checked_sub(sig_len) {
+        Some(end) => &module[..end],
+        None => module,
+    }
 }
 
 /// Canonical module name: `kvm-amd`, `kvm_amd` and `kvm_amd.ko` are the same module.
@@ -281,6 +314,22 @@ mod tests {
         elf[0x3c..0x3e].copy_from_slice(&3u16.to_le_bytes());
         elf[0x3e..0x40].copy_from_slice(&1u16.to_le_bytes());
         elf
+    }
+
+    #[test]
+    fn appended_signatures_are_cut_and_other_files_kept() {
+        let body = b"\x7fELF module body".to_vec();
+        let mut signed = body.clone();
+        signed.extend_from_slice(&[0xaa; 5]); // the PKCS#7 blob
+        signed.extend_from_slice(&[0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 5]);
+        signed.extend_from_slice(SIGNATURE_MAGIC);
+        assert_eq!(without_signature(&signed), &body[..]);
+        assert_eq!(without_signature(&body), &body[..]);
+        // A length past the start: kept whole for the kernel to judge.
+        let mut bad = vec![0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+        bad.extend_from_slice(SIGNATURE_MAGIC);
+        assert_eq!(without_signature(&bad), &bad[..]);
+        assert_eq!(without_signature(SIGNATURE_MAGIC), SIGNATURE_MAGIC);
     }
 
     #[test]

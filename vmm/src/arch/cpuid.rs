@@ -1,5 +1,6 @@
 //! CPUID for each vCPU: KVM's supported set, normalized so the guest sees a KVM hypervisor, one
-//! package of `count` single-thread cores, its own APIC id, and the TSC-deadline timer.
+//! package of `count` single-thread cores, its own APIC id, and the TSC-deadline timer; and the
+//! XCR0 each vCPU starts with, so that leaf 0xd's sizes match the state the guest enables.
 
 use kvm_bindings::{CpuId, kvm_cpuid_entry2};
 
@@ -10,6 +11,7 @@ const LEAF_V2_EXT_TOPOLOGY: u32 = 0x1f;
 const LEAF_AMD_SIZE_IDS: u32 = 0x8000_0008;
 const LEAF_AMD_EXT_APIC: u32 = 0x8000_001e;
 const LEAF_AMD_FEATURES: u32 = 0x8000_0001;
+const LEAF_XSTATE: u32 = 0xd;
 
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const ECX_TSC_DEADLINE: u32 = 1 << 24;
@@ -25,6 +27,25 @@ pub fn normalize(cpuid: &mut CpuId, id: u8, count: u8, tsc_deadline: bool) {
     for e in cpuid.as_mut_slice().iter_mut() {
         normalize_entry(e, apic_id, count, core_bits, tsc_deadline);
     }
+}
+
+/// The XCR0 a vCPU boots with: every user state component (x87, SSE, AVX, ...) in `cpuid`'s
+/// leaf 0xd.0 EDX:EAX; `None` without that leaf (no XSAVE).
+///
+/// KVM sizes leaf 0xd.0 EBX (the XSAVE area for the enabled components) from the vCPU's XCR0,
+/// which is 1 (x87 only, 576 bytes) after reset, and resizes it when the guest's XSETBV exits to
+/// KVM. Where XSETBV does not exit (nested SVM under QEMU TCG, the test host), the guest enables
+/// x87|SSE|AVX but still reads 576: Linux then warns "XSAVE consistency problem: size 832 !=
+/// kernel_size 576" and turns XSAVE (and with it AVX) off. Starting with the XCR0 the guest's
+/// kernel will set makes the size right either way; XCR0 does nothing until the guest sets
+/// CR4.OSXSAVE, and the guest's own XSETBV still decides what it enables.
+pub fn boot_xcr0(cpuid: &CpuId) -> Option<u64> {
+    cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == LEAF_XSTATE && e.index == 0)
+        .map(|e| (u64::from(e.edx) << 32) | u64::from(e.eax))
+        .filter(|xcr0| xcr0 & 0x3 == 0x3)
 }
 
 fn normalize_entry(
@@ -120,5 +141,36 @@ mod tests {
         assert_ne!(e.ecx & ECX_TSC_DEADLINE, 0);
         let topo = cpuid.as_slice()[1];
         assert_eq!((topo.eax, topo.ebx, topo.edx), (2, 4, 3));
+    }
+
+    #[test]
+    fn boot_xcr0_enables_every_supported_user_component() {
+        // Leaf 0xd.0 as the test host's KVM reports it: x87|SSE|AVX, 832 bytes at most.
+        let xstate = kvm_cpuid_entry2 {
+            function: LEAF_XSTATE,
+            index: 0,
+            eax: 0x7,
+            ebx: 0x240,
+            ecx: 0x340,
+            ..Default::default()
+        };
+        let avx = kvm_cpuid_entry2 {
+            function: LEAF_XSTATE,
+            index: 2,
+            eax: 0x100,
+            ebx: 0x240,
+            ..Default::default()
+        };
+        let mut cpuid = CpuId::from_entries(&[entry(1, 0), avx, xstate]).unwrap();
+        normalize(&mut cpuid, 0, 1, false);
+        assert_eq!(boot_xcr0(&cpuid), Some(0x7));
+        // The leaf itself is KVM's: it resizes EBX from the XCR0 it is given.
+        assert_eq!(cpuid.as_slice()[2], xstate);
+    }
+
+    #[test]
+    fn boot_xcr0_is_none_without_xsave() {
+        let cpuid = CpuId::from_entries(&[entry(1, 0)]).unwrap();
+        assert_eq!(boot_xcr0(&cpuid), None);
     }
 }

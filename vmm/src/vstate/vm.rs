@@ -109,8 +109,18 @@ impl Vm {
             .fd
             .create_vcpu(u64::from(id))
             .map_err(|e| VmError::Ioctl("KVM_CREATE_VCPU", e))?;
-        vcpu.set_cpuid2(&self.vcpu_cpuid(id, count))
+        let cpuid = self.vcpu_cpuid(id, count);
+        vcpu.set_cpuid2(&cpuid)
             .map_err(|e| VmError::Ioctl("KVM_SET_CPUID2", e))?;
+        if let Some(xcr0) = cpuid::boot_xcr0(&cpuid) {
+            let mut xcrs = kvm_bindings::kvm_xcrs {
+                nr_xcrs: 1,
+                ..Default::default()
+            };
+            xcrs.xcrs[0].value = xcr0;
+            vcpu.set_xcrs(&xcrs)
+                .map_err(|e| VmError::Ioctl("KVM_SET_XCRS", e))?;
+        }
         regs::setup_vcpu(&vcpu, entry, id == 0).map_err(|e| VmError::Vcpu(id, e))?;
         Ok(vcpu)
     }
