@@ -49,11 +49,16 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let mut response = next.run(req).await;
+    stamp_request_id(&mut response, &method, &path, &id);
+    response
+}
+
+/// Logs a finished request and adds its `x-amzn-RequestId` header.
+pub fn stamp_request_id(response: &mut Response, method: &Method, path: &str, id: &str) {
     tracing::debug!(%method, %path, status = response.status().as_u16(), request_id = %id, "request");
-    if let Ok(value) = HeaderValue::from_str(&id) {
+    if let Ok(value) = HeaderValue::from_str(id) {
         response.headers_mut().insert("x-amzn-RequestId", value);
     }
-    response
 }
 
 /// The size limit and operation name for a request, by method and path.

@@ -138,19 +138,28 @@ pub fn parse_function_ref(input: &str, partition: &Partition) -> Result<Function
 /// connection can be served where that function runs (`hearth_agent::cores::Steer`). `None` for
 /// anything else: another route, a partial line, a name that does not parse.
 pub fn invoked_function_arn(first: &[u8], partition: &Partition) -> Option<String> {
-    let rest = first.strip_prefix(b"POST /2015-03-31/functions/")?;
-    let end = rest.iter().position(|&b| b == b'/')?;
-    let (raw, tail) = rest.split_at(end);
-    let tail = tail.strip_prefix(b"/invocations")?;
-    if !matches!(tail.first(), Some(b' ' | b'?')) {
-        return None;
-    }
-    let raw = std::str::from_utf8(raw).ok()?;
-    let name = percent_encoding::percent_decode_str(raw)
-        .decode_utf8()
-        .ok()?;
+    let line = first.strip_prefix(b"POST ")?;
+    let target = &line[..line.iter().position(|&b| b == b' ')?];
+    let path = target.split(|&b| b == b'?').next()?;
+    let name = invoke_path_name(std::str::from_utf8(path).ok()?)?;
     let fref = parse_function_ref(&name, partition).ok()?;
     Some(partition.function_arn(&fref.name))
+}
+
+/// The function-name segment of an Invoke path (`/2015-03-31/functions/{name}/invocations`),
+/// percent-decoded as the router's path parameter is; `None` for any other path, or a name that
+/// does not decode (the router then answers it).
+pub fn invoke_path_name(path: &str) -> Option<String> {
+    let name = path
+        .strip_prefix("/2015-03-31/functions/")?
+        .strip_suffix("/invocations")?;
+    if name.is_empty() || name.contains('/') {
+        return None;
+    }
+    percent_encoding::percent_decode_str(name)
+        .decode_utf8()
+        .ok()
+        .map(|name| name.into_owned())
 }
 
 /// Merges the qualifier carried by the name with the `Qualifier` query parameter.

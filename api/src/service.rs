@@ -14,7 +14,7 @@ use std::task::{Context, Poll};
 
 use axum::Router;
 use axum::body::Body;
-use axum::http::{HeaderValue, Method, Request};
+use axum::http::{Method, Request};
 use axum::response::{IntoResponse as _, Response};
 use tower::Service;
 
@@ -55,7 +55,7 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let req = req.map(Body::new);
         let name = (req.method() == Method::POST)
-            .then(|| crate::routes::invoke::invoke_path_name(req.uri().path()))
+            .then(|| crate::names::invoke_path_name(req.uri().path()))
             .flatten();
         match name {
             Some(name) => Box::pin(invoke_directly(self.state.clone(), name, req)),
@@ -78,10 +78,7 @@ async fn invoke_directly(
         Ok(response) => response,
         Err(err) => err.into_response(),
     };
-    tracing::debug!(method = "POST", path = %name, status = response.status().as_u16(), request_id = %request_id, "invoke request");
-    if let Ok(value) = HeaderValue::from_str(&request_id) {
-        response.headers_mut().insert("x-amzn-RequestId", value);
-    }
+    crate::body::stamp_request_id(&mut response, &Method::POST, &name, &request_id);
     Ok(response)
 }
 

@@ -42,22 +42,6 @@ async fn invoke(
     run(&state, &raw, q, request_id, &headers, payload).await
 }
 
-/// The function-name segment of an Invoke path (`/2015-03-31/functions/{name}/invocations`),
-/// percent-decoded as the router's path parameter is; `None` for any other path, or a name that
-/// does not decode (the router then answers it).
-pub fn invoke_path_name(path: &str) -> Option<String> {
-    let name = path
-        .strip_prefix("/2015-03-31/functions/")?
-        .strip_suffix("/invocations")?;
-    if name.is_empty() || name.contains('/') {
-        return None;
-    }
-    percent_encoding::percent_decode_str(name)
-        .decode_utf8()
-        .ok()
-        .map(|name| name.into_owned())
-}
-
 /// An authenticated Invoke whose body was read under its limit ([`crate::body`]): resolves the
 /// function and qualifier and runs it. Both the router's handler and [`crate::service`]'s direct
 /// path end here.
