@@ -5,7 +5,6 @@
 //! key, clock skew), `verify` once the body's sha256 is known.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::path::Path;
 
 use axum::http::{HeaderMap, Method, Uri};
@@ -94,15 +93,17 @@ impl Auth {
     }
 }
 
-/// The parts of an `Authorization` header, checked before the body is read.
+/// The parts of an `Authorization` header, checked before the body is read; they borrow the
+/// request's headers and the configured secret.
 #[derive(Debug)]
-pub struct Prechecked {
-    access_key: String,
-    secret: Option<String>,
-    scope: String,
-    amz_date: String,
-    signed_headers: Vec<String>,
-    signature: String,
+pub struct Prechecked<'a> {
+    access_key: &'a str,
+    secret: Option<&'a str>,
+    scope: &'a str,
+    amz_date: &'a str,
+    /// `SignedHeaders` as sent: header names separated by `;`.
+    signed_headers: &'a str,
+    signature: &'a str,
 }
 
 fn incomplete(msg: &str) -> ApiError {
@@ -149,7 +150,11 @@ fn format_amz_date(t: i64) -> String {
 }
 
 /// Step one: header syntax, the access key, the clock skew.
-pub fn precheck(auth: &Auth, headers: &HeaderMap, now: i64) -> Result<Prechecked, ApiError> {
+pub fn precheck<'a>(
+    auth: &'a Auth,
+    headers: &'a HeaderMap,
+    now: i64,
+) -> Result<Prechecked<'a>, ApiError> {
     let Some(value) = headers.get("authorization") else {
         return Err(ApiError::MissingAuthenticationToken(
             "Missing Authentication Token".into(),
@@ -184,27 +189,31 @@ pub fn precheck(auth: &Auth, headers: &HeaderMap, now: i64) -> Result<Prechecked
             "Credential must have the form KEY/date/region/service/aws4_request",
         ));
     };
-    let scope_parts: Vec<&str> = scope.split('/').collect();
-    if scope_parts.len() != 4 || scope_parts[3] != "aws4_request" {
+    let mut scope_parts = scope.split('/');
+    let (Some(scope_date), Some(_region), Some(service), Some("aws4_request"), None) = (
+        scope_parts.next(),
+        scope_parts.next(),
+        scope_parts.next(),
+        scope_parts.next(),
+        scope_parts.next(),
+    ) else {
         return Err(incomplete(
             "Credential must have the form KEY/date/region/service/aws4_request",
         ));
-    }
-    if scope_parts[2] != "lambda" {
+    };
+    if service != "lambda" {
         return Err(ApiError::InvalidSignature(format!(
-            "Credential should be scoped to correct service: 'lambda', not '{}'",
-            scope_parts[2]
+            "Credential should be scoped to correct service: 'lambda', not '{service}'"
         )));
     }
-    let signed_headers: Vec<String> = signed.split(';').map(str::to_string).collect();
-    if !signed_headers.iter().any(|h| h == "host") {
+    if !signed.split(';').any(|h| h == "host") {
         return Err(ApiError::InvalidSignature(
             "'Host' must be a 'SignedHeader' in the AWS Authorization.".into(),
         ));
     }
     let secret = match auth {
         Auth::Keys(keys) => match keys.get(access_key) {
-            Some(secret) => Some(secret.clone()),
+            Some(secret) => Some(secret.as_str()),
             None => {
                 return Err(ApiError::UnrecognizedClient(
                     "The security token included in the request is invalid.".into(),
@@ -222,10 +231,9 @@ pub fn precheck(auth: &Auth, headers: &HeaderMap, now: i64) -> Result<Prechecked
             "X-Amz-Date must be in the ISO8601 basic format yyyyMMdd'T'HHmmss'Z'",
         ));
     };
-    if !amz_date.starts_with(scope_parts[0]) {
+    if !amz_date.starts_with(scope_date) {
         return Err(ApiError::InvalidSignature(format!(
-            "Date in Credential scope does not match YYYYMMDD from ISO-8601 version of date from HTTP: '{}' != '{}'",
-            scope_parts[0],
+            "Date in Credential scope does not match YYYYMMDD from ISO-8601 version of date from HTTP: '{scope_date}' != '{}'",
             &amz_date[..8]
         )));
     }
@@ -244,12 +252,12 @@ pub fn precheck(auth: &Auth, headers: &HeaderMap, now: i64) -> Result<Prechecked
         )));
     }
     Ok(Prechecked {
-        access_key: access_key.to_string(),
+        access_key,
         secret,
-        scope: scope.to_string(),
-        amz_date: amz_date.to_string(),
-        signed_headers,
-        signature: signature.to_string(),
+        scope,
+        amz_date,
+        signed_headers: signed,
+        signature,
     })
 }
 
@@ -257,41 +265,45 @@ fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~')
 }
 
-fn uri_encode(out: &mut String, bytes: &[u8], keep_slash: bool) {
+const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
+
+fn uri_encode(out: &mut Vec<u8>, bytes: &[u8], keep_slash: bool) {
     for &b in bytes {
         if is_unreserved(b) || (keep_slash && b == b'/') {
-            out.push(b as char);
+            out.push(b);
         } else {
-            let _ = write!(out, "%{b:02X}");
+            out.extend_from_slice(&[
+                b'%',
+                HEX_UPPER[usize::from(b >> 4)],
+                HEX_UPPER[usize::from(b & 0xf)],
+            ]);
         }
     }
 }
 
 /// The canonical URI: the path as sent, encoded once more (SigV4's double encoding for every
 /// service but S3).
-fn canonical_uri(uri: &Uri) -> String {
+fn canonical_uri(out: &mut Vec<u8>, uri: &Uri) {
     let path = uri.path();
-    let mut out = String::with_capacity(path.len() + 16);
     if path.is_empty() {
-        out.push('/');
+        out.push(b'/');
     } else {
-        uri_encode(&mut out, path.as_bytes(), true);
+        uri_encode(out, path.as_bytes(), true);
     }
-    out
 }
 
 /// The canonical query: every pair decoded, encoded strictly, sorted.
-fn canonical_query(uri: &Uri) -> String {
+fn canonical_query(out: &mut Vec<u8>, uri: &Uri) {
     let Some(query) = uri.query() else {
-        return String::new();
+        return;
     };
-    let mut pairs: Vec<(String, String)> = query
+    let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = query
         .split('&')
         .filter(|p| !p.is_empty())
         .map(|p| {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            let mut ek = String::new();
-            let mut ev = String::new();
+            let mut ek = Vec::new();
+            let mut ev = Vec::new();
             uri_encode(
                 &mut ek,
                 &percent_encoding::percent_decode_str(k).collect::<Vec<u8>>(),
@@ -306,83 +318,104 @@ fn canonical_query(uri: &Uri) -> String {
         })
         .collect();
     pairs.sort();
-    let mut out = String::new();
     for (i, (k, v)) in pairs.iter().enumerate() {
         if i > 0 {
-            out.push('&');
+            out.push(b'&');
         }
-        out.push_str(k);
-        out.push('=');
-        out.push_str(v);
+        out.extend_from_slice(k);
+        out.push(b'=');
+        out.extend_from_slice(v);
     }
-    out
 }
 
-fn canonical_header_value(headers: &HeaderMap, name: &str) -> Option<String> {
-    let mut values = headers.get_all(name).iter().peekable();
-    values.peek()?;
-    let mut joined = String::new();
-    for (i, v) in values.enumerate() {
-        if i > 0 {
-            joined.push(',');
+/// Appends a header's values as SigV4 canonicalizes them: each trimmed, each run of spaces as
+/// one, joined by `,`; `false` when the request has no such header.
+fn canonical_header_value(out: &mut Vec<u8>, headers: &HeaderMap, name: &str) -> bool {
+    let mut any = false;
+    for value in headers.get_all(name) {
+        if any {
+            out.push(b',');
         }
-        let v = String::from_utf8_lossy(v.as_bytes());
-        // Trimmed, with each run of spaces as one; most values are that already.
-        let mut words = v.split_whitespace();
+        any = true;
+        let mut words = value
+            .as_bytes()
+            .split(|&b| b == b' ' || b == b'\t')
+            .filter(|word| !word.is_empty());
         if let Some(first) = words.next() {
-            joined.push_str(first);
+            out.extend_from_slice(first);
             for word in words {
-                joined.push(' ');
-                joined.push_str(word);
+                out.push(b' ');
+                out.extend_from_slice(word);
             }
         }
     }
-    Some(joined)
+    any
 }
 
 /// Lower-case hex of `bytes` (SigV4's hashes and signatures).
 pub fn hex_lower(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = Vec::with_capacity(bytes.len() * 2);
-    for &b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)]);
-        out.push(DIGITS[usize::from(b & 0xf)]);
-    }
+    push_hex_lower(&mut out, bytes);
     // Only ASCII digits were written.
     String::from_utf8(out).unwrap_or_default()
 }
 
+fn push_hex_lower(out: &mut Vec<u8>, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for &b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)]);
+        out.push(DIGITS[usize::from(b & 0xf)]);
+    }
+}
+
+/// Lower-case hex of a SHA-256 value.
+fn hex32(bytes: &[u8]) -> [u8; 64] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 64];
+    for (i, &b) in bytes.iter().take(32).enumerate() {
+        out[2 * i] = DIGITS[usize::from(b >> 4)];
+        out[2 * i + 1] = DIGITS[usize::from(b & 0xf)];
+    }
+    out
+}
+
 type HmacSha256 = Hmac<Sha256>;
 
-fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
+/// HMAC-SHA256 keyed with `key`.
+fn keyed(key: &[u8]) -> HmacSha256 {
     // HMAC accepts keys of any length; new_from_slice cannot fail for it.
-    let mut mac = match HmacSha256::new_from_slice(key) {
-        Ok(mac) => mac,
-        Err(_) => return [0; 32],
-    };
+    HmacSha256::new_from_slice(key).unwrap_or_else(|_| HmacSha256::new(&Default::default()))
+}
+
+fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
+    let mut mac = keyed(key);
     mac.update(data);
     mac.finalize().into_bytes().into()
 }
 
-/// Signing keys derived on this thread, by secret and scope: a key changes once a day per
-/// scope, so four of the five HMACs of a verification are done once, not per request.
+/// Signing keys derived on this thread, by secret and scope, as HMACs already keyed: a key
+/// changes once a day per scope, so four of the five HMACs of a verification, and the keying of
+/// the fifth, are done once, not per request.
 const SIGNING_KEYS_KEPT: usize = 16;
 
 thread_local! {
-    static SIGNING_KEYS: std::cell::RefCell<Vec<(String, String, [u8; 32])>> =
+    static SIGNING_KEYS: std::cell::RefCell<Vec<(String, String, HmacSha256)>> =
         const { std::cell::RefCell::new(Vec::new()) };
+    /// The canonical request being hashed, reused so that a verification allocates nothing.
+    static CANONICAL: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// SigV4's signing key of `secret` for `scope` (`date/region/service/aws4_request`).
-fn signing_key(secret: &str, scope: &str) -> [u8; 32] {
+/// The HMAC keyed with SigV4's signing key of `secret` for `scope`
+/// (`date/region/service/aws4_request`).
+fn signing_hmac(secret: &str, scope: &str) -> HmacSha256 {
     let cached = SIGNING_KEYS.with(|keys| {
         keys.borrow()
             .iter()
             .find(|(s, c, _)| s == secret && c == scope)
-            .map(|(_, _, key)| *key)
+            .map(|(_, _, mac)| mac.clone())
     });
-    if let Some(key) = cached {
-        return key;
+    if let Some(mac) = cached {
+        return mac;
     }
     let mut parts = scope.split('/');
     let (date, region, service) = (
@@ -393,15 +426,47 @@ fn signing_key(secret: &str, scope: &str) -> [u8; 32] {
     let k_date = hmac(format!("AWS4{secret}").as_bytes(), date.as_bytes());
     let k_region = hmac(&k_date, region.as_bytes());
     let k_service = hmac(&k_region, service.as_bytes());
-    let key = hmac(&k_service, b"aws4_request");
+    let mac = keyed(&hmac(&k_service, b"aws4_request"));
     SIGNING_KEYS.with(|keys| {
         let mut keys = keys.borrow_mut();
         if keys.len() >= SIGNING_KEYS_KEPT {
             keys.remove(0);
         }
-        keys.push((secret.to_string(), scope.to_string(), key));
+        keys.push((secret.to_string(), scope.to_string(), mac.clone()));
     });
-    key
+    mac
+}
+
+/// Writes the canonical request of SigV4 for this request into `out`.
+fn write_canonical_request(
+    out: &mut Vec<u8>,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    signed_headers: &str,
+    payload_sha256_hex: &str,
+) -> Result<(), ApiError> {
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b'\n');
+    canonical_uri(out, uri);
+    out.push(b'\n');
+    canonical_query(out, uri);
+    out.push(b'\n');
+    for name in signed_headers.split(';') {
+        out.extend_from_slice(name.as_bytes());
+        out.push(b':');
+        if !canonical_header_value(out, headers, name) {
+            return Err(ApiError::InvalidSignature(format!(
+                "The request signature we calculated does not match the signature you provided: signed header '{name}' is missing"
+            )));
+        }
+        out.push(b'\n');
+    }
+    out.push(b'\n');
+    out.extend_from_slice(signed_headers.as_bytes());
+    out.push(b'\n');
+    out.extend_from_slice(payload_sha256_hex.as_bytes());
+    Ok(())
 }
 
 /// The canonical request of SigV4 for this request.
@@ -409,63 +474,63 @@ pub fn canonical_request(
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
-    signed_headers: &[String],
+    signed_headers: &str,
     payload_sha256_hex: &str,
 ) -> Result<String, ApiError> {
-    let mut out = String::with_capacity(512);
-    out.push_str(method.as_str());
-    out.push('\n');
-    out.push_str(&canonical_uri(uri));
-    out.push('\n');
-    out.push_str(&canonical_query(uri));
-    out.push('\n');
-    for name in signed_headers {
-        let value = canonical_header_value(headers, name).ok_or_else(|| {
-            ApiError::InvalidSignature(format!("The request signature we calculated does not match the signature you provided: signed header '{name}' is missing"))
-        })?;
-        out.push_str(name);
-        out.push(':');
-        out.push_str(&value);
-        out.push('\n');
-    }
-    out.push('\n');
-    out.push_str(&signed_headers.join(";"));
-    out.push('\n');
-    out.push_str(payload_sha256_hex);
-    Ok(out)
+    let mut out = Vec::with_capacity(512);
+    write_canonical_request(
+        &mut out,
+        method,
+        uri,
+        headers,
+        signed_headers,
+        payload_sha256_hex,
+    )?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
 /// Step two: recompute the signature over the request and its body hash, compare in constant time.
 pub fn verify(
-    pre: &Prechecked,
+    pre: &Prechecked<'_>,
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
     payload_sha256_hex: &str,
 ) -> Result<(), ApiError> {
-    let Some(secret) = &pre.secret else {
+    let Some(secret) = pre.secret else {
         // AcceptAnySigned: the header was well formed; no secret to check it against.
         return Ok(());
     };
-    let creq = canonical_request(
-        method,
-        uri,
-        headers,
-        &pre.signed_headers,
-        payload_sha256_hex,
-    )?;
-    let string_to_sign = format!(
-        "AWS4-HMAC-SHA256\n{}\n{}\n{}",
-        pre.amz_date,
-        pre.scope,
-        hex_lower(&Sha256::digest(creq.as_bytes()))
-    );
-    let k_signing = signing_key(secret, &pre.scope);
-    let expected = hex_lower(&hmac(&k_signing, string_to_sign.as_bytes()));
-    if bool::from(expected.as_bytes().ct_eq(pre.signature.as_bytes())) {
+    let creq_hash = CANONICAL.with(|buffer| {
+        let mut buffer = buffer.borrow_mut();
+        buffer.clear();
+        let written = write_canonical_request(
+            &mut buffer,
+            method,
+            uri,
+            headers,
+            pre.signed_headers,
+            payload_sha256_hex,
+        );
+        written.map(|()| Sha256::digest(buffer.as_slice()))
+    })?;
+    let mut mac = signing_hmac(secret, pre.scope);
+    mac.update(b"AWS4-HMAC-SHA256\n");
+    mac.update(pre.amz_date.as_bytes());
+    mac.update(b"\n");
+    mac.update(pre.scope.as_bytes());
+    mac.update(b"\n");
+    mac.update(&hex32(&creq_hash));
+    let expected = hex32(&mac.finalize().into_bytes());
+    if bool::from(expected.as_slice().ct_eq(pre.signature.as_bytes())) {
         Ok(())
     } else {
-        tracing::debug!(access_key = %pre.access_key, canonical_request = %creq, "signature mismatch");
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let creq =
+                canonical_request(method, uri, headers, pre.signed_headers, payload_sha256_hex)
+                    .unwrap_or_default();
+            tracing::debug!(access_key = %pre.access_key, canonical_request = %creq, "signature mismatch");
+        }
         Err(ApiError::InvalidSignature(
             "The request signature we calculated does not match the signature you provided. Check your AWS Secret Access Key and signing method. Consult the service documentation for details.".into(),
         ))
@@ -489,11 +554,15 @@ mod tests {
         let uri: Uri = "/2015-03-31/functions/arn%3Aaws%3Alambda%3Aus-east-1%3A1%3Afunction%3Af/invocations?b=2&a=%24LATEST&a=1"
             .parse()
             .unwrap();
+        let mut out = Vec::new();
+        canonical_uri(&mut out, &uri);
         assert_eq!(
-            canonical_uri(&uri),
+            String::from_utf8(out).unwrap(),
             "/2015-03-31/functions/arn%253Aaws%253Alambda%253Aus-east-1%253A1%253Afunction%253Af/invocations"
         );
-        assert_eq!(canonical_query(&uri), "a=%24LATEST&a=1&b=2");
+        let mut out = Vec::new();
+        canonical_query(&mut out, &uri);
+        assert_eq!(String::from_utf8(out).unwrap(), "a=%24LATEST&a=1&b=2");
     }
 
     proptest::proptest! {
@@ -513,8 +582,78 @@ mod tests {
         #[test]
         fn canonical_query_never_panics(query in "[ -~]{0,200}") {
             if let Ok(uri) = format!("/p?{query}").parse::<Uri>() {
-                let _ = canonical_query(&uri);
+                canonical_query(&mut Vec::new(), &uri);
             }
+        }
+    }
+
+    /// Signs a request with the AWS SDK's own signer.
+    fn sdk_signed(path_and_query: &str, headers: &[(String, String)], body: &[u8]) -> HeaderMap {
+        use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
+        let identity =
+            aws_credential_types::Credentials::new("AKID", "SECRET", None, None, "t").into();
+        let params = aws_sigv4::sign::v4::SigningParams::builder()
+            .identity(&identity)
+            .region("us-east-1")
+            .name("lambda")
+            .time(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000))
+            .settings(SigningSettings::default())
+            .build()
+            .unwrap()
+            .into();
+        let uri = format!("http://localhost{path_and_query}");
+        let signable = SignableRequest::new(
+            "POST",
+            uri,
+            headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            SignableBody::Bytes(body),
+        )
+        .unwrap();
+        let (instructions, _) = sign(signable, &params).unwrap().into_parts();
+        let mut out = HeaderMap::new();
+        for (k, v) in headers {
+            out.append(
+                axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                axum::http::HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        for (k, v) in instructions.headers() {
+            out.insert(
+                axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                axum::http::HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        out
+    }
+
+    proptest::proptest! {
+        /// What the AWS SDK's signer signs verifies, and a changed body, header or path does not.
+        #[test]
+        fn sdk_signatures_verify(
+            name in "([a-zA-Z0-9_-]|%3A){1,40}",
+            query in proptest::option::of("[a-zA-Z0-9]{1,8}=([a-zA-Z0-9]|%24|%3A){0,12}(&[a-zA-Z]{1,5}=[a-z0-9]{0,5}){0,3}"),
+            extra in proptest::collection::vec(("x-[a-z]{1,12}", "[!-~]([ -~]{0,30}[!-~])?"), 0..4),
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+        ) {
+            let path = match &query {
+                Some(q) => format!("/2015-03-31/functions/{name}/invocations?{q}"),
+                None => format!("/2015-03-31/functions/{name}/invocations"),
+            };
+            let Ok(uri) = path.parse::<Uri>() else { return Ok(()); };
+            let mut headers: Vec<(String, String)> = vec![("host".into(), "localhost".into())];
+            headers.extend(extra.iter().cloned());
+            let signed = sdk_signed(&path, &headers, &body);
+            let auth = Auth::parse("AKID SECRET").unwrap();
+            let pre = precheck(&auth, &signed, 1_800_000_000).unwrap();
+            let sha = hex_lower(&Sha256::digest(&body));
+            proptest::prop_assert!(verify(&pre, &Method::POST, &uri, &signed, &sha).is_ok(), "{path} {headers:?}");
+            let other_sha = hex_lower(&Sha256::digest(b"other"));
+            proptest::prop_assert!(verify(&pre, &Method::POST, &uri, &signed, &other_sha).is_err());
+            let moved: Uri = format!("{path}x").parse().unwrap();
+            proptest::prop_assert!(verify(&pre, &Method::POST, &moved, &signed, &sha).is_err());
+            let mut changed = signed.clone();
+            changed.insert("host", axum::http::HeaderValue::from_static("elsewhere"));
+            proptest::prop_assert!(verify(&pre, &Method::POST, &uri, &changed, &sha).is_err());
         }
     }
 

@@ -146,18 +146,18 @@ pub(crate) async fn authenticate_inner(
     req: Request,
 ) -> Result<Request, ApiError> {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let pre = auth::precheck(&state.inner.auth, req.headers(), now)?;
-    let invocation_type = req
-        .headers()
+    let (parts, body) = req.into_parts();
+    let pre = auth::precheck(&state.inner.auth, &parts.headers, now)?;
+    let invocation_type = parts
+        .headers
         .get("x-amz-invocation-type")
-        .map(|v| v.as_bytes().to_vec());
-    let (limit, operation) = limit_for(req.method(), req.uri().path(), invocation_type.as_deref());
-    let declared = req
-        .headers()
+        .map(|v| v.as_bytes());
+    let (limit, operation) = limit_for(&parts.method, parts.uri.path(), invocation_type);
+    let declared = parts
+        .headers
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let (parts, body) = req.into_parts();
     if declared.is_some_and(|n| n > (limit.saturating_add(DRAIN_CAP)) as u64) {
         return Err(too_large(limit, operation));
     }

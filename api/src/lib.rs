@@ -20,6 +20,7 @@ pub mod buckets;
 pub mod cli;
 pub mod code;
 pub mod error;
+pub mod invoke_connection;
 pub mod invoker;
 pub mod model;
 pub mod names;

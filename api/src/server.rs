@@ -1,5 +1,7 @@
-//! The HTTP/1.1 server: hyper with a header read timeout and a header size limit, one task per
-//! connection, graceful shutdown with a grace period.
+//! The HTTP/1.1 server: one task per connection, graceful shutdown with a grace period. A
+//! connection's Invoke requests are served by [`crate::invoke_connection`] until its first other
+//! request, from which on hyper serves it; both apply the header read timeout and the header
+//! size limit.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -9,6 +11,9 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::invoke_connection::{self, Ended};
 
 /// How long a client may take to send its request headers.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -55,13 +60,7 @@ pub async fn serve_with_limits(
     shutdown: impl Future<Output = ()>,
     limits: ServerLimits,
 ) -> Result<(), ServerError> {
-    let graceful = GracefulShutdown::new();
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    // hyper's smallest buffer is 8 KiB.
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes.max(8192));
+    let (service, connections) = on_cores(app, limits);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -76,23 +75,13 @@ pub async fn serve_with_limits(
                     Err(err) => return Err(ServerError::Accept(err)),
                 };
                 let _ = stream.set_nodelay(true);
-                let service = TowerToHyperService::new(app.clone());
-                let conn = builder.serve_connection(TokioIo::new(stream), service);
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(err) = conn.await {
-                        tracing::debug!(%peer, error = %err, "connection ended with an error");
-                    }
-                });
+                tokio::spawn(service(stream, peer));
             }
             () = &mut shutdown => break,
         }
     }
     drop(listener);
-    tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections closed"),
-        () = tokio::time::sleep(SHUTDOWN_GRACE) => tracing::warn!("shutdown grace period over; closing open connections"),
-    }
+    connections.shutdown().await;
     Ok(())
 }
 
@@ -108,7 +97,11 @@ fn is_transient(err: &std::io::Error) -> bool {
 /// per-connection service each core runs for the connections its own listener accepts
 /// (`hearth_agent::cores::TcpService`); this is what stops them.
 pub struct CoreConnections {
+    /// The connections hyper serves.
     graceful: Arc<Mutex<Option<GracefulShutdown>>>,
+    /// Turned true at shutdown; every connection in [`invoke_connection`] holds a receiver, so
+    /// all of them have ended once it has none.
+    stop: watch::Sender<bool>,
 }
 
 /// The API ([`crate::ApiService`]) as a connection service for the agent's cores, with `limits`:
@@ -124,24 +117,33 @@ pub fn on_cores(
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes.max(8192));
     let graceful = Arc::new(Mutex::new(Some(GracefulShutdown::new())));
+    let (stop, _) = watch::channel(false);
     let watching = graceful.clone();
+    let stopping = stop.clone();
     let service: hearth_agent::cores::ConnectionService = Arc::new(move |stream, peer| {
-        let watcher = watching
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .as_ref()
-            .map(GracefulShutdown::watcher);
-        let conn =
-            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let mut stop = stopping.subscribe();
+        let (app, builder, watching) = (app.clone(), builder.clone(), watching.clone());
         Box::pin(async move {
+            let stream = match invoke_connection::serve(stream, &app, &limits, &mut stop).await {
+                Ended::Closed => return,
+                Ended::HandOver(stream) => stream,
+            };
+            drop(stop);
+            let watcher = watching
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .as_ref()
+                .map(GracefulShutdown::watcher);
             // Shutting down: the connection is closed unanswered.
             let Some(watcher) = watcher else { return };
+            let conn =
+                builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
             if let Err(err) = watcher.watch(conn).await {
                 tracing::debug!(%peer, error = %err, "connection ended with an error");
             }
         })
     });
-    (service, CoreConnections { graceful })
+    (service, CoreConnections { graceful, stop })
 }
 
 impl CoreConnections {
@@ -153,9 +155,15 @@ impl CoreConnections {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take();
-        let Some(graceful) = graceful else { return };
+        let _ = self.stop.send(true);
+        let all_closed = async {
+            if let Some(graceful) = graceful {
+                graceful.shutdown().await;
+            }
+            self.stop.closed().await;
+        };
         tokio::select! {
-            () = graceful.shutdown() => tracing::info!("all connections closed"),
+            () = all_closed => tracing::info!("all connections closed"),
             () = tokio::time::sleep(SHUTDOWN_GRACE) => tracing::warn!("shutdown grace period over; closing open connections"),
         }
     }

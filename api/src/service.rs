@@ -13,9 +13,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use axum::Router;
-use axum::body::Body;
+use axum::body::{Body, Bytes};
+use axum::http::request::Parts;
 use axum::http::{Method, Request};
 use axum::response::{IntoResponse as _, Response};
+use sha2::{Digest as _, Sha256};
 use tower::Service;
 
 use crate::AppState;
@@ -36,6 +38,11 @@ impl ApiService {
             router: crate::app(state.clone()),
             state,
         }
+    }
+
+    /// What the handlers share.
+    pub(crate) fn state(&self) -> &AppState {
+        &self.state
     }
 }
 
@@ -95,8 +102,52 @@ async fn authenticated_invoke(
         .get::<RawBody>()
         .map(|body| body.0.clone())
         .unwrap_or_default();
-    let query = axum::extract::Query::<QualifierQuery>::try_from_uri(&parts.uri).map_err(|e| {
-        ApiError::Validation(format!("1 validation error detected: {}", e.body_text()))
-    })?;
-    crate::routes::invoke::run(state, name, query.0, request_id, &parts.headers, payload).await
+    let query = qualifier_query(&parts.uri)?;
+    crate::routes::invoke::run(state, name, query, request_id, &parts.headers, payload).await
+}
+
+/// An Invoke whose body its connection has read, within the invoke limit
+/// ([`crate::invoke_connection`]): the same checks, answers and `x-amzn-RequestId` as
+/// [`invoke_directly`].
+pub(crate) async fn invoke_read(
+    state: &AppState,
+    name: String,
+    parts: Parts,
+    payload: Bytes,
+) -> Response {
+    let request_id = crate::util::uuid_v4();
+    let mut response = match verified_invoke(state, &name, request_id.clone(), parts, payload).await
+    {
+        Ok(response) => response,
+        Err(err) => err.into_response(),
+    };
+    crate::body::stamp_request_id(&mut response, &Method::POST, &name, &request_id);
+    response
+}
+
+async fn verified_invoke(
+    state: &AppState,
+    name: &str,
+    request_id: String,
+    parts: Parts,
+    payload: Bytes,
+) -> Result<Response, ApiError> {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let pre = crate::auth::precheck(&state.inner.auth, &parts.headers, now)?;
+    let sha = crate::auth::hex_lower(&Sha256::digest(&payload));
+    crate::auth::verify(&pre, &parts.method, &parts.uri, &parts.headers, &sha)?;
+    let query = qualifier_query(&parts.uri)?;
+    crate::routes::invoke::run(state, name, query, request_id, &parts.headers, payload).await
+}
+
+/// The `Qualifier` query parameter; a bad query is a `ValidationException`.
+fn qualifier_query(uri: &axum::http::Uri) -> Result<QualifierQuery, ApiError> {
+    if uri.query().is_none() {
+        return Ok(QualifierQuery { qualifier: None });
+    }
+    axum::extract::Query::<QualifierQuery>::try_from_uri(uri)
+        .map(|query| query.0)
+        .map_err(|e| {
+            ApiError::Validation(format!("1 validation error detected: {}", e.body_text()))
+        })
 }
