@@ -1,8 +1,9 @@
 //! `hearth-api`: the AWS Lambda HTTP API (control plane and Invoke) that Hearth serves.
 //!
-//! Owns: the HTTP frontend (axum), SigV4 authentication, Lambda-shaped errors, the embedded
-//! metadata store of functions, versions, aliases and settings, and reading `S3Bucket`/`S3Key`
-//! code from the configured object store ([`buckets`]).
+//! Owns: the HTTP frontend (axum and hyper; a connection's Invoke requests are served by
+//! [`invoke_connection`] without hyper until its first other request), SigV4 authentication,
+//! Lambda-shaped errors, the embedded metadata store of functions, versions, aliases and
+//! settings, and reading `S3Bucket`/`S3Key` code from the configured object store ([`buckets`]).
 //!
 //! Relies on: the agent for every invoke, through the [`Invoker`] trait: `invoker::LocalInvoker`
 //! hands the invoke-proxy requests to the cores of the agent `hearth serve` starts in the same
