@@ -279,9 +279,17 @@ pub fn restore_with(
     let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?);
     let (sink, events) = EventSink::new(wake.clone());
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+    // The clock first: each vCPU's TSC is set in step with it.
+    let tsc_khz = state.vcpus.first().map_or(0, |v| v.tsc_khz);
+    let tsc_shift = state.vm.restore_clock(&vm, tsc_khz)?;
+    tracing::debug!(
+        ms = started.elapsed().as_secs_f64() * 1000.0,
+        ?tsc_shift,
+        "KVM clock restored"
+    );
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
     for saved in &state.vcpus {
-        let fd = vm.restore_vcpu(config.vcpus, saved)?;
+        let fd = vm.restore_vcpu(config.vcpus, saved, tsc_shift)?;
         let cpuid = vm.vcpu_cpuid(saved.id, config.vcpus).as_slice().to_vec();
         let timing = (saved.id == 0).then_some(started);
         vcpus.push(
@@ -297,7 +305,7 @@ pub fn restore_with(
         );
     }
     ms("vCPUs restored");
-    state.vm.restore(&vm)?;
+    state.vm.restore_chips(&vm)?;
     ms("VM restored");
     let vm = Arc::new(vm);
     let built = BuiltVm {

@@ -158,6 +158,10 @@ mod tests {
             ("KVM_GET_XSAVE", ioc(r, 0xa4, size_of::<kvm_xsave>())),
             ("KVM_GET_XCRS", ioc(r, 0xa6, size_of::<kvm_xcrs>())),
             ("KVM_GET_TSC_KHZ", ioc(0, 0xa3, 0)),
+            (
+                "KVM_GET_DEVICE_ATTR",
+                ioc(1, 0xe2, size_of::<kvm_device_attr>()),
+            ),
             ("KVM_GET_IRQCHIP", ioc(rw, 0x62, size_of::<kvm_irqchip>())),
             ("KVM_GET_PIT2", ioc(r, 0x9f, size_of::<kvm_pit_state2>())),
             ("KVM_GET_CLOCK", ioc(r, 0x7c, size_of::<kvm_clock_data>())),

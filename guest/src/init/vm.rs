@@ -1,14 +1,21 @@
 //! The `vm` role: PID 1 of a Hearth microVM.
 //!
 //! Mounts /proc, /sys, /dev, /tmp, /run; loads the virtio and vsock modules listed in
-//! `/lib/modules/load-order`; brings up `lo`; listens on vsock port [`CONTROL_PORT`]; connects to the
-//! host on port [`READY_PORT`], lets the console drain and sends `Hello` + `Ready` (and prints
-//! nothing after it, so a snapshot taken then holds no console output still to send); then serves
-//! control connections, one thread each. The listener outlives a vsock transport reset, so after
-//! a restore the host can connect to it at once (the VMM holds the connection until the guest
-//! has handled the reset).
+//! `/lib/modules/load-order`; brings up `lo`; listens on vsock port [`CONTROL_PORT`]; starts the
+//! threads that accept control connections; connects to the host on port [`READY_PORT`], lets
+//! the console drain and sends `Hello` + `Ready`. Everything is set up before `Ready` and nothing
+//! runs after it but blocking reads: the host may snapshot the VM as soon as it has `Ready`, and
+//! whatever the guest was still doing then (spawning a thread, printing) is done again, slowly, by
+//! every clone restored from that snapshot before it can answer. The listener outlives a vsock
+//! transport reset, so after a restore the host can connect to it at once (the VMM holds the
+//! connection until the guest has handled the reset).
 //!
-//! The ready connection is held by a thread of its own for the VM's life. When it ends (after a
+//! Control connections are served by acceptor threads that each block in `accept` on the shared
+//! listener and serve what they accept; one more is started when the last idle one takes a
+//! connection, and a surplus one ends after serving, so a connection never waits for a thread to
+//! be created while one is idle (a restored clone answers its first request without a `clone`).
+//!
+//! The ready connection is held by the main thread for the VM's life. When it ends (after a
 //! restore from a snapshot the VMM sends a vsock transport reset, which resets every connection
 //! in the guest; or the host closed it), the init connects again and re-announces `Ready`, so
 //! the host learns that a restored guest is up.
@@ -16,8 +23,9 @@
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::OwnedFd;
-
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 
@@ -67,40 +75,68 @@ pub fn run(start_ms: u64) -> ! {
             fatal(&format!("cannot create {}: {e}", dir.display()));
         }
     }
-    // Listen before saying ready, so the host can connect as soon as it reads `Ready`.
+    // Listen and start the acceptors before saying ready, so the host can connect as soon as it
+    // reads `Ready` and nothing is left to set up after it.
     let listener = match sys::vsock_listen(CONTROL_PORT) {
-        Ok(l) => l,
+        Ok(l) => Arc::new(l),
         Err(e) => fatal(&format!("cannot listen on vsock port {CONTROL_PORT}: {e}")),
     };
-    // The ready connection stays open for the VM's life.
+    let idle = Arc::new(AtomicUsize::new(0));
+    for _ in 0..IDLE_ACCEPTORS {
+        spawn_acceptor(&listener, &idle);
+    }
+    // The ready connection stays open for the VM's life, held by this thread.
     let ready_conn = match connect_ready(start_ms) {
         Ok(c) => c,
         Err(e) => fatal(&chain(&e)),
     };
-    keep_ready_link(ready_conn, start_ms);
+    hold_ready_link(ready_conn, start_ms)
+}
+
+/// Acceptor threads started before `Ready`: one for the host's first request after a restore,
+/// one for a second at the same time (a function link holds its connection for its life).
+const IDLE_ACCEPTORS: usize = 2;
+/// Idle acceptors beyond this many end after serving.
+const MAX_IDLE_ACCEPTORS: usize = 4;
+
+/// Starts a thread that accepts control connections on `listener` and serves them, counted in
+/// `idle` while it waits in `accept`.
+fn spawn_acceptor(listener: &Arc<OwnedFd>, idle: &Arc<AtomicUsize>) {
+    idle.fetch_add(1, Ordering::SeqCst);
+    let (listener, counter) = (listener.clone(), idle.clone());
+    let spawned = std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || accept_and_serve(&listener, &counter));
+    if let Err(e) = spawned {
+        idle.fetch_sub(1, Ordering::SeqCst);
+        console!("cannot start a control thread: {e}");
+    }
+}
+
+fn accept_and_serve(listener: &Arc<OwnedFd>, idle: &Arc<AtomicUsize>) {
     loop {
-        match sys::accept(&listener) {
-            Ok(conn) => {
-                let spawned = std::thread::Builder::new()
-                    .name("control".into())
-                    .spawn(move || {
-                        if let Err(e) = serve(conn) {
-                            // A reset is how every connection ends on a transport reset (after a
-                            // restore): not worth a console line (a trap per byte) while the
-                            // init reconnects.
-                            if !is_reset(&e) {
-                                console!("control connection ended: {}", chain(&e));
-                            }
-                        }
-                    });
-                if let Err(e) = spawned {
-                    console!("cannot start a control thread: {e}");
-                }
-            }
+        let conn = match sys::accept(listener) {
+            Ok(conn) => conn,
             Err(e) => {
                 console!("accept on vsock port {CONTROL_PORT} failed: {e}");
                 std::thread::sleep(Duration::from_millis(100));
+                continue;
             }
+        };
+        // Keep one thread waiting in `accept` while this one serves.
+        if idle.fetch_sub(1, Ordering::SeqCst) == 1 {
+            spawn_acceptor(listener, idle);
+        }
+        if let Err(e) = serve(conn) {
+            // A reset is how every connection ends on a transport reset (after a restore): not
+            // worth a console line (a trap per byte) while the init reconnects.
+            if !is_reset(&e) {
+                console!("control connection ended: {}", chain(&e));
+            }
+        }
+        if idle.fetch_add(1, Ordering::SeqCst) >= MAX_IDLE_ACCEPTORS {
+            idle.fetch_sub(1, Ordering::SeqCst);
+            return;
         }
     }
 }
@@ -167,27 +203,20 @@ fn connect_ready(start_ms: u64) -> Result<File, InitError> {
 
 /// Holds the ready connection; when it ends, connects again and re-announces `Ready` (retrying
 /// for as long as it takes: a restored guest has no other way to tell the host it is up).
-fn keep_ready_link(conn: File, start_ms: u64) {
-    let spawned = std::thread::Builder::new()
-        .name("ready-link".into())
-        .spawn(move || {
-            let mut conn = conn;
-            loop {
-                wait_for_end(&mut conn);
-                // Nothing on the console when all goes well: each byte written to the serial
-                // console is a trap to the VMM, a costly one in a nested VM (a line here cost a
-                // restored guest tens of milliseconds, competing with the host's first
-                // requests). The VMM logs the guest's connection.
-                conn = loop {
-                    match connect_ready(start_ms) {
-                        Ok(c) => break c,
-                        Err(e) => console!("cannot reach the host again: {}", chain(&e)),
-                    }
-                };
+fn hold_ready_link(conn: File, start_ms: u64) -> ! {
+    let mut conn = conn;
+    loop {
+        wait_for_end(&mut conn);
+        // Nothing on the console when all goes well: each byte written to the serial console is
+        // a trap to the VMM, a costly one in a nested VM (a line here cost a restored guest tens
+        // of milliseconds, competing with the host's first requests). The VMM logs the guest's
+        // connection.
+        conn = loop {
+            match connect_ready(start_ms) {
+                Ok(c) => break c,
+                Err(e) => console!("cannot reach the host again: {}", chain(&e)),
             }
-        });
-    if let Err(e) = spawned {
-        console!("cannot start the ready-link thread: {e}");
+        };
     }
 }
 

@@ -1,16 +1,29 @@
 //! The saved state of one vCPU, as KVM reports it: general and special registers, XSAVE (FPU,
 //! SSE, AVX...), XCRs, every MSR KVM lists that it can read, the local APIC, the MP state, pending
 //! events, debug registers, the TSC frequency, and the CPUID the VMM gave it (which a restore
-//! checks against what this host would give, instead of trusting it).
+//! checks against what this host would give, instead of trusting it), and its TSC offset.
 //!
 //! `save` runs on the vCPU's own thread while it is paused; `restore` on a vCPU just created.
+//!
+//! The guest's TSC and its kvmclock must keep the relation they had when saved: Linux's
+//! clocksource watchdog compares them every half second, and a skew of a few hundred microseconds
+//! marks the TSC unstable (a printk, a clocksource switch in a kthread, sched_clock unstable: tens
+//! of milliseconds of guest work in a nested VM, right when a restored clone should answer). The
+//! MSR read of the TSC and the VM's clock read are apart by however long the vCPU threads took
+//! to save, so the restore sets each vCPU's TSC offset from the saved offset and the clock's
+//! (kvmclock, host TSC) pairs, as KVM's documentation of `KVM_VCPU_TSC_OFFSET` describes.
 
 use kvm_bindings::{
-    Msrs, kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
-    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET, KVMIO, Msrs, kvm_cpuid_entry2, kvm_debugregs,
+    kvm_device_attr, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
+use vmm_sys_util::ioctl::ioctl_with_ref;
+
+vmm_sys_util::ioctl_iow_nr!(KVM_SET_DEVICE_ATTR, KVMIO, 0xe1, kvm_device_attr);
+vmm_sys_util::ioctl_iow_nr!(KVM_GET_DEVICE_ATTR, KVMIO, 0xe2, kvm_device_attr);
 
 /// The TSC deadline MSR: restored after the local APIC, which would otherwise disarm it.
 pub const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
@@ -122,6 +135,42 @@ pub struct VcpuKvmState {
     pub debugregs: kvm_debugregs,
     /// The guest TSC's frequency, kHz.
     pub tsc_khz: u32,
+    /// The guest TSC minus the host's (`KVM_VCPU_TSC_OFFSET`), where KVM has it (Linux 5.16+).
+    pub tsc_offset: Option<u64>,
+}
+
+fn tsc_offset_attr(addr: u64) -> kvm_device_attr {
+    kvm_device_attr {
+        flags: 0,
+        group: KVM_VCPU_TSC_CTRL,
+        attr: u64::from(KVM_VCPU_TSC_OFFSET),
+        addr,
+    }
+}
+
+/// The vCPU's TSC offset, or `None` where KVM does not have the attribute.
+pub fn tsc_offset(fd: &VcpuFd) -> Option<u64> {
+    let mut offset = 0u64;
+    let attr = tsc_offset_attr((&raw mut offset).expose_provenance() as u64);
+    // SAFETY: KVM_GET_DEVICE_ATTR on a vCPU fd reads `attr` and writes one u64 at `attr.addr`,
+    // a pointer to `offset` (mutable, alive for the call).
+    let rc = unsafe { ioctl_with_ref(fd, KVM_GET_DEVICE_ATTR(), &attr) };
+    (rc == 0).then_some(offset)
+}
+
+/// Sets the vCPU's TSC offset.
+pub fn set_tsc_offset(fd: &VcpuFd, offset: u64) -> Result<(), VcpuStateError> {
+    let attr = tsc_offset_attr((&raw const offset).expose_provenance() as u64);
+    // SAFETY: KVM_SET_DEVICE_ATTR on a vCPU fd reads `attr` and the u64 at `attr.addr`, which is
+    // `offset`, alive for the call.
+    let rc = unsafe { ioctl_with_ref(fd, KVM_SET_DEVICE_ATTR(), &attr) };
+    if rc != 0 {
+        return Err(VcpuStateError::Ioctl(
+            "KVM_SET_DEVICE_ATTR(KVM_VCPU_TSC_OFFSET)",
+            kvm_ioctls::Error::last(),
+        ));
+    }
+    Ok(())
 }
 
 fn msr_buffer(indices: &[u32]) -> Result<Msrs, VcpuStateError> {
@@ -203,6 +252,7 @@ impl VcpuKvmState {
             lapic: fd.get_lapic().map_err(io("KVM_GET_LAPIC"))?,
             msrs: read_msrs(fd, msr_indices)?,
             tsc_khz: fd.get_tsc_khz().map_err(io("KVM_GET_TSC_KHZ"))?,
+            tsc_offset: tsc_offset(fd),
         })
     }
 
@@ -225,11 +275,15 @@ impl VcpuKvmState {
         Ok(())
     }
 
-    /// Puts the state into a new vCPU whose CPUID is already set.
-    pub fn restore(&self, fd: &VcpuFd) -> Result<(), VcpuStateError> {
+    /// Puts the state into a new vCPU whose CPUID is already set. `tsc_shift` (see
+    /// [`super::vm_state::TscSync`]): what to add to the saved TSC offset so that the guest TSC
+    /// keeps its relation to the (already restored) kvmclock; without it, or where the TSC is
+    /// scaled here, the TSC is restored from the saved MSR value.
+    pub fn restore(&self, fd: &VcpuFd, tsc_shift: Option<i64>) -> Result<(), VcpuStateError> {
         let io = |what| move |e| VcpuStateError::Ioctl(what, e);
         let host_khz = fd.get_tsc_khz().map_err(io("KVM_GET_TSC_KHZ"))?;
-        if host_khz != self.tsc_khz {
+        let scaled = host_khz != self.tsc_khz;
+        if scaled {
             fd.set_tsc_khz(self.tsc_khz)
                 .map_err(|source| VcpuStateError::TscFrequency {
                     saved: self.tsc_khz,
@@ -248,6 +302,10 @@ impl VcpuKvmState {
             .iter()
             .partition(|(index, _)| *index == MSR_IA32_TSC_DEADLINE);
         write_msrs(fd, &others)?;
+        // After the MSRs (IA32_TSC among them), before the deadline is armed against it.
+        if let (Some(shift), Some(offset), false) = (tsc_shift, self.tsc_offset, scaled) {
+            set_tsc_offset(fd, offset.wrapping_add_signed(shift))?;
+        }
         fd.set_mp_state(self.mp_state)
             .map_err(io("KVM_SET_MP_STATE"))?;
         fd.set_lapic(&self.lapic).map_err(io("KVM_SET_LAPIC"))?;
@@ -290,6 +348,7 @@ mod tests {
             events: Default::default(),
             debugregs: Default::default(),
             tsc_khz: 1,
+            tsc_offset: Some(7),
         };
         state.check_cpuid(&host).unwrap();
         state.cpuid[1].ebx = 1;
@@ -307,5 +366,6 @@ mod tests {
         let back: VcpuKvmState = postcard::from_bytes(&bytes).unwrap();
         assert_eq!(back.msrs, state.msrs);
         assert_eq!(back.cpuid, state.cpuid);
+        assert_eq!(back.tsc_offset, Some(7));
     }
 }

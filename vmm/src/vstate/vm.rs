@@ -142,6 +142,7 @@ impl Vm {
         &self,
         count: u8,
         state: &super::vcpu_state::VcpuKvmState,
+        tsc_shift: Option<i64>,
     ) -> Result<VcpuFd, VmError> {
         let id = state.id;
         let cpuid = self.vcpu_cpuid(id, count);
@@ -154,7 +155,9 @@ impl Vm {
             .map_err(|e| VmError::Ioctl("KVM_CREATE_VCPU", e))?;
         vcpu.set_cpuid2(&cpuid)
             .map_err(|e| VmError::Ioctl("KVM_SET_CPUID2", e))?;
-        state.restore(&vcpu).map_err(|e| VmError::Restore(id, e))?;
+        state
+            .restore(&vcpu, tsc_shift)
+            .map_err(|e| VmError::Restore(id, e))?;
         Ok(vcpu)
     }
 
