@@ -158,6 +158,7 @@ impl VmmArgs {
 /// Runs `hearth vmm`; returns the process exit status.
 pub fn run(args: VmmArgs) -> anyhow::Result<u8> {
     let started = Instant::now();
+    crate::build_id::keep_mark();
     // Snapshot files are written by this process with a fixed mode (`hearth_snapshot::access`);
     // a fixed umask means they never need an `fchmod`, which the seccomp filter does not allow.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));

@@ -20,12 +20,14 @@
 //! (snapshot to VM), `uffd` (the userfaultfd restore mode: guest RAM served from the memory file
 //! by a handler thread), `cli` (`hearth vmm`),
 //! `process` (the agent's handle on a `hearth vmm` child, and which executable it runs),
+//! `build_id` (which sources an executable's VMM was built from),
 //! `kvm_test` (running VM tests where hardware KVM is). `src/bin/hearth-vmm.rs` is the VMM as its
 //! own small executable (`hearth vmm` without the rest of Hearth), built static and non-PIE by
 //! the set-up; spawned VMMs run it where it is built.
 
 pub mod acpi;
 pub mod arch;
+pub mod build_id;
 pub mod builder;
 pub mod cli;
 pub mod config;

@@ -31,21 +31,18 @@ pub const VMM_BINARY_NAME: &str = "hearth-vmm";
 /// Where the set-up builds the static, non-PIE `hearth-vmm`, under the cargo target folder.
 pub const STATIC_VMM_SUBDIR: &str = "x86_64-unknown-linux-gnu/release";
 
-/// How much older than `hearth` a VMM executable of the same cargo build folder may be and still
-/// count as built from the same sources (one `cargo build` links them seconds apart).
-const SAME_BUILD_SLACK: Duration = Duration::from_secs(60);
-
 /// The program a VMM is spawned as, for the `hearth` binary `hearth_binary`; it is run with `vmm`
 /// and the VMM flags (`hearth-vmm` accepts and ignores the leading `vmm`). In order:
-/// `$HEARTH_VMM_BINARY`; then, for `hearth` in a cargo build folder (`<target>/debug` or
+/// `$HEARTH_VMM_BINARY`; for `hearth` in a cargo build folder (`<target>/debug` or
 /// `<target>/release`), the static `hearth-vmm` the set-up builds
-/// (`<target>/x86_64-unknown-linux-gnu/release/`), else `hearth-vmm` next to `hearth`, each only
-/// if not older than `hearth` (less [`SAME_BUILD_SLACK`]: an older one may predate a change to
-/// the sources); elsewhere (installed) `hearth-vmm` next to `hearth`; else `hearth` itself.
+/// (`<target>/x86_64-unknown-linux-gnu/release/`); then `hearth-vmm` next to `hearth`; each only
+/// if it was built from the same VMM sources as this process ([`crate::build_id`]: an executable
+/// left from before a change is never run); else `hearth` itself.
 pub fn vmm_program(hearth_binary: &Path) -> PathBuf {
     let (program, why) = resolve_vmm_program(
         hearth_binary,
         std::env::var_os(VMM_BINARY_ENV).filter(|v| !v.is_empty()),
+        crate::build_id::file_is_this_build,
     );
     tracing::debug!(program = %program.display(), why, "VMM program");
     program
@@ -54,43 +51,28 @@ pub fn vmm_program(hearth_binary: &Path) -> PathBuf {
 fn resolve_vmm_program(
     hearth_binary: &Path,
     from_env: Option<std::ffi::OsString>,
+    same_build: impl Fn(&Path) -> bool,
 ) -> (PathBuf, &'static str) {
     if let Some(p) = from_env {
         return (PathBuf::from(p), "$HEARTH_VMM_BINARY");
     }
     let dir = hearth_binary.parent().unwrap_or(Path::new("."));
-    let sibling = dir.join(VMM_BINARY_NAME);
-    let modified = |p: &Path| {
-        std::fs::metadata(p)
-            .ok()
-            .filter(|m| m.is_file())
-            .and_then(|m| m.modified().ok())
-    };
     let in_build = dir
         .file_name()
         .is_some_and(|n| n == "debug" || n == "release");
-    if !in_build {
-        return match modified(&sibling) {
-            Some(_) => (sibling, "hearth-vmm next to hearth"),
-            None => (hearth_binary.to_path_buf(), "hearth vmm"),
-        };
-    }
-    let hearth_time = modified(hearth_binary);
-    let fresh = |p: &Path| {
-        modified(p).is_some_and(|t| hearth_time.is_none_or(|h| t + SAME_BUILD_SLACK >= h))
-    };
-    if let Some(target) = dir.parent() {
+    if in_build && let Some(target) = dir.parent() {
         let built = target.join(STATIC_VMM_SUBDIR).join(VMM_BINARY_NAME);
-        if fresh(&built) {
+        if same_build(&built) {
             return (built, "the static hearth-vmm of the build");
         }
     }
-    if fresh(&sibling) {
+    let sibling = dir.join(VMM_BINARY_NAME);
+    if same_build(&sibling) {
         return (sibling, "hearth-vmm next to hearth");
     }
     (
         hearth_binary.to_path_buf(),
-        "hearth vmm (no hearth-vmm as new)",
+        "hearth vmm (no hearth-vmm of the same build)",
     )
 }
 
@@ -574,48 +556,50 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_vmm_program_is_a_small_image_as_new_as_hearth_else_hearth() {
+    fn the_vmm_program_is_a_small_image_of_the_same_build_else_hearth() {
         let target = tempfile::tempdir().unwrap();
         let profile = target.path().join("debug");
         let static_dir = target.path().join(STATIC_VMM_SUBDIR);
         std::fs::create_dir_all(&profile).unwrap();
         std::fs::create_dir_all(&static_dir).unwrap();
-        let at = |p: &Path, secs: u64| {
-            let t = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
-            std::fs::write(p, b"").unwrap();
-            std::fs::File::options()
-                .write(true)
-                .open(p)
-                .unwrap()
-                .set_modified(t)
-                .unwrap();
-        };
         let hearth = profile.join("hearth");
-        at(&hearth, 10_000);
-        let resolve = |env: Option<&str>| resolve_vmm_program(&hearth, env.map(Into::into)).0;
+        let sibling = profile.join(VMM_BINARY_NAME);
+        let built = static_dir.join(VMM_BINARY_NAME);
+        let same = crate::build_id::MARK.as_bytes();
+        // Another build's mark (of another length, so no file-time granularity can hide the
+        // rewrite from the per-file cache).
+        let other = b"hearth-vmm-build-id=0;";
+        std::fs::write(&hearth, same).unwrap();
+        let resolve = |env: Option<&str>| {
+            resolve_vmm_program(
+                &hearth,
+                env.map(Into::into),
+                crate::build_id::file_is_this_build,
+            )
+            .0
+        };
         assert_eq!(resolve(None), hearth);
         assert_eq!(resolve(Some("/opt/vmm")), Path::new("/opt/vmm"));
-        // Linked by the same build, seconds before hearth.
-        let sibling = profile.join(VMM_BINARY_NAME);
-        at(&sibling, 9_990);
+        std::fs::write(&sibling, same).unwrap();
         assert_eq!(resolve(None), sibling);
-        // The static image, built after hearth: it wins.
-        let built = static_dir.join(VMM_BINARY_NAME);
-        at(&built, 10_100);
+        // The static image of the same build wins.
+        std::fs::write(&built, same).unwrap();
         assert_eq!(resolve(None), built);
-        // Both older than hearth: they may predate a change, so hearth runs the VMM.
-        at(&built, 1_000);
-        at(&sibling, 1_000);
+        // Built from other sources (a rebuild of hearth alone): never run, whatever its time.
+        std::fs::write(&built, other).unwrap();
+        assert_eq!(resolve(None), sibling);
+        std::fs::write(&sibling, other).unwrap();
         assert_eq!(resolve(None), hearth);
-        // Installed (not a build folder): hearth-vmm next to hearth, whatever its time.
+        // Installed (not a build folder): hearth-vmm next to hearth, if of the same build.
         let bin = target.path().join("bin");
         std::fs::create_dir_all(&bin).unwrap();
-        at(&bin.join("hearth"), 10_000);
-        at(&bin.join(VMM_BINARY_NAME), 1_000);
-        assert_eq!(
-            resolve_vmm_program(&bin.join("hearth"), None).0,
-            bin.join(VMM_BINARY_NAME)
-        );
+        std::fs::write(bin.join("hearth"), same).unwrap();
+        std::fs::write(bin.join(VMM_BINARY_NAME), same).unwrap();
+        let installed =
+            |p: &Path| resolve_vmm_program(p, None, crate::build_id::file_is_this_build).0;
+        assert_eq!(installed(&bin.join("hearth")), bin.join(VMM_BINARY_NAME));
+        std::fs::write(bin.join(VMM_BINARY_NAME), other).unwrap();
+        assert_eq!(installed(&bin.join("hearth")), bin.join("hearth"));
     }
 
     #[test]

@@ -10,6 +10,7 @@ use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::cell::Cell;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering, fence};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -131,13 +132,23 @@ pub struct VcpuHandle {
     id: u8,
     tx: Sender<VcpuCommand>,
     thread: Option<JoinHandle<()>>,
+    /// Whether the thread is running the guest (in or about to enter `KVM_RUN`), so a command
+    /// needs a kick; a paused thread waits on the channel and needs none.
+    running: Arc<AtomicBool>,
 }
 
 impl VcpuHandle {
-    /// Sends `cmd` and kicks the thread out of `KVM_RUN`.
+    /// Sends `cmd` and, if the thread is running the guest, kicks it out of `KVM_RUN`. (A kick
+    /// that reached a paused thread would stay pending in `immediate_exit` and make the first
+    /// `KVM_RUN` after the next start or resume return for nothing.)
     pub fn send(&self, cmd: VcpuCommand) -> Result<(), VcpuError> {
         self.tx.send(cmd).map_err(|_| VcpuError::Gone(self.id))?;
-        if let Some(t) = &self.thread {
+        // Pairs with the thread's fence: either it sees the command before its next KVM_RUN, or
+        // this sees it running and kicks.
+        fence(Ordering::SeqCst);
+        if let Some(t) = &self.thread
+            && self.running.load(Ordering::SeqCst)
+        {
             t.kill(kick_signal())
                 .map_err(|e| VcpuError::Kick(self.id, e))?;
         }
@@ -216,19 +227,22 @@ impl Vcpu {
     pub fn spawn(self) -> Result<VcpuHandle, VcpuError> {
         let id = self.id;
         let (tx, rx) = channel();
+        let running = Arc::new(AtomicBool::new(false));
+        let running_here = running.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .stack_size(256 * 1024)
-            .spawn(move || self.thread_main(rx))
+            .spawn(move || self.thread_main(rx, &running_here))
             .map_err(|e| VcpuError::Spawn(id, e))?;
         Ok(VcpuHandle {
             id,
             tx,
             thread: Some(thread),
+            running,
         })
     }
 
-    fn thread_main(mut self, rx: Receiver<VcpuCommand>) {
+    fn thread_main(mut self, rx: Receiver<VcpuCommand>, running: &AtomicBool) {
         KVM_RUN_PTR.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
         if self.seccomp
             && let Err(e) = seccomp::install(ThreadKind::Vcpu)
@@ -244,11 +258,17 @@ impl Vcpu {
         self.events.send(VcpuEvent::State(self.id, state));
         while state != VcpuState::Exiting {
             state = match state {
-                VcpuState::Paused => match rx.recv() {
-                    Ok(cmd) => self.apply(state, cmd),
-                    Err(_) => VcpuState::Exiting,
-                },
+                VcpuState::Paused => {
+                    running.store(false, Ordering::SeqCst);
+                    match rx.recv() {
+                        Ok(cmd) => self.apply(state, cmd),
+                        Err(_) => VcpuState::Exiting,
+                    }
+                }
                 VcpuState::Running => {
+                    // Set before the channel is read: a command sent after that read is kicked.
+                    running.store(true, Ordering::SeqCst);
+                    fence(Ordering::SeqCst);
                     let mut next = state;
                     while let Ok(cmd) = rx.try_recv() {
                         next = self.apply(next, cmd);
