@@ -1,6 +1,6 @@
 //! `hearth-perf restore --runs N`: snapshot restore of a booted guest (1 vCPU, 128 MiB by
 //! default), through the VMM's Rust API. A template guest is booted once, waits for its init's
-//! Ready, is paused and snapshotted (`--snapshots` times, timed: snapshot create, and the files'
+//! Ready, runs `--settle-ms` more (as the agent's template does), is paused and snapshotted (`--snapshots` times, timed: snapshot create, and the files'
 //! apparent and allocated sizes). Then, over `--runs` restores of that one snapshot in each mode
 //! of `--modes`, interleaved (file-mapped; the memory file's data copied into huge-page memory;
 //! userfaultfd; userfaultfd with the working set of an earlier restore prefetched): from the VMM
@@ -8,8 +8,9 @@
 //! start: the VMM holds the connection until the guest has handled the vsock transport reset) and,
 //! timed on its own meanwhile, to the init's Ready re-announced after that reset; and the process's
 //! memory just after. Then RSS and PSS per idle restored VM with 1, 8
-//! and 32 clones of the snapshot alive together (`--clone-modes`, file by default), and restores
-//! per second (restore, ping, kill) with 1, 2 and 4 in flight.
+//! and 32 clones of the snapshot alive together (`--clone-modes`, file by default), with how often
+//! each idle clone wakes (KVM's halt exits and all exits per second over `--idle-ms`), and
+//! restores per second (restore, ping, kill) with 1, 2 and 4 in flight.
 //!
 //! The VMM's own timings of each restore phase are in its stderr with `HEARTH_LOG=debug`: the
 //! first restore of each mode prints them.
@@ -83,8 +84,9 @@ pub struct RestoreArgs {
     pub huge_tmpfs: bool,
     /// How long the template runs after its init's Ready before it is paused and snapshotted, in
     /// milliseconds (a guest still busy with its boot when snapshotted is busy again after every
-    /// restore).
-    #[arg(long, default_value_t = 0)]
+    /// restore). The default is what the agent's template builder waits (`TEMPLATE_SETTLE` in
+    /// agent/src/pool/template.rs).
+    #[arg(long, default_value_t = 1000)]
     pub settle_ms: u64,
 }
 
@@ -163,6 +165,20 @@ fn mount_debugfs() {
             std::io::Error::last_os_error()
         );
     }
+}
+
+/// One of KVM's statistics (debugfs `kvm/PID-FD/NAME`) of the VM that process `pid` made.
+fn kvm_stat(pid: u32, name: &str) -> Option<u64> {
+    let prefix = format!("{pid}-");
+    let dir = std::fs::read_dir("/sys/kernel/debug/kvm")
+        .ok()?
+        .flatten()
+        .find(|d| d.file_name().to_string_lossy().starts_with(&prefix))?;
+    std::fs::read_to_string(dir.path().join(name))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// KVM's statistics of the VM that process `pid` made (debugfs `kvm/PID-FD/`), for the report.
@@ -625,7 +641,18 @@ fn clones(
     for slot in &slots {
         vms.push(setup.restore(slot, mode.restore_mode(&setup.ws))?);
     }
+    // How often an idle guest wakes: KVM's halt exits (one per wake-up from idle) and all exits
+    // over the idle time. A quiet pool VM makes close to none.
+    let counters = |name: &str| -> Option<Vec<u64>> {
+        vms.iter()
+            .map(|r| kvm_stat(r.vmm.vmm_pid(), name))
+            .collect()
+    };
+    let before = (counters("halt_exits"), counters("exits"));
+    let idle = Instant::now();
     std::thread::sleep(Duration::from_millis(setup.args.idle_ms));
+    let after = (counters("halt_exits"), counters("exits"));
+    let idle_s = idle.elapsed().as_secs_f64();
     let usage: Vec<MemoryUsage> = vms
         .iter()
         .map(|r| r.vmm.memory_usage())
@@ -645,6 +672,30 @@ fn clones(
     } else {
         format!("clones_{name}_{n}")
     };
+    let per_second = |b: &Option<Vec<u64>>, a: &Option<Vec<u64>>| -> Option<Vec<f64>> {
+        let (b, a) = (b.as_ref()?, a.as_ref()?);
+        Some(
+            b.iter()
+                .zip(a)
+                .map(|(b, a)| a.saturating_sub(*b) as f64 / idle_s)
+                .collect(),
+        )
+    };
+    match (
+        per_second(&before.0, &after.0),
+        per_second(&before.1, &after.1),
+    ) {
+        (Some(halts), Some(exits)) => {
+            println!(
+                "{n} clones idle ({name} mode): {:.1} halt exits/s, {:.1} exits/s (means per VM)",
+                mean(&halts),
+                mean(&exits)
+            );
+            report.add(&format!("{prefix}_idle_halt_exits_per_s"), &halts, "1/s");
+            report.add(&format!("{prefix}_idle_exits_per_s"), &exits, "1/s");
+        }
+        _ => println!("{n} clones idle ({name} mode): no KVM exit counters (debugfs)"),
+    }
     report.add(&format!("{prefix}_rss_per_vm"), &rss, "MiB");
     report.add(&format!("{prefix}_pss_per_vm"), &pss, "MiB");
     report.add(&format!("{prefix}_own_rss_per_vm"), &own, "MiB");
