@@ -1257,100 +1257,18 @@ async fn invokes_answer_the_same_directly_and_through_the_router() {
     .await;
     wait_until(&app, "same", |c| c["State"] == "Active").await;
     let router = hearth_api::app(app.state.clone());
-    let now = SystemTime::now();
-    let signed = Some((KEY, SECRET, now));
-    let big = vec![b' '; 6 * 1024 * 1024 + 1];
-    type Case<'a> = (
-        &'a str,
-        Vec<u8>,
-        Vec<(&'a str, &'a str)>,
-        Option<(&'a str, &'a str, SystemTime)>,
-    );
-    let cases: Vec<Case> = vec![
-        (
-            "/2015-03-31/functions/same/invocations",
-            b"{}".to_vec(),
-            vec![("x-amz-invocation-type", "DryRun")],
-            signed,
-        ),
-        (
-            "/2015-03-31/functions/same/invocations?Qualifier=%24LATEST",
-            b"{}".to_vec(),
-            vec![("x-amz-invocation-type", "DryRun")],
-            signed,
-        ),
-        (
-            "/2015-03-31/functions/same/invocations",
-            b"{}".to_vec(),
-            vec![],
-            signed,
-        ),
-        (
-            "/2015-03-31/functions/same/invocations",
-            b"{not json".to_vec(),
-            vec![],
-            signed,
-        ),
-        (
-            "/2015-03-31/functions/same/invocations",
-            b"{}".to_vec(),
-            vec![("x-amz-invocation-type", "Later")],
-            signed,
-        ),
-        (
-            "/2015-03-31/functions/same/invocations",
-            b"{}".to_vec(),
-            vec![("x-amz-log-type", "All")],
-            signed,
-        ),
-        (
-            "/2015-03-31/functions/same/invocations?Qualifier=nope",
-            b"{}".to_vec(),
-            vec![],
-            signed,
-        ),
-        (
-            "/2015-03-31/functions/missing/invocations",
-            b"{}".to_vec(),
-            vec![],
-            signed,
-        ),
-        (
-            "/2015-03-31/functions/bad%20name/invocations",
-            b"{}".to_vec(),
-            vec![],
-            signed,
-        ),
-        (
-            "/2015-03-31/functions/same/invocations",
-            b"{}".to_vec(),
-            vec![],
-            None,
-        ),
-        (
-            "/2015-03-31/functions/same/invocations",
-            b"{}".to_vec(),
-            vec![],
-            Some((KEY, "wrong", now)),
-        ),
-        (
-            "/2015-03-31/functions/same/invocations",
-            big,
-            vec![],
-            signed,
-        ),
-    ];
+    let cases = common::invoke_cases("same", SystemTime::now());
     for (path, body, headers, signer) in cases {
         let direct = common::send_with(
             &app.router,
             Method::POST,
-            path,
+            &path,
             body.clone(),
             &headers,
             signer,
         )
         .await;
-        let routed = common::send_with(&router, Method::POST, path, body, &headers, signer).await;
+        let routed = common::send_with(&router, Method::POST, &path, body, &headers, signer).await;
         assert_eq!(direct.status, routed.status, "{path} {headers:?}");
         assert_eq!(
             direct.headers.get("x-amzn-errortype"),

@@ -199,78 +199,18 @@ async fn invokes_over_a_socket_answer_as_through_the_router() {
     let now = std::time::SystemTime::now();
     let signed = Some((KEY, SECRET, now));
     let invoke = "/2015-03-31/functions/wire/invocations";
-    type Case<'a> = (
-        &'a str,
-        Vec<u8>,
-        Vec<(&'a str, &'a str)>,
-        Option<(&'a str, &'a str, std::time::SystemTime)>,
-    );
-    let cases: Vec<Case> = vec![
-        (
-            invoke,
-            b"{}".to_vec(),
-            vec![("x-amz-invocation-type", "DryRun")],
-            signed,
-        ),
-        (
-            "/2015-03-31/functions/wire/invocations?Qualifier=%24LATEST",
-            b"{}".to_vec(),
-            vec![("x-amz-invocation-type", "DryRun")],
-            signed,
-        ),
-        (invoke, b"{}".to_vec(), vec![], signed),
-        (invoke, b"{not json".to_vec(), vec![], signed),
-        (
-            invoke,
-            b"{}".to_vec(),
-            vec![("x-amz-invocation-type", "Later")],
-            signed,
-        ),
-        (
-            invoke,
-            b"{}".to_vec(),
-            vec![("x-amz-log-type", "All")],
-            signed,
-        ),
-        (
-            "/2015-03-31/functions/wire/invocations?Qualifier=nope",
-            b"{}".to_vec(),
-            vec![],
-            signed,
-        ),
-        (
-            "/2015-03-31/functions/missing/invocations",
-            b"{}".to_vec(),
-            vec![],
-            signed,
-        ),
-        (
-            "/2015-03-31/functions/bad%20name/invocations",
-            b"{}".to_vec(),
-            vec![],
-            signed,
-        ),
-        (invoke, b"{}".to_vec(), vec![], None),
-        (invoke, b"{}".to_vec(), vec![], Some((KEY, "wrong", now))),
-        (
-            invoke,
-            b"{}".to_vec(),
-            vec![("x-amz-invocation-type", "Event")],
-            signed,
-        ),
-        // Over the limit: hyper answers this one, and the rest of the connection.
-        (invoke, vec![b' '; 6 * 1024 * 1024 + 1], vec![], signed),
-    ];
+    // The last case is over the limit: hyper answers it, and the rest of the connection.
+    let cases = common::invoke_cases("wire", now);
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let mut buf = Vec::new();
     for (path, body, headers, signer) in cases {
-        let bytes = wire_request("POST", path, &body, &headers, signer);
+        let bytes = wire_request("POST", &path, &body, &headers, signer);
         stream.write_all(&bytes).await.unwrap();
         let wire = read_reply(&mut stream, &mut buf).await;
         let routed = common::send_with(
             &router,
             axum::http::Method::POST,
-            path,
+            &path,
             body,
             &headers,
             signer,

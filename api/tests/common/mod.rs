@@ -260,3 +260,71 @@ pub async fn wait_until(app: &TestApp, name: &str, done: impl Fn(&Value) -> bool
     }
     panic!("function {name} never reached the wanted state");
 }
+
+/// One Invoke to send: path, body, extra headers, signer (key, secret, time) or None.
+pub type InvokeCase = (
+    String,
+    Vec<u8>,
+    Vec<(&'static str, &'static str)>,
+    Option<(&'static str, &'static str, SystemTime)>,
+);
+
+/// Invokes of the Active function `name` that together reach every answer of the Invoke path:
+/// DryRun (with and without a qualifier), a real invoke, bad JSON, bad invocation and log types,
+/// an unknown qualifier, function and name, unsigned, a bad signature, Event, and last a body one
+/// byte over the 6 MB limit.
+pub fn invoke_cases(name: &str, now: SystemTime) -> Vec<InvokeCase> {
+    let signed = Some((KEY, SECRET, now));
+    let invoke = format!("/2015-03-31/functions/{name}/invocations");
+    let json = || b"{}".to_vec();
+    vec![
+        (
+            invoke.clone(),
+            json(),
+            vec![("x-amz-invocation-type", "DryRun")],
+            signed,
+        ),
+        (
+            format!("{invoke}?Qualifier=%24LATEST"),
+            json(),
+            vec![("x-amz-invocation-type", "DryRun")],
+            signed,
+        ),
+        (invoke.clone(), json(), vec![], signed),
+        (invoke.clone(), b"{not json".to_vec(), vec![], signed),
+        (
+            invoke.clone(),
+            json(),
+            vec![("x-amz-invocation-type", "Later")],
+            signed,
+        ),
+        (
+            invoke.clone(),
+            json(),
+            vec![("x-amz-log-type", "All")],
+            signed,
+        ),
+        (format!("{invoke}?Qualifier=nope"), json(), vec![], signed),
+        (
+            "/2015-03-31/functions/missing/invocations".into(),
+            json(),
+            vec![],
+            signed,
+        ),
+        (
+            "/2015-03-31/functions/bad%20name/invocations".into(),
+            json(),
+            vec![],
+            signed,
+        ),
+        (invoke.clone(), json(), vec![], None),
+        (invoke.clone(), json(), vec![], Some((KEY, "wrong", now))),
+        (
+            invoke.clone(),
+            json(),
+            vec![("x-amz-invocation-type", "Event")],
+            signed,
+        ),
+        (invoke, vec![b' '; 6 * 1024 * 1024 + 1], vec![], signed),
+    ]
+}
