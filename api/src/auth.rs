@@ -352,29 +352,28 @@ fn canonical_header_value(out: &mut Vec<u8>, headers: &HeaderMap, name: &str) ->
     any
 }
 
+const HEX_LOWER: &[u8; 16] = b"0123456789abcdef";
+
+/// The two lower-case hex digits of `b`.
+fn hex_pair(b: u8) -> [u8; 2] {
+    [
+        HEX_LOWER[usize::from(b >> 4)],
+        HEX_LOWER[usize::from(b & 0xf)],
+    ]
+}
+
 /// Lower-case hex of `bytes` (SigV4's hashes and signatures).
 pub fn hex_lower(bytes: &[u8]) -> String {
-    let mut out = Vec::with_capacity(bytes.len() * 2);
-    push_hex_lower(&mut out, bytes);
+    let out: Vec<u8> = bytes.iter().flat_map(|&b| hex_pair(b)).collect();
     // Only ASCII digits were written.
     String::from_utf8(out).unwrap_or_default()
 }
 
-fn push_hex_lower(out: &mut Vec<u8>, bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for &b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)]);
-        out.push(DIGITS[usize::from(b & 0xf)]);
-    }
-}
-
-/// Lower-case hex of a SHA-256 value.
+/// Lower-case hex of a SHA-256 value, without allocating.
 fn hex32(bytes: &[u8]) -> [u8; 64] {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = [0u8; 64];
-    for (i, &b) in bytes.iter().take(32).enumerate() {
-        out[2 * i] = DIGITS[usize::from(b >> 4)];
-        out[2 * i + 1] = DIGITS[usize::from(b & 0xf)];
+    for (pair, &b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair.copy_from_slice(&hex_pair(b));
     }
     out
 }

@@ -181,6 +181,19 @@ pub(crate) async fn authenticate_inner(
     Ok(req)
 }
 
+/// Authenticates a request whose body was already read within its limit (the Invoke connection
+/// loop, [`crate::invoke_connection`]): the same two SigV4 steps as [`authenticate_inner`].
+pub(crate) fn authenticate_read(
+    state: &AppState,
+    parts: &Parts,
+    body: &[u8],
+) -> Result<(), ApiError> {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let pre = auth::precheck(&state.inner.auth, &parts.headers, now)?;
+    let sha = auth::hex_lower(&Sha256::digest(body));
+    auth::verify(&pre, &parts.method, &parts.uri, &parts.headers, &sha)
+}
+
 impl<S: Send + Sync> FromRequestParts<S> for RawBody {
     type Rejection = ApiError;
 

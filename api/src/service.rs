@@ -17,7 +17,6 @@ use axum::body::{Body, Bytes};
 use axum::http::request::Parts;
 use axum::http::{Method, Request};
 use axum::response::{IntoResponse as _, Response};
-use sha2::{Digest as _, Sha256};
 use tower::Service;
 
 use crate::AppState;
@@ -81,29 +80,18 @@ async fn invoke_directly(
     req: Request<Body>,
 ) -> Result<Response, Infallible> {
     let request_id = crate::util::uuid_v4();
-    let mut response = match authenticated_invoke(&state, &name, request_id.clone(), req).await {
-        Ok(response) => response,
-        Err(err) => err.into_response(),
-    };
-    crate::body::stamp_request_id(&mut response, &Method::POST, &name, &request_id);
-    Ok(response)
-}
-
-async fn authenticated_invoke(
-    state: &AppState,
-    name: &str,
-    request_id: String,
-    req: Request<Body>,
-) -> Result<Response, ApiError> {
-    let req = crate::body::authenticate_inner(state, req).await?;
-    let (parts, _) = req.into_parts();
-    let payload = parts
-        .extensions
-        .get::<RawBody>()
-        .map(|body| body.0.clone())
-        .unwrap_or_default();
-    let query = qualifier_query(&parts.uri)?;
-    crate::routes::invoke::run(state, name, query, request_id, &parts.headers, payload).await
+    let result = async {
+        let req = crate::body::authenticate_inner(&state, req).await?;
+        let (parts, _) = req.into_parts();
+        let payload = parts
+            .extensions
+            .get::<RawBody>()
+            .map(|body| body.0.clone())
+            .unwrap_or_default();
+        run_authenticated(&state, &name, request_id.clone(), &parts, payload).await
+    }
+    .await;
+    Ok(stamped(result, &name, &request_id))
 }
 
 /// An Invoke whose body its connection has read, within the invoke limit
@@ -116,28 +104,31 @@ pub(crate) async fn invoke_read(
     payload: Bytes,
 ) -> Response {
     let request_id = crate::util::uuid_v4();
-    let mut response = match verified_invoke(state, &name, request_id.clone(), parts, payload).await
-    {
-        Ok(response) => response,
-        Err(err) => err.into_response(),
-    };
-    crate::body::stamp_request_id(&mut response, &Method::POST, &name, &request_id);
-    response
+    let result = async {
+        crate::body::authenticate_read(state, &parts, &payload)?;
+        run_authenticated(state, &name, request_id.clone(), &parts, payload).await
+    }
+    .await;
+    stamped(result, &name, &request_id)
 }
 
-async fn verified_invoke(
+/// Runs an authenticated Invoke (its qualifier from the query).
+async fn run_authenticated(
     state: &AppState,
     name: &str,
     request_id: String,
-    parts: Parts,
+    parts: &Parts,
     payload: Bytes,
 ) -> Result<Response, ApiError> {
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let pre = crate::auth::precheck(&state.inner.auth, &parts.headers, now)?;
-    let sha = crate::auth::hex_lower(&Sha256::digest(&payload));
-    crate::auth::verify(&pre, &parts.method, &parts.uri, &parts.headers, &sha)?;
     let query = qualifier_query(&parts.uri)?;
     crate::routes::invoke::run(state, name, query, request_id, &parts.headers, payload).await
+}
+
+/// The answer, with its `x-amzn-RequestId`.
+fn stamped(result: Result<Response, ApiError>, name: &str, request_id: &str) -> Response {
+    let mut response = result.unwrap_or_else(|err| err.into_response());
+    crate::body::stamp_request_id(&mut response, &Method::POST, name, request_id);
+    response
 }
 
 /// The `Qualifier` query parameter; a bad query is a `ValidationException`.

@@ -167,14 +167,19 @@ fn mount_debugfs() {
     }
 }
 
-/// One of KVM's statistics (debugfs `kvm/PID-FD/NAME`) of the VM that process `pid` made.
-fn kvm_stat(pid: u32, name: &str) -> Option<u64> {
+/// The folder of KVM's statistics of the VM that process `pid` made (debugfs `kvm/PID-FD/`).
+fn kvm_stats_dir(pid: u32) -> Option<PathBuf> {
     let prefix = format!("{pid}-");
-    let dir = std::fs::read_dir("/sys/kernel/debug/kvm")
+    std::fs::read_dir("/sys/kernel/debug/kvm")
         .ok()?
         .flatten()
-        .find(|d| d.file_name().to_string_lossy().starts_with(&prefix))?;
-    std::fs::read_to_string(dir.path().join(name))
+        .find(|d| d.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|d| d.path())
+}
+
+/// One of KVM's statistics (debugfs `kvm/PID-FD/NAME`) of the VM that process `pid` made.
+fn kvm_stat(pid: u32, name: &str) -> Option<u64> {
+    std::fs::read_to_string(kvm_stats_dir(pid)?.join(name))
         .ok()?
         .trim()
         .parse()
@@ -194,20 +199,13 @@ fn kvm_stats(pid: u32) -> String {
         "io_exits",
         "mmio_exits",
     ];
-    let Ok(dirs) = std::fs::read_dir("/sys/kernel/debug/kvm") else {
-        return "unreadable".into();
-    };
-    let prefix = format!("{pid}-");
-    let Some(dir) = dirs
-        .flatten()
-        .find(|d| d.file_name().to_string_lossy().starts_with(&prefix))
-    else {
-        return format!("no kvm/{prefix}* folder");
+    let Some(dir) = kvm_stats_dir(pid) else {
+        return format!("no kvm/{pid}-* folder in debugfs");
     };
     NAMES
         .iter()
         .map(|n| {
-            let v = std::fs::read_to_string(dir.path().join(n)).unwrap_or_else(|_| "?".into());
+            let v = std::fs::read_to_string(dir.join(n)).unwrap_or_else(|_| "?".into());
             format!("{n} {}", v.trim())
         })
         .collect::<Vec<_>>()
