@@ -166,6 +166,30 @@ fn host_to_guest_connect_data_and_host_close() {
 }
 
 #[test]
+fn bytes_sent_with_the_connect_line_reach_the_guest_with_its_accept() {
+    let mut r = rig();
+    let mut client = UnixStream::connect(&r.uds).expect("connect to the uds");
+    client.set_read_timeout(Some(WAIT)).expect("timeout");
+    client.write_all(b"CONNECT 1025\nearly").expect("write");
+    let got = r.guest.poll_until(WAIT, has_op(op::REQUEST));
+    let (req, _) = got
+        .iter()
+        .find(|(h, _)| h.op == op::REQUEST)
+        .expect("a REQUEST");
+    assert!(data_of(&got).is_empty(), "nothing before the guest accepts");
+    let local_port = req.src_port;
+    let resp = r.guest.header(1025, local_port, op::RESPONSE);
+    // The data goes out while the device handles the RESPONSE: no backend event needed.
+    r.guest.send(&resp, &[]).expect("send response");
+    let got = r.guest.take_rx();
+    assert_eq!(data_of(&got), b"early", "{:?}", ops(&got));
+    let mut reader = BufReader::new(client);
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("OK line");
+    assert_eq!(line, format!("OK {local_port}\n"));
+}
+
+#[test]
 fn host_connect_refused_by_guest_closes_the_client() {
     let mut r = rig();
     let mut client = UnixStream::connect(&r.uds).expect("connect");

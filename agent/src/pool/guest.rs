@@ -1,13 +1,14 @@
 //! Talking to a pooled VM's init from the host, blocking: the ready connection (host port
-//! [`READY_PORT`]), a ping on the control port, the guest console for error messages.
+//! [`READY_PORT`]), the control port (a connection opened with its first request: [`open`],
+//! [`ping`]), the guest console for error messages.
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use hearth_guest::protocol::client::{ControlClient, connect_vsock_uds, read_ready};
-use hearth_guest::protocol::{CONTROL_PORT, ProtocolError, READY_PORT, Ready};
+use hearth_guest::protocol::client::{ControlClient, read_ready};
+use hearth_guest::protocol::{Message, ProtocolError, READY_PORT, Ready};
 use hearth_vmm::VmmProcess;
 
 /// How long the init gets to answer a ping or a refresh.
@@ -84,10 +85,41 @@ const TURNED_AWAY_PAUSE: Duration = Duration::from_millis(20);
 /// failure is retried every 20 ms for up to [`TURNED_AWAY_RETRY`]; any other failure, or the
 /// last one after that, is returned.
 pub fn ping(uds: &Path) -> Result<ControlClient<UnixStream>, ProtocolError> {
+    let probe = b"hearth-pool".to_vec();
+    let (client, answer) = open(
+        uds,
+        &Message::Ping {
+            bytes: probe.clone(),
+        },
+        GUEST_REPLY_TIMEOUT,
+    )?;
+    match answer {
+        Message::Pong { bytes } if bytes == probe => Ok(client),
+        other => Err(ProtocolError::Unexpected {
+            expected: "the ping's bytes back",
+            got: other.kind().to_owned(),
+        }),
+    }
+}
+
+/// A control connection to the init (reads bounded by `timeout`), opened with `request`: the
+/// `CONNECT` line, our `Hello` and `request` go out in one write
+/// ([`ControlClient::open_uds`]); returns the connection and the init's answer. A guest that
+/// turns the connection away is retried as [`ping`] says.
+pub fn open(
+    uds: &Path,
+    request: &Message,
+    timeout: Duration,
+) -> Result<(ControlClient<UnixStream>, Message), ProtocolError> {
     let deadline = Instant::now() + TURNED_AWAY_RETRY;
     let mut tries = 1u32;
+    let timeout = timeout.max(Duration::from_millis(1));
     loop {
-        match ping_once(uds) {
+        let opened = ControlClient::open_uds(uds, request, |s| {
+            s.set_read_timeout(Some(timeout))?;
+            s.set_write_timeout(Some(timeout))
+        });
+        match opened {
             Err(e) if turned_away(&e) && Instant::now() < deadline => {
                 tracing::debug!(tries, error = %e, "the guest turned the control connection away; retrying");
                 std::thread::sleep(TURNED_AWAY_PAUSE);
@@ -120,24 +152,6 @@ pub fn turned_away(e: &ProtocolError) -> bool {
     }
 }
 
-fn ping_once(uds: &Path) -> Result<ControlClient<UnixStream>, ProtocolError> {
-    let stream = connect_vsock_uds(uds, CONTROL_PORT)?;
-    stream
-        .set_read_timeout(Some(GUEST_REPLY_TIMEOUT))
-        .and_then(|()| stream.set_write_timeout(Some(GUEST_REPLY_TIMEOUT)))
-        .map_err(ProtocolError::Io)?;
-    let mut client = ControlClient::handshake(stream)?;
-    let probe = b"hearth-pool".to_vec();
-    let echoed = client.ping(probe.clone())?;
-    if echoed != probe {
-        return Err(ProtocolError::Unexpected {
-            expected: "the ping's bytes back",
-            got: format!("{} other bytes", echoed.len()),
-        });
-    }
-    Ok(client)
-}
-
 /// The end of the guest console in `dir`, for error messages.
 pub fn serial_tail(dir: &Path) -> String {
     let text = std::fs::read_to_string(dir.join("serial.log")).unwrap_or_default();
@@ -148,7 +162,7 @@ pub fn serial_tail(dir: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hearth_guest::protocol::{Hello, Message, expect_frame, write_frame};
+    use hearth_guest::protocol::{CONTROL_PORT, Hello, expect_frame, write_frame};
     use std::io::{Read, Write};
 
     #[test]
@@ -216,7 +230,9 @@ mod tests {
         let _server = backend(UnixListener::bind(&uds).unwrap(), usize::MAX);
         let t = Instant::now();
         let err = ping(&uds).map(drop).expect_err("never answers");
-        assert!(matches!(err, ProtocolError::ConnectRefused { .. }), "{err}");
+        // A refusal: no `OK`, or (the `Hello` and ping sent with the `CONNECT` line left unread)
+        // a reset.
+        assert!(turned_away(&err), "{err}");
         let took = t.elapsed();
         assert!(
             took >= TURNED_AWAY_RETRY && took < TURNED_AWAY_RETRY + Duration::from_secs(5),

@@ -5,12 +5,14 @@
 //!   at the init's `Ready` and snapshotted into a folder keyed by a digest of those inputs;
 //!   rebuilt (the stale folder replaced) when an input changes.
 //! - [`vm`]: one pooled VM, restored from a template in its own `hearth vmm` process, paused once
-//!   its init has answered after the restore; resumed and refreshed (identity, entropy, clock)
-//!   when claimed.
+//!   its init has answered after the restore (on a control connection opened right after the
+//!   start, with its first request in the same write; the init's re-announced `Ready` is not
+//!   waited for); resumed and refreshed (identity, entropy, clock) on that connection when
+//!   claimed.
 //! - [`pools`]: a pool per memory size ([`DEFAULT_SIZES`] by default), refilled in the background
 //!   at a bounded rate; [`PoolSet::claim`] takes the smallest size that fits within a timeout.
-//! - [`guest`]: the blocking host side of the init's ready connection and control port (a ping
-//!   retries, briefly, a guest that turns connections away right after its restore).
+//! - [`guest`]: the blocking host side of the init's ready connection and control port (a
+//!   connection is retried, briefly, when a guest turns it away right after its restore).
 //!
 //! The microVM sandbox starts from a claimed VM when its configuration carries a [`PoolSet`]
 //! (`MicrovmConfig::pool`), then injects the function's code as for a booted VM.
@@ -53,4 +55,4 @@ pub use pools::{
     ClaimedVm, DEFAULT_SIZES, IdleVm, PoolConfig, PoolError, PoolSet, PoolSize, PoolStats,
 };
 pub use template::{Template, TemplateError, TemplateSpec};
-pub use vm::{Activated, ClaimedParts, PooledVm, PooledVmError, VmHome};
+pub use vm::{Activated, ClaimedParts, PooledVm, PooledVmError, ReadyLink, VmHome};

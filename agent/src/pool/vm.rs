@@ -3,10 +3,14 @@
 //!
 //! A restore is done only once the init has answered: right after a restore the guest still has
 //! to handle the vsock transport reset, and until then a host connection can be accepted and then
-//! reset. So [`PooledVm::restore`] waits for the init's re-announced `Ready` (it comes after the
-//! reset) and a ping on the control port before it pauses the VM. A claim ([`PooledVm::activate`])
-//! checks the process, resumes it and makes the clone unique and current (a fresh identity,
-//! entropy and the host's clock: `Refresh`).
+//! reset. The VMM holds a host connection until the guest has handled the reset, so
+//! [`PooledVm::restore`] connects to the init's control port right after the start, with its
+//! `Hello` and a `Status` request in the same write, and pauses the VM once the init has
+//! answered; it does not wait for the init's re-announced `Ready` (the init reconnects its ready
+//! link after that first answer; the link's listener is kept for the VM's life). The control
+//! connection stays open while the VM is paused. A claim ([`PooledVm::activate`]) checks the
+//! process, resumes it and, on that connection, makes the clone unique and current (a fresh
+//! identity, entropy and the host's clock: `Refresh`).
 //!
 //! Its VMM runs jailed (`hearth jail`, as a booted microVM's does: its own uid, namespaces, cgroup
 //! and a root holding only the kernel, initramfs and the template's two snapshot files, mounted
@@ -19,15 +23,16 @@
 
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use hearth_guest::protocol::Ready;
+use hearth_guest::protocol::client::ControlClient;
+use hearth_guest::protocol::{Message, Ready};
 use hearth_vmm::{MemoryUsage, VmState, VmmProcess};
 
-use super::guest::{bind_ready, ping, ready_socket, serial_tail, wait_ready};
+use super::guest::{bind_ready, open, ping, ready_socket, serial_tail};
 use super::template::Template;
 use crate::jail::{JailConfig, LaunchError, VmJail};
 
@@ -63,13 +68,24 @@ pub enum PooledVmError {
     Refresh(#[source] hearth_guest::protocol::ProtocolError),
 }
 
+/// The init's ready link of a pooled VM: to keep for the VM's life (the init holds its end, and
+/// reconnects while it finds no listener).
+#[derive(Debug)]
+pub enum ReadyLink {
+    /// The init's connection, accepted.
+    Open(UnixStream),
+    /// The listener its connection comes to (it may be queued there, or still to come).
+    Waiting(UnixListener),
+}
+
 /// What a claimed VM hands to its sandbox.
 pub struct ClaimedParts {
     /// The VMM process (killed when dropped).
     pub vmm: VmmProcess,
-    /// The init's ready connection (keep it open for the VM's life).
-    pub ready_conn: UnixStream,
-    /// What the init announced after the restore.
+    /// The init's ready link (keep it for the VM's life).
+    pub ready_link: ReadyLink,
+    /// The guest after the restore: `ready_ms` is its uptime when its init first answered, and
+    /// `init_start_ms` 0 (the init started in the template).
     pub ready: Ready,
     /// The VM's folder (sockets, serial log; a jailed VM's jail root); the new owner removes it.
     pub dir: PathBuf,
@@ -102,7 +118,8 @@ pub struct Activated {
     pub clock_offset_ns: i64,
     /// The VMM's status check and resume.
     pub resume: Duration,
-    /// The init's answer on its control port (connect, `Hello`, ping).
+    /// Getting the control connection: none when the one the init answered on after the
+    /// restore is still open (else connect, `Hello`, ping).
     pub answer: Duration,
     /// The refresh, with its clock corrections.
     pub refresh: Duration,
@@ -111,7 +128,9 @@ pub struct Activated {
 /// A restored VM in a pool.
 pub struct PooledVm {
     vmm: Option<VmmProcess>,
-    ready_conn: Option<UnixStream>,
+    ready_listener: Option<UnixListener>,
+    /// The control connection the init first answered on, kept for the claim's refresh.
+    control: Option<ControlClient<UnixStream>>,
     ready: Ready,
     dir: PathBuf,
     jail: Option<(JailConfig, VmJail)>,
@@ -139,7 +158,8 @@ impl PooledVm {
         };
         let mut vm = PooledVm {
             vmm: None,
-            ready_conn: None,
+            ready_listener: None,
+            control: None,
             ready: Ready {
                 init_start_ms: 0,
                 ready_ms: 0,
@@ -191,18 +211,27 @@ impl PooledVm {
         if let Err(e) = vmm.start() {
             return Err(vm.not_up(format!("start: {e}")));
         }
-        let left = timeout.saturating_sub(started.elapsed());
-        let (conn, ready) = match wait_ready(&listener, vmm, left, cancel) {
-            Ok(r) => r,
-            Err(why) => return Err(vm.not_up(why)),
-        };
-        vm.ready_conn = Some(conn);
-        vm.ready = ready;
-        // The init answers on its control port: the transport reset is behind it.
-        match ping(&vm.uds) {
-            Ok(client) => drop(client),
-            Err(e) => return Err(vm.not_up(format!("ping after the restore: {e}"))),
+        vm.ready_listener = Some(listener);
+        if cancel.load(Ordering::SeqCst) {
+            return Err(vm.not_up("cancelled (the pools are shutting down)".into()));
         }
+        // The init answers on its control port: the transport reset is behind it.
+        let left = timeout.saturating_sub(started.elapsed());
+        let status = match open(&vm.uds, &Message::Status, left) {
+            Ok((client, Message::StatusReply(status))) => {
+                vm.control = Some(client);
+                status
+            }
+            Ok((_, other)) => {
+                return Err(vm.not_up(format!("the init answered a Status with {}", other.kind())));
+            }
+            Err(e) => return Err(vm.not_up(format!("no answer after the restore: {e}"))),
+        };
+        vm.ready = Ready {
+            init_start_ms: 0,
+            ready_ms: status.uptime_ms,
+            kernel_release: status.kernel_release,
+        };
         let paused = match vm.vmm.as_ref().map(VmmProcess::pause) {
             Some(r) => r,
             None => return Err(vm.not_up("the VMM is gone".into())),
@@ -212,7 +241,6 @@ impl PooledVm {
             Ok(other) => return Err(vm.not_up(format!("pause left it {other:?}"))),
             Err(e) => return Err(vm.not_up(format!("pause: {e}"))),
         }
-        let _ = std::fs::remove_file(ready_socket(&vm.uds));
         vm.restored_in = started.elapsed();
         Ok(vm)
     }
@@ -295,7 +323,11 @@ impl PooledVm {
         vmm.resume().map_err(PooledVmError::Control)?;
         let resume = t.elapsed();
         let t = Instant::now();
-        let mut client = ping(&self.uds).map_err(PooledVmError::Refresh)?;
+        // The connection the init answered on after the restore, else a new one.
+        let mut client = match self.control.take() {
+            Some(client) => client,
+            None => ping(&self.uds).map_err(PooledVmError::Refresh)?,
+        };
         let answer = t.elapsed();
         let t = Instant::now();
         let entropy = host_entropy().map_err(|source| PooledVmError::Io {
@@ -321,11 +353,17 @@ impl PooledVm {
     /// Hands the VM over (to a sandbox); its folder is then the new owner's to remove.
     pub fn into_parts(mut self) -> Option<ClaimedParts> {
         let vmm = self.vmm.take()?;
-        let ready_conn = self.ready_conn.take()?;
+        let listener = self.ready_listener.take()?;
+        let ready_link = match listener.accept() {
+            Ok((conn, _)) => ReadyLink::Open(conn),
+            Err(_) => ReadyLink::Waiting(listener),
+        };
+        // The activation's connection ends here; the sandbox opens its own.
+        self.control = None;
         let dir = std::mem::take(&mut self.dir);
         Some(ClaimedParts {
             vmm,
-            ready_conn,
+            ready_link,
             ready: self.ready.clone(),
             dir,
             uds: self.uds.clone(),

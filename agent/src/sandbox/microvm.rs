@@ -160,12 +160,20 @@ impl MicrovmConfig {
 pub struct MicrovmSandbox {
     link: HostLink,
     vmm: Mutex<Option<VmmProcess>>,
-    /// The init's ready connection, open for the VM's life.
-    _ready: UnixStream,
+    /// The init's ready link, kept for the VM's life.
+    _ready: HeldReady,
     ready: Ready,
     dir: PathBuf,
     jail: Mutex<Option<Jailed>>,
     torn_down: AtomicBool,
+}
+
+/// The init's ready link as a sandbox holds it.
+enum HeldReady {
+    /// A booted VM's connection, read for its `Ready`.
+    Booted { _conn: UnixStream },
+    /// A pooled VM's (its connection or the listener it comes to).
+    Pooled { _link: crate::pool::ReadyLink },
 }
 
 /// A VM's jail, to clean up after once its VMM has ended ([`JailConfig::clean_up`]: only what a
@@ -313,7 +321,7 @@ impl Sandbox for MicrovmSandbox {
 
 /// A started VM and its folder ([`Half`] removes both on failure), the VMM's vsock socket, the
 /// init's ready connection and what it announced.
-type Started = (Half, PathBuf, UnixStream, Ready);
+type Started = (Half, PathBuf, HeldReady, Ready);
 
 /// Boots a VM for `function` and waits for its init's `Ready`.
 async fn boot(config: &MicrovmConfig, function: &FunctionSpec) -> Result<Started, SandboxError> {
@@ -423,7 +431,7 @@ async fn boot(config: &MicrovmConfig, function: &FunctionSpec) -> Result<Started
         ready_ms = ready.ready_ms,
         "microVM ready"
     );
-    Ok((half, uds, ready_conn, ready))
+    Ok((half, uds, HeldReady::Booted { _conn: ready_conn }, ready))
 }
 
 /// Claims a VM from `pool` for `function`'s memory size.
@@ -450,13 +458,14 @@ async fn claim(
         dir: Some(parts.dir),
         jail: parts.jail,
     };
-    parts
-        .ready_conn
-        .set_nonblocking(true)
-        .map_err(setup("configure the ready connection"))?;
-    let ready_conn =
-        UnixStream::from_std(parts.ready_conn).map_err(setup("register the ready connection"))?;
-    Ok((half, parts.uds, ready_conn, parts.ready))
+    Ok((
+        half,
+        parts.uds,
+        HeldReady::Pooled {
+            _link: parts.ready_link,
+        },
+        parts.ready,
+    ))
 }
 
 impl MicrovmSandbox {

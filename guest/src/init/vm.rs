@@ -17,15 +17,18 @@
 //!
 //! The ready connection is held by the main thread for the VM's life. When it ends (after a
 //! restore from a snapshot the VMM sends a vsock transport reset, which resets every connection
-//! in the guest; or the host closed it), the init connects again and re-announces `Ready`, so
-//! the host learns that a restored guest is up.
+//! in the guest; or the host closed it), the init connects again and re-announces `Ready`. The
+//! host does not wait for that: it connects to the control port as soon as the guest has handled
+//! the reset, and an answer there is what says a restored guest is up. So the reconnect waits
+//! until a control request has been answered (or [`REANNOUNCE_WAIT`] has passed), to leave the
+//! guest's one vCPU and the vsock queues to that first answer.
 
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 
@@ -43,6 +46,40 @@ use crate::runtime::RuntimeConfig;
 pub const READY_RETRY_WINDOW: Duration = Duration::from_secs(5);
 /// Pause between connection attempts.
 const READY_RETRY_PAUSE: Duration = Duration::from_millis(20);
+/// The longest the init waits, once its ready link ended, for a control request to be answered
+/// before it reconnects the link.
+pub const REANNOUNCE_WAIT: Duration = Duration::from_millis(500);
+
+/// Control requests answered so far, with a way to wait for the next one.
+struct Answered {
+    count: Mutex<u64>,
+    more: Condvar,
+}
+
+static ANSWERED: Answered = Answered {
+    count: Mutex::new(0),
+    more: Condvar::new(),
+};
+
+impl Answered {
+    fn get(&self) -> u64 {
+        *self.count.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn bump(&self) {
+        *self.count.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        self.more.notify_all();
+    }
+
+    /// Waits until more than `seen` requests were answered, or `limit` passed.
+    fn wait_past(&self, seen: u64, limit: Duration) {
+        let count = self.count.lock().unwrap_or_else(PoisonError::into_inner);
+        let _ = self
+            .more
+            .wait_timeout_while(count, limit, |n| *n <= seen)
+            .map_err(PoisonError::into_inner);
+    }
+}
 
 /// Runs the `vm` role. Never returns.
 pub fn run(start_ms: u64) -> ! {
@@ -93,9 +130,10 @@ pub fn run(start_ms: u64) -> ! {
     hold_ready_link(ready_conn, start_ms)
 }
 
-/// Acceptor threads started before `Ready`: one for the host's first request after a restore,
-/// one for a second at the same time (a function link holds its connection for its life).
-const IDLE_ACCEPTORS: usize = 2;
+/// Acceptor threads started before `Ready`: one for the host's first request after a restore
+/// (a pool keeps that connection open until the clone is claimed and refreshed), one for the
+/// function link (held for its life), one spare, so that no thread is created on an invoke's path.
+const IDLE_ACCEPTORS: usize = 3;
 /// Idle acceptors beyond this many end after serving.
 const MAX_IDLE_ACCEPTORS: usize = 4;
 
@@ -207,6 +245,8 @@ fn hold_ready_link(conn: File, start_ms: u64) -> ! {
     let mut conn = conn;
     loop {
         wait_for_end(&mut conn);
+        // Let the host's first control request go first (see the module's doc).
+        ANSWERED.wait_past(ANSWERED.get(), REANNOUNCE_WAIT);
         // Nothing on the console when all goes well: each byte written to the serial console is
         // a trap to the VMM, a costly one in a nested VM (a line here cost a restored guest tens
         // of milliseconds, competing with the host's first requests). The VMM logs the guest's
@@ -417,6 +457,7 @@ pub fn serve_with(mut conn: File, cfg: &RuntimeConfig) -> Result<(), InitError> 
         }
         let (resp, after) = handle(req);
         write_frame(&mut conn, &resp)?;
+        ANSWERED.bump();
         if after == After::Reboot {
             // Let the answer reach the host: close our half and wait (briefly) for the host to close.
             sys::shutdown_write(&conn);
@@ -574,6 +615,36 @@ mod tests {
         host.write_all(b"ignored").unwrap();
         drop(host);
         waiter.join().unwrap();
+    }
+
+    #[test]
+    fn the_reannounce_waits_for_an_answer_or_its_limit() {
+        let answered = Arc::new(Answered {
+            count: Mutex::new(0),
+            more: Condvar::new(),
+        });
+        let t = Instant::now();
+        answered.wait_past(answered.get(), Duration::from_millis(50));
+        assert!(
+            t.elapsed() >= Duration::from_millis(50),
+            "no answer: the limit"
+        );
+        let seen = answered.get();
+        let bumper = {
+            let answered = answered.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                answered.bump();
+            })
+        };
+        let t = Instant::now();
+        answered.wait_past(seen, Duration::from_secs(20));
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "an answer ends the wait"
+        );
+        assert_eq!(answered.get(), seen + 1);
+        bumper.join().unwrap();
     }
 
     #[test]

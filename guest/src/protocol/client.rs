@@ -6,17 +6,31 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use super::{
-    CONTROL_PORT, GuestStatus, Hello, Message, ProtocolError, Ready, check_hello, expect_frame,
-    write_frame,
+    CONTROL_PORT, GuestStatus, Hello, Message, ProtocolError, Ready, check_hello, encode_frame,
+    expect_frame, write_frame,
 };
 
 /// Connects to guest vsock `port` through the VMM's Unix socket `uds` (Firecracker's convention:
 /// write `CONNECT <port>\n`, read `OK <hostport>\n`). Returns the stream, positioned after the reply.
 pub fn connect_vsock_uds(uds: &Path, port: u32) -> Result<UnixStream, ProtocolError> {
+    connect_vsock_uds_with(uds, port, &[], |_| Ok(()))
+}
+
+/// [`connect_vsock_uds`], with `first` (the first bytes for the guest) written together with the
+/// `CONNECT` line, before the reply: the VMM reads the line alone and forwards the rest once the
+/// guest has accepted, so a conversation's first messages need no round trip of their own.
+/// `setup` runs on the stream before anything is written (timeouts).
+pub fn connect_vsock_uds_with(
+    uds: &Path,
+    port: u32,
+    first: &[u8],
+    setup: impl FnOnce(&UnixStream) -> std::io::Result<()>,
+) -> Result<UnixStream, ProtocolError> {
     let mut stream = UnixStream::connect(uds).map_err(ProtocolError::Io)?;
-    stream
-        .write_all(format!("CONNECT {port}\n").as_bytes())
-        .map_err(ProtocolError::Io)?;
+    setup(&stream).map_err(ProtocolError::Io)?;
+    let mut out = format!("CONNECT {port}\n").into_bytes();
+    out.extend_from_slice(first);
+    stream.write_all(&out).map_err(ProtocolError::Io)?;
     // Read the reply a byte at a time so nothing of the guest's stream is consumed.
     let mut line = Vec::new();
     loop {
@@ -72,6 +86,23 @@ pub fn realtime_ns() -> u64 {
         .unwrap_or(0)
 }
 
+/// The guest's clock `guest` (ns) minus the host's at the middle of the round trip `t0`..`t1`.
+pub fn offset_at(guest: u64, t0: u64, t1: u64) -> i64 {
+    let mid = t0 / 2 + t1 / 2;
+    guest as i64 - mid as i64
+}
+
+/// The clock offset a `Refreshed` answer (to a `Refresh` sent at `t0`, answered at `t1`) shows.
+pub fn refreshed_offset(answer: &Message, t0: u64, t1: u64) -> Result<i64, ProtocolError> {
+    match answer {
+        Message::Refreshed { realtime_ns } => Ok(offset_at(*realtime_ns, t0, t1)),
+        other => Err(ProtocolError::Unexpected {
+            expected: "Refreshed",
+            got: other.kind().to_owned(),
+        }),
+    }
+}
+
 /// A control connection to the init (after the `Hello` exchange).
 #[derive(Debug)]
 pub struct ControlClient<S> {
@@ -84,6 +115,25 @@ impl ControlClient<UnixStream> {
     /// Connects to the init's control port through the VMM's vsock Unix socket and says hello.
     pub fn connect_uds(uds: &Path) -> Result<Self, ProtocolError> {
         Self::handshake(connect_vsock_uds(uds, CONTROL_PORT)?)
+    }
+
+    /// Connects to the init's control port through `uds` and sends the `CONNECT` line, our
+    /// `Hello` and `request` in one write, then reads the reply line, the init's `Hello` and its
+    /// answer to `request` (an `Error` answer becomes [`ProtocolError::Remote`]). One exchange
+    /// with the guest instead of three: this is how a host reaches a guest just restored, where
+    /// each one costs a round of interrupts. `setup` runs on the stream first (timeouts).
+    pub fn open_uds(
+        uds: &Path,
+        request: &Message,
+        setup: impl FnOnce(&UnixStream) -> std::io::Result<()>,
+    ) -> Result<(Self, Message), ProtocolError> {
+        let mut first = encode_frame(&Message::Hello(Hello::ours("hearth-host")))?;
+        first.extend(encode_frame(request)?);
+        let mut stream = connect_vsock_uds_with(uds, CONTROL_PORT, &first, setup)?;
+        let peer = check_hello(expect_frame(&mut stream)?)?;
+        let mut client = ControlClient { stream, peer };
+        let answer = client.answer()?;
+        Ok((client, answer))
     }
 }
 
@@ -98,6 +148,11 @@ impl<S: Read + Write> ControlClient<S> {
     /// Sends one request and returns its response; an `Error` answer becomes [`ProtocolError::Remote`].
     pub fn request(&mut self, msg: &Message) -> Result<Message, ProtocolError> {
         write_frame(&mut self.stream, msg)?;
+        self.answer()
+    }
+
+    /// Reads the answer to a request already sent.
+    fn answer(&mut self) -> Result<Message, ProtocolError> {
         match expect_frame(&mut self.stream)? {
             Message::Error(e) => Err(ProtocolError::Remote {
                 code: e.code,
@@ -145,31 +200,38 @@ impl<S: Read + Write> ControlClient<S> {
     /// guest's wall clock for the time the messages took: it measures the offset over a `Clock`
     /// round trip and shifts the clock by it, up to [`CLOCK_ROUNDS`] times, until it is within
     /// [`CLOCK_TOLERANCE_NS`]. Returns the offset left (guest minus host, ns).
+    ///
+    /// Each answer carries the guest's clock just after it acted, so each round trip is also a
+    /// measurement: no `Clock` request of its own is needed.
     pub fn refresh(&mut self, refresh: super::Refresh) -> Result<i64, ProtocolError> {
-        match self.request(&Message::Refresh(refresh))? {
-            Message::Refreshed { .. } => {}
-            other => {
-                return Err(ProtocolError::Unexpected {
-                    expected: "Refreshed",
-                    got: other.kind().to_owned(),
-                });
-            }
-        }
-        let mut offset = self.clock_offset()?;
+        let t0 = realtime_ns();
+        let answer = self.request(&Message::Refresh(refresh))?;
+        let t1 = realtime_ns();
+        let offset = refreshed_offset(&answer, t0, t1)?;
+        self.correct_clock(offset)
+    }
+
+    /// Shifts the guest's wall clock by `-offset` (guest minus host, ns), measuring the offset
+    /// again on each answer, up to [`CLOCK_ROUNDS`] times, until it is within
+    /// [`CLOCK_TOLERANCE_NS`]. Returns the offset left.
+    pub fn correct_clock(&mut self, offset: i64) -> Result<i64, ProtocolError> {
+        let mut offset = offset;
         for _ in 0..CLOCK_ROUNDS {
             if offset.unsigned_abs() <= CLOCK_TOLERANCE_NS {
                 break;
             }
-            match self.request(&Message::ShiftClock { delta_ns: -offset })? {
-                Message::ClockReply { .. } => {}
+            let t0 = realtime_ns();
+            let answer = self.request(&Message::ShiftClock { delta_ns: -offset })?;
+            let t1 = realtime_ns();
+            offset = match answer {
+                Message::ClockReply { realtime_ns } => offset_at(realtime_ns, t0, t1),
                 other => {
                     return Err(ProtocolError::Unexpected {
                         expected: "ClockReply",
                         got: other.kind().to_owned(),
                     });
                 }
-            }
-            offset = self.clock_offset()?;
+            };
         }
         Ok(offset)
     }
@@ -179,8 +241,7 @@ impl<S: Read + Write> ControlClient<S> {
         let t0 = realtime_ns();
         let guest = self.clock()?;
         let t1 = realtime_ns();
-        let mid = t0 / 2 + t1 / 2;
-        Ok(guest as i64 - mid as i64)
+        Ok(offset_at(guest, t0, t1))
     }
 
     /// `len` random bytes from the guest kernel.
@@ -248,6 +309,55 @@ mod tests {
         assert!(client.peer.agent.starts_with("hearth-init"));
         assert_eq!(client.ping(b"abc".to_vec()).unwrap(), b"abc");
         server.join().unwrap();
+    }
+
+    #[test]
+    fn open_uds_sends_hello_and_request_with_the_connect_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let listener = UnixListener::bind(&uds).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut line = Vec::new();
+            let mut b = [0u8; 1];
+            while s.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
+                line.push(b[0]);
+            }
+            assert_eq!(line, b"CONNECT 1025");
+            // Both frames are there before the reply goes out.
+            let hello: Message = read_frame(&mut s).unwrap().unwrap();
+            assert!(matches!(hello, Message::Hello(_)));
+            let refresh: Message = read_frame(&mut s).unwrap().unwrap();
+            assert!(matches!(refresh, Message::Refresh(_)), "{refresh:?}");
+            let mut out = b"OK 1073741824\n".to_vec();
+            out.extend(encode_frame(&Message::Hello(Hello::ours("hearth-init"))).unwrap());
+            out.extend(encode_frame(&Message::Refreshed { realtime_ns: 5 }).unwrap());
+            s.write_all(&out).unwrap();
+            let clock: Message = read_frame(&mut s).unwrap().unwrap();
+            assert_eq!(clock, Message::Clock);
+            write_frame(&mut s, &Message::ClockReply { realtime_ns: 7 }).unwrap();
+        });
+        let refresh = Message::Refresh(crate::protocol::Refresh {
+            identity: "clone-1".into(),
+            entropy: vec![1; 32],
+            realtime_ns: 1,
+        });
+        let (mut client, answer) = ControlClient::open_uds(&uds, &refresh, |s| {
+            s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        })
+        .unwrap();
+        assert_eq!(answer, Message::Refreshed { realtime_ns: 5 });
+        assert_eq!(client.clock().unwrap(), 7, "the connection goes on");
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn offsets_are_taken_at_the_middle_of_the_round_trip() {
+        assert_eq!(offset_at(150, 100, 200), 0);
+        assert_eq!(offset_at(100, 100, 200), -50);
+        let refreshed = Message::Refreshed { realtime_ns: 1_000 };
+        assert_eq!(refreshed_offset(&refreshed, 1_000, 1_100).unwrap(), -50);
+        assert!(refreshed_offset(&Message::Status, 0, 1).is_err());
     }
 
     #[test]

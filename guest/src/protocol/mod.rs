@@ -16,6 +16,11 @@
 //!   reboots, which ends it), `Refresh` -> `Refreshed` (a clone restored from a snapshot gets its
 //!   identity, entropy and the wall-clock time), `Random` -> `RandomBytes`, `Clock` ->
 //!   `ClockReply`, `ShiftClock` -> `ClockReply`. A request the init does not know gets `Error`.
+//!   The host need not wait for the init's `Hello` before its first requests (nor, through the
+//!   VMM's Unix socket, for the `OK` of its `CONNECT` line): the init answers in order
+//!   ([`client::ControlClient::open_uds`]). After a restore, the init answers on its control port
+//!   before it reconnects its ready link: that answer, not the re-announced `Ready`, says the
+//!   clone is up.
 //!
 //! Extending: new variants go at the END of [`Message`] (postcard encodes the variant index), and a
 //! change to an existing variant's fields bumps [`PROTOCOL_VERSION`].

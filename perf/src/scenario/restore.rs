@@ -4,13 +4,15 @@
 //! apparent and allocated sizes). Then, over `--runs` restores of that one snapshot in each mode
 //! of `--modes`, interleaved (file-mapped; the memory file's data copied into huge-page memory;
 //! userfaultfd; userfaultfd with the working set of an earlier restore prefetched): from the VMM
-//! process's spawn to a ping answered on the init's control port (connected right after the
-//! start: the VMM holds the connection until the guest has handled the vsock transport reset) and,
+//! process's spawn to the init's answer on its control port (connected right after the start:
+//! the VMM holds the connection until the guest has handled the vsock transport reset; the
+//! `Hello` and a `Refresh` with the clone's identity, entropy and clock go with the `CONNECT`
+//! line, and the init's `Refreshed` is the echo) and,
 //! timed on its own meanwhile, to the init's Ready re-announced after that reset; and the process's
 //! memory just after. Then RSS and PSS per idle restored VM with 1, 8
 //! and 32 clones of the snapshot alive together (`--clone-modes`, file by default), with how often
 //! each idle clone wakes (KVM's halt exits and all exits per second over `--idle-ms`), and
-//! restores per second (restore, ping, kill) with 1, 2 and 4 in flight.
+//! restores per second (restore, refresh, kill) with 1, 2 and 4 in flight.
 //!
 //! The VMM's own timings of each restore phase are in its stderr with `HEARTH_LOG=debug`: the
 //! first restore of each mode prints them.
@@ -24,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use hearth_guest::image::{self, KernelImage};
-use hearth_guest::protocol::READY_PORT;
-use hearth_guest::protocol::client::ControlClient;
+use hearth_guest::protocol::client::{ControlClient, realtime_ns};
+use hearth_guest::protocol::{Message, READY_PORT, Refresh};
 use hearth_vmm::config::{VmConfig, VsockConfig};
 use hearth_vmm::process::{MemoryUsage, VmmProcess};
 use hearth_vmm::{RestoreMode, SnapshotFiles};
@@ -376,17 +378,34 @@ impl Setup<'_> {
     }
 }
 
-/// Connects to the init's control port through `uds` and pings it, retrying (every 5 ms, for up
-/// to [`TURNED_AWAY_RETRY`]) while the guest turns the connection away; returns how many times
-/// it did.
+/// Connects to the init's control port through `uds` and makes the clone unique and current
+/// (its `Hello` and a `Refresh` sent with the `CONNECT` line, as the agent's pool does), until
+/// the init answers `Refreshed`; retries (every 5 ms, for up to [`TURNED_AWAY_RETRY`]) while the
+/// guest turns the connection away; returns how many times it did.
 fn echo(uds: &Path) -> anyhow::Result<u32> {
     let deadline = Instant::now() + TURNED_AWAY_RETRY;
     let mut turned_away = 0;
+    let mut entropy = vec![0u8; 64];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").context("cannot open /dev/urandom")?,
+        &mut entropy,
+    )
+    .context("cannot read /dev/urandom")?;
     loop {
-        let tried = ControlClient::connect_uds(uds).and_then(|mut c| c.ping(b"echo".to_vec()));
+        let refresh = Message::Refresh(Refresh {
+            identity: "restored".into(),
+            entropy: entropy.clone(),
+            realtime_ns: realtime_ns(),
+        });
+        let tried = ControlClient::open_uds(uds, &refresh, |s| {
+            s.set_read_timeout(Some(Duration::from_secs(30)))
+        });
         match tried {
-            Ok(answer) => {
-                anyhow::ensure!(answer == b"echo", "the guest answered {answer:?}");
+            Ok((_, answer)) => {
+                anyhow::ensure!(
+                    matches!(answer, Message::Refreshed { .. }),
+                    "the guest answered {answer:?}"
+                );
                 return Ok(turned_away);
             }
             Err(e) if hearth_agent::pool::guest::turned_away(&e) && Instant::now() < deadline => {
@@ -395,7 +414,7 @@ fn echo(uds: &Path) -> anyhow::Result<u32> {
             }
             Err(e) => {
                 return Err(anyhow::Error::new(e).context(format!(
-                    "ping on the control port ({turned_away} connections turned away before)"
+                    "refresh on the control port ({turned_away} connections turned away before)"
                 )));
             }
         }
@@ -708,7 +727,7 @@ fn clones(
     Ok(())
 }
 
-/// `--rate-restores` restores (file mode; restore, ping, kill), `n` in flight: restores per second.
+/// `--rate-restores` restores (file mode; restore, refresh, kill), `n` in flight: restores per second.
 fn rate(setup: &Setup<'_>, work: &Path, n: usize, report: &mut Report) -> anyhow::Result<()> {
     anyhow::ensure!(n > 0, "--in-flight levels must be at least 1");
     let slots: Vec<Slot> = (0..n)

@@ -5,7 +5,9 @@
 //! - host to guest: a host client connects to the listening socket `<uds>`, writes
 //!   `CONNECT <port>\n`, and once the guest accepts on vsock port `<port>` it reads
 //!   `OK <local_port>\n` (`local_port` being the host-side vsock port chosen for it) and the
-//!   stream is connected. A refusal closes the client's socket.
+//!   stream is connected. A refusal closes the client's socket. The client may write its first
+//!   bytes right after the line, without waiting for the `OK`: they go to the guest as soon as it
+//!   has accepted, with the device's answer to its accept.
 //!
 //! Everything (listener, clients in their handshake, connections, a timer) sits behind one epoll
 //! fd of the backend's own, so the VMM's event loop polls a single fd. Connections are limited in
@@ -353,7 +355,10 @@ impl VsockUnixBackend {
                 let ack = format!("OK {}\n", key.local_port);
                 // The client waits for this line with an empty socket buffer: it fits at once.
                 match std::io::Write::write(&mut conn.stream, ack.as_bytes()) {
-                    Ok(n) if n == ack.len() => {}
+                    // What the client sent with its `CONNECT` line is already waiting: it goes
+                    // to the guest with this tx queue's answers, in the same interrupt (a read
+                    // that would block sends nothing).
+                    Ok(n) if n == ack.len() => conn.pending |= pending::RW,
                     _ => conn.pending |= pending::RST,
                 }
             }
