@@ -1,9 +1,12 @@
 //! Thread-per-core: the agent's invoke path runs on N worker threads ("cores"), each with its own
 //! single-threaded tokio runtime (epoll), pinned to one of the CPUs the process may use.
 //!
-//! - Listeners: the Unix invoke-proxy socket has one listener (on core 0) whose accepted
-//!   connections are dealt round-robin to the cores; the optional TCP listener is one
-//!   `SO_REUSEPORT` socket per core, so the kernel spreads the connections.
+//! - Listeners: the Unix invoke-proxy socket has one listener (on core 0); each accepted
+//!   connection is steered to the core that owns the function of its first invoke (core 0
+//!   exchanges the `Hello`s and reads that invoke, then hands the socket itself over), so a
+//!   client that keeps invoking one function over its connection pays no cross-core hand-over per
+//!   invoke; the optional TCP listener is one `SO_REUSEPORT` socket per core, so the kernel
+//!   spreads the connections.
 //! - Sharding: each function (all its versions) belongs to one core ([`shard_of`]: FNV-1a of its
 //!   ARN without a qualifier). That core owns the function's execution environments: every
 //!   core has its own handler (its own `Environments`), so an invoke takes no lock shared between
@@ -26,9 +29,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hearth_guest::runtime::quiet_unix::{QuietReadHalf, QuietUnixStream, QuietWriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::proxy::protocol::{InvokeRequest, InvokeResult, Outcome};
+use crate::proxy::protocol::{self, Frame, InvokeRequest, InvokeResult, Outcome};
 use crate::proxy::server::{self, BoxFuture, InFlight, InvokeHandler, ServerError};
 
 thread_local! {
@@ -258,8 +262,9 @@ enum Command {
         std::time::Instant,
         oneshot::Sender<InvokeResult>,
     ),
-    /// Serve a connection accepted on another core.
-    Connection(std::os::unix::net::UnixStream),
+    /// Serve a Unix connection whose `Hello`s are exchanged and whose first invoke (of a function
+    /// this core owns) was read on another core.
+    SteeredUnix(std::os::unix::net::UnixStream, Box<InvokeRequest>),
     /// Accept on this core's listener of a [`TcpService`] and serve its connections here (or
     /// steer them to their function's owner).
     ServeTcp {
@@ -689,7 +694,7 @@ impl CoreSetup {
                         let _ = reply.send(result);
                     });
                 }
-                Command::Connection(stream) => serving.serve_std(stream),
+                Command::SteeredUnix(stream, first) => serving.serve_steered_unix(stream, *first),
                 Command::ServeTcp {
                     listener,
                     service,
@@ -744,19 +749,8 @@ impl Serving {
         ));
     }
 
-    /// Serves a Unix connection accepted on another core.
-    fn serve_std(&self, stream: std::os::unix::net::UnixStream) {
-        match tokio::net::UnixStream::from_std(stream) {
-            Ok(stream) => {
-                let (reader, writer) = stream.into_split();
-                self.serve(reader, writer);
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot take over an invoke-proxy connection"),
-        }
-    }
-
-    /// Core 0: accepts on the Unix socket and deals the connections round-robin to the cores;
-    /// removes the socket when it stops.
+    /// Core 0: accepts on the Unix socket and steers each connection to the core that owns the
+    /// function of its first invoke ([`Serving::steer_unix`]); removes the socket when it stops.
     async fn accept_unix(
         mut self,
         listener: tokio::net::UnixListener,
@@ -764,7 +758,6 @@ impl Serving {
         index: usize,
         peers: Arc<[mpsc::UnboundedSender<Command>]>,
     ) {
-        let mut next = 0usize;
         while !*self.stop.borrow_and_update() {
             tokio::select! {
                 changed = self.stop.changed() => {
@@ -774,23 +767,19 @@ impl Serving {
                 }
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
-                        let target = next % peers.len();
-                        next = next.wrapping_add(1);
-                        if target == index {
+                        // Registered for read readiness only: see `QuietUnixStream`.
+                        let stream = match QuietUnixStream::from_tokio(stream) {
+                            Ok(stream) => stream,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot serve an invoke-proxy connection");
+                                continue;
+                            }
+                        };
+                        if peers.len() > 1 {
+                            tokio::spawn(self.clone().steer_unix(stream, index, peers.clone()));
+                        } else {
                             let (reader, writer) = stream.into_split();
                             self.serve(reader, writer);
-                            continue;
-                        }
-                        match stream.into_std() {
-                            Ok(stream) => {
-                                if let Err(mpsc::error::SendError(command)) =
-                                    peers[target].send(Command::Connection(stream))
-                                    && let Command::Connection(stream) = command
-                                {
-                                    self.serve_std(stream);
-                                }
-                            }
-                            Err(e) => tracing::warn!(error = %e, "cannot hand an invoke-proxy connection over"),
                         }
                     }
                     Err(e) => {
@@ -802,6 +791,89 @@ impl Serving {
         }
         drop(listener);
         let _ = std::fs::remove_file(&path);
+    }
+
+    /// Exchanges `Hello`s on a new Unix connection and reads its first invoke, then serves the
+    /// connection on the core that owns that invoke's function: here, or handed to the owner
+    /// (the socket itself, deregistered from this core's reactor), so a client that keeps invoking
+    /// one function over its connection pays no cross-core hand-over per invoke. The reads here
+    /// are exact (a frame at a time), so nothing read past the first invoke is left behind.
+    async fn steer_unix(
+        mut self,
+        stream: QuietUnixStream,
+        index: usize,
+        peers: Arc<[mpsc::UnboundedSender<Command>]>,
+    ) {
+        if *self.stop.borrow_and_update() {
+            return;
+        }
+        let (mut reader, mut writer) = stream.into_split();
+        if !server::answer_hello(&mut reader, &mut writer).await {
+            return;
+        }
+        let frame = tokio::select! {
+            _ = self.stop.changed() => return,
+            frame = protocol::read_frame(&mut reader) => frame,
+        };
+        let request = match frame {
+            Ok(Some(Frame::Invoke(request))) => request,
+            Ok(Some(other)) => {
+                tracing::warn!(
+                    kind = other.kind(),
+                    "unexpected frame from an invoke-proxy client"
+                );
+                return;
+            }
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "bad frame from an invoke-proxy client; closing");
+                return;
+            }
+        };
+        let owner = shard_of(&request.function.function_arn, peers.len());
+        if owner != index {
+            match reader.into_std(writer) {
+                Ok(stream) => match peers[owner].send(Command::SteeredUnix(stream, request)) {
+                    Ok(()) => return,
+                    // The owner has stopped: serve it here after all.
+                    Err(mpsc::error::SendError(command)) => {
+                        if let Command::SteeredUnix(stream, request) = command {
+                            self.serve_steered_unix(stream, *request);
+                        }
+                        return;
+                    }
+                },
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot hand a connection over; it is closed");
+                    return;
+                }
+            }
+        }
+        self.serve_invokes(reader, writer, *request);
+    }
+
+    /// Serves a Unix connection steered here by another core, from its first invoke on.
+    fn serve_steered_unix(&self, stream: std::os::unix::net::UnixStream, first: InvokeRequest) {
+        match QuietUnixStream::new(stream) {
+            Ok(stream) => {
+                let (reader, writer) = stream.into_split();
+                self.serve_invokes(reader, writer, first);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot take over an invoke-proxy connection"),
+        }
+    }
+
+    /// Serves a Unix connection whose `Hello`s are exchanged, from its first invoke on.
+    fn serve_invokes(&self, reader: QuietReadHalf, writer: QuietWriteHalf, first: InvokeRequest) {
+        let reader = tokio::io::BufReader::with_capacity(16 * 1024, reader);
+        tokio::spawn(server::serve_invokes(
+            reader,
+            writer,
+            Some(first),
+            self.router.clone(),
+            self.in_flight.clone(),
+            self.stop.clone(),
+        ));
     }
 
     /// Every core: accepts on its own `SO_REUSEPORT` TCP listener.
@@ -1064,7 +1136,8 @@ mod tests {
     async fn invokes_run_on_the_core_that_owns_the_function_whatever_the_connection() {
         let threads = 3;
         let (_dir, path, cores, _) = start(threads, false).await;
-        // One connection per core (round-robin), each sending invokes of functions of every core.
+        // Connections (steered by their first invoke), each sending invokes of functions of every
+        // core.
         let clients: Vec<_> = (0..threads)
             .map(|_| ProxyClient::connect(&path).unwrap())
             .collect();
@@ -1079,6 +1152,42 @@ mod tests {
                     .unwrap();
                 assert_eq!(ran_on(&r), format!("hearth-core-{owner}"));
             }
+        }
+        cores.shutdown(Duration::from_secs(5)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unix_connections_are_served_on_their_first_functions_core() {
+        let threads = 3;
+        let (_dir, path, cores, _) = start(threads, false).await;
+        for f in 0..6 {
+            let function = format!("f{f}");
+            let arn = format!("arn:aws:lambda:us-east-1:000000000000:function:{function}");
+            let owner = shard_of(&arn, threads);
+            let client = ProxyClient::connect(&path).unwrap();
+            let slow = {
+                let client = client.clone();
+                let function = function.clone();
+                tokio::spawn(async move { client.invoke(request("slow", &function, 400)).await })
+            };
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            // The connection's invokes are counted where it is served: on the owner only.
+            let counts: Vec<usize> = cores.cores.iter().map(|c| c.in_flight.count()).collect();
+            let mut expected = vec![0; threads];
+            expected[owner] = 1;
+            assert_eq!(counts, expected, "{function} belongs to core {owner}");
+            assert_eq!(
+                ran_on(&slow.await.unwrap().unwrap()),
+                format!("hearth-core-{owner}")
+            );
+            // Its later invokes of another core's function are still handed over.
+            let other = format!("f{}", f + 1);
+            let other_arn = format!("arn:aws:lambda:us-east-1:000000000000:function:{other}");
+            let r = client.invoke(request("next", &other, 0)).await.unwrap();
+            assert_eq!(
+                ran_on(&r),
+                format!("hearth-core-{}", shard_of(&other_arn, threads))
+            );
         }
         cores.shutdown(Duration::from_secs(5)).await;
     }

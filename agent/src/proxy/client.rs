@@ -82,7 +82,10 @@ impl ProxyClient {
         let std_stream = std::os::unix::net::UnixStream::connect(path).map_err(connect_err)?;
         std_stream.set_nonblocking(true).map_err(connect_err)?;
         let _guard = handle.enter();
-        let stream = tokio::net::UnixStream::from_std(std_stream).map_err(connect_err)?;
+        // Registered for read readiness only: the agent's reads of each invoke no longer wake
+        // this side for nothing (see `QuietUnixStream`).
+        let stream = hearth_guest::runtime::quiet_unix::QuietUnixStream::new(std_stream)
+            .map_err(connect_err)?;
         let (reader, writer) = stream.into_split();
         Self::over(&handle, reader, writer)
     }

@@ -2,7 +2,8 @@
 //! to the agent. A Unix socket carrying the versioned, length-prefixed postcard frames of
 //! [`protocol`]; [`server::ProxyServer`] answers them through an [`server::InvokeHandler`] (the
 //! agent's execution environments), [`client::ProxyClient`] multiplexes any number of in-flight
-//! invokes over one connection.
+//! invokes over one connection. Both ends register the Unix socket for read readiness only
+//! ([`hearth_guest::runtime::quiet_unix`]), so a peer's read of each frame does not wake them.
 
 pub mod client;
 pub mod protocol;

@@ -1,6 +1,7 @@
 //! [`ProxyServer`]: the agent's end of the invoke-proxy socket.
 //!
-//! Per connection one task reads frames and spawns a task per invoke, whose result goes back
+//! Per connection the `Hello`s are exchanged ([`answer_hello`]), then one task reads frames
+//! ([`serve_invokes`]) and spawns a task per invoke, whose result goes back
 //! through the connection's writer as soon as it is ready, so results leave in the order invokes
 //! finish. [`ProxyServer::run`] serves one Unix socket on the current runtime (tests, embedding);
 //! the agent serves it thread-per-core through [`crate::cores`], with the same connection code
@@ -190,7 +191,7 @@ impl ProxyServer {
 /// has sent its result.
 pub(crate) async fn serve_connection<R, W>(
     reader: R,
-    writer: W,
+    mut writer: W,
     handler: Arc<dyn InvokeHandler>,
     in_flight: Arc<InFlight>,
     mut shutdown: watch::Receiver<bool>,
@@ -204,40 +205,96 @@ pub(crate) async fn serve_connection<R, W>(
     if *shutdown.borrow_and_update() {
         return;
     }
-    let (frames, frames_rx) = mpsc::unbounded_channel();
-    let writer = tokio::spawn(async move {
-        if let Err(e) = super::write_loop(writer, frames_rx).await {
-            tracing::debug!(error = %e, "invoke-proxy write failed");
-        }
-    });
-    let send = |frame: &Frame| match protocol::encode(frame) {
-        Ok(bytes) => {
-            let _ = frames.send(bytes);
-        }
-        Err(e) => tracing::error!(error = %e, "cannot encode an invoke-proxy frame"),
-    };
-    match protocol::read_frame(&mut reader).await {
+    if !answer_hello(&mut reader, &mut writer).await {
+        return;
+    }
+    serve_invokes(reader, writer, None, handler, in_flight, shutdown).await;
+}
+
+/// Reads the client's `Hello` and answers it: `true` when the conversation goes on (our
+/// `Hello` is sent), `false` when the connection is to be closed (a `Refused` is sent to a client
+/// of another version).
+pub(crate) async fn answer_hello<R, W>(reader: &mut R, writer: &mut W) -> bool
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt as _;
+    let answer = match protocol::read_frame(reader).await {
         Ok(Some(Frame::Hello(h))) => match h.check() {
-            Ok(()) => send(&Frame::Hello(Hello::ours("hearth-agent"))),
-            Err(e) => {
-                send(&Frame::Refused(e.to_string()));
-                drop(frames);
-                let _ = writer.await;
-                return;
-            }
+            Ok(()) => Frame::Hello(Hello::ours("hearth-agent")),
+            Err(e) => Frame::Refused(e.to_string()),
         },
         Ok(Some(other)) => {
             tracing::warn!(
                 kind = other.kind(),
                 "invoke-proxy client did not start with Hello"
             );
-            return;
+            return false;
         }
-        Ok(None) => return,
+        Ok(None) => return false,
         Err(e) => {
             tracing::warn!(error = %e, "invoke-proxy client sent a bad first frame");
-            return;
+            return false;
         }
+    };
+    let go_on = matches!(answer, Frame::Hello(_));
+    let bytes = match protocol::encode(&answer) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode an invoke-proxy frame");
+            return false;
+        }
+    };
+    if let Err(e) = writer.write_all(&bytes).await {
+        tracing::debug!(error = %e, "invoke-proxy write failed");
+        return false;
+    }
+    if !go_on {
+        let _ = writer.shutdown().await;
+    }
+    go_on
+}
+
+/// Serves the invokes of a connection whose `Hello`s are exchanged, starting with `first` when
+/// it was read already (a connection handed over by another core), until the client closes it,
+/// sends garbage, or `shutdown` turns true; returns once every invoke it read has sent its
+/// result.
+pub(crate) async fn serve_invokes<R, W>(
+    mut reader: R,
+    writer: W,
+    first: Option<InvokeRequest>,
+    handler: Arc<dyn InvokeHandler>,
+    in_flight: Arc<InFlight>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (frames, frames_rx) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(async move {
+        if let Err(e) = super::write_loop(writer, frames_rx).await {
+            tracing::debug!(error = %e, "invoke-proxy write failed");
+        }
+    });
+    let run = |request: InvokeRequest| {
+        let arrived = std::time::Instant::now();
+        let guard = InFlightGuard::new(&in_flight);
+        let handler = handler.clone();
+        let frames = frames.clone();
+        tokio::spawn(async move {
+            let result = crate::metrics::with_arrival(arrived, handler.invoke(request)).await;
+            match protocol::encode(&Frame::Result(Box::new(result))) {
+                Ok(bytes) => {
+                    let _ = frames.send(bytes);
+                }
+                Err(e) => tracing::error!(error = %e, "cannot encode an invoke result"),
+            }
+            drop(guard);
+        });
+    };
+    if let Some(request) = first {
+        run(request);
     }
     loop {
         let frame = tokio::select! {
@@ -245,23 +302,7 @@ pub(crate) async fn serve_connection<R, W>(
             frame = protocol::read_frame(&mut reader) => frame,
         };
         match frame {
-            Ok(Some(Frame::Invoke(request))) => {
-                let arrived = std::time::Instant::now();
-                let guard = InFlightGuard::new(&in_flight);
-                let handler = handler.clone();
-                let frames = frames.clone();
-                tokio::spawn(async move {
-                    let result =
-                        crate::metrics::with_arrival(arrived, handler.invoke(*request)).await;
-                    match protocol::encode(&Frame::Result(Box::new(result))) {
-                        Ok(bytes) => {
-                            let _ = frames.send(bytes);
-                        }
-                        Err(e) => tracing::error!(error = %e, "cannot encode an invoke result"),
-                    }
-                    drop(guard);
-                });
-            }
+            Ok(Some(Frame::Invoke(request))) => run(*request),
             Ok(Some(other)) => {
                 tracing::warn!(
                     kind = other.kind(),

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hearth_guest::protocol::function::{self as f, CODE_CHUNK, Message};
 use hearth_guest::protocol::{self, Hello};
+use hearth_guest::runtime::quiet_unix::{QuietReadHalf, QuietUnixStream, QuietWriteHalf};
 use hearth_guest::runtime::{read_frame, write_frame};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::oneshot;
@@ -34,7 +35,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// A loaded function's host link: invokes go out, results and logs come back.
 pub struct HostLink {
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    writer: tokio::sync::Mutex<QuietWriteHalf>,
     waiters: Waiters,
     logs: Logs,
     alive: Arc<AtomicBool>,
@@ -58,6 +59,15 @@ impl HostLink {
     ) -> Result<(HostLink, InitReport), SandboxError> {
         let (loaded, init_logs, reader, writer) =
             handshake(function, init_timeout, reader, writer).await?;
+        // From here on the link is registered for read readiness only (see `QuietUnixStream`):
+        // the init's reads of each invoke no longer wake this core for nothing.
+        let (reader, writer) = reader
+            .reunite(writer)
+            .map_err(std::io::Error::other)
+            .and_then(|stream| stream.into_std())
+            .and_then(QuietUnixStream::new)
+            .map_err(|e| SandboxError::Link(protocol::ProtocolError::Io(e)))?
+            .into_split();
         let waiters: Waiters = Arc::default();
         let logs: Logs = Arc::default();
         let alive = Arc::new(AtomicBool::new(true));
@@ -137,7 +147,7 @@ impl HostLink {
         });
         let sent = {
             let mut w = self.writer.lock().await;
-            send(&mut w, invoke).await
+            send(&mut *w, invoke).await
         };
         if let Err(e) = sent {
             lock(&self.waiters).remove(&request_id);
@@ -295,14 +305,17 @@ pub fn tail_of(logs: &[f::LogLine]) -> Vec<u8> {
     out.split_off(cut)
 }
 
-async fn send(w: &mut OwnedWriteHalf, msg: Message) -> Result<(), SandboxError> {
+async fn send<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    msg: Message,
+) -> Result<(), SandboxError> {
     write_frame(w, &protocol::Message::Function(msg))
         .await
         .map_err(SandboxError::Link)
 }
 
 async fn read_loop(
-    reader: OwnedReadHalf,
+    reader: QuietReadHalf,
     waiters: Waiters,
     logs: Logs,
     alive: Arc<AtomicBool>,

@@ -1,8 +1,11 @@
 //! The Lambda Runtime API (`2018-06-01`) served to the function's runtime on the loopback.
 //!
-//! hyper 1's HTTP/1 server on the session's current-thread tokio runtime. No header read timeout is
-//! set: the only client is the function inside the same sandbox, so a slow client only slows itself
-//! (and the host's invoke timeout bounds every invoke).
+//! Each connection's hot requests (`GET .../invocation/next`, `POST .../invocation/{id}/response`
+//! and `.../error`) are served by [`super::connection`] without hyper; at the first other request
+//! the connection goes to hyper 1's HTTP/1 server, on the session's current-thread tokio runtime.
+//! Both answer through the handlers here ([`Reply`]). No header read timeout is set: the only
+//! client is the function inside the same sandbox, so a slow client only slows itself (and the
+//! host's invoke timeout bounds every invoke).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -19,7 +22,7 @@ use tokio::sync::mpsc;
 
 use crate::protocol::function::{FunctionError, Invoke, LOG_TAIL, MAX_PAYLOAD, Outcome};
 
-const PREFIX: &str = "/2018-06-01/runtime/";
+pub(crate) const PREFIX: &str = "/2018-06-01/runtime/";
 /// How many finished request ids are remembered, to answer a late second response with 403.
 const REMEMBER_DONE: usize = 1024;
 
@@ -103,7 +106,8 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Serves the Runtime API on `listener` until the task is dropped.
+/// Serves the Runtime API on `listener` until the task is dropped: each connection's hot
+/// requests by [`super::connection`], the rest by hyper.
 pub(crate) async fn serve(listener: TcpListener, state: Arc<ApiState>) {
     loop {
         let (stream, _) = match listener.accept().await {
@@ -117,67 +121,160 @@ pub(crate) async fn serve(listener: TcpListener, state: Arc<ApiState>) {
         let _ = stream.set_nodelay(true);
         let state = state.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, std::convert::Infallible>(route(&state, req).await) }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await
+            if let super::connection::Ended::HandOver(stream) =
+                super::connection::serve(stream, &state).await
             {
-                tracing::debug!(error = %e, "runtime API connection ended");
+                serve_hyper(stream, state).await;
             }
         });
     }
 }
 
-type Resp = Response<Full<Bytes>>;
-
-fn json(status: StatusCode, body: serde_json::Value) -> Resp {
-    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    resp
+/// Serves the rest of a connection with hyper.
+async fn serve_hyper<S>(stream: S, state: Arc<ApiState>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let state = state.clone();
+        async move { Ok::<_, std::convert::Infallible>(to_response(route(&state, req).await)) }
+    });
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+        .await
+    {
+        tracing::debug!(error = %e, "runtime API connection ended");
+    }
 }
 
-fn error(status: StatusCode, error_type: &str, message: &str) -> Resp {
+/// An answer of the Runtime API, written by hyper ([`to_response`]) or by the connection loop
+/// ([`super::connection`]).
+pub(crate) enum Reply {
+    /// A JSON body (`content-type: application/json`) with this status.
+    Json(StatusCode, Bytes),
+    /// The next invoke: 200, its payload, and the `Lambda-Runtime-*` headers.
+    Invoke(Invoke),
+}
+
+impl Reply {
+    /// The invoke's headers (`content-type` first), each whose value a header may carry.
+    pub(crate) fn invoke_headers(invoke: &Invoke) -> impl Iterator<Item = (&'static str, &str)> {
+        [
+            ("content-type", Some("application/json")),
+            ("lambda-runtime-aws-request-id", Some(&*invoke.request_id)),
+            (
+                "lambda-runtime-invoked-function-arn",
+                Some(&*invoke.invoked_function_arn),
+            ),
+            ("lambda-runtime-trace-id", invoke.trace_id.as_deref()),
+            (
+                "lambda-runtime-client-context",
+                invoke.client_context.as_deref(),
+            ),
+            (
+                "lambda-runtime-cognito-identity",
+                invoke.cognito_identity.as_deref(),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| Some((name, value?)))
+        .filter(|(_, value)| header_value_ok(value))
+    }
+}
+
+/// Whether `value` may be a header value as is (what `HeaderValue::from_str` accepts).
+pub(crate) fn header_value_ok(value: &str) -> bool {
+    value.bytes().all(|b| (b >= 32 && b != 127) || b == b'\t')
+}
+
+type Resp = Response<Full<Bytes>>;
+
+/// The hyper response for `reply`.
+fn to_response(reply: Reply) -> Resp {
+    use hyper::header::HeaderValue;
+    match reply {
+        Reply::Json(status, body) => {
+            let mut resp = Response::new(Full::new(body));
+            *resp.status_mut() = status;
+            resp.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            resp
+        }
+        Reply::Invoke(invoke) => {
+            let mut resp = Response::new(Full::new(Bytes::new()));
+            let h = resp.headers_mut();
+            for (name, value) in Reply::invoke_headers(&invoke) {
+                if let Ok(v) = HeaderValue::from_str(value) {
+                    h.insert(name, v);
+                }
+            }
+            h.insert(
+                "lambda-runtime-deadline-ms",
+                HeaderValue::from(invoke.deadline_ms),
+            );
+            *resp.body_mut() = Full::new(Bytes::from(invoke.payload));
+            resp
+        }
+    }
+}
+
+fn json(status: StatusCode, body: serde_json::Value) -> Reply {
+    Reply::Json(status, Bytes::from(body.to_string()))
+}
+
+pub(crate) fn error(status: StatusCode, error_type: &str, message: &str) -> Reply {
     json(
         status,
         serde_json::json!({"errorType": error_type, "errorMessage": message}),
     )
 }
 
-fn accepted() -> Resp {
-    json(StatusCode::ACCEPTED, serde_json::json!({"status": "OK"}))
+/// 202 `{"status":"OK"}`.
+pub(crate) fn accepted() -> Reply {
+    Reply::Json(
+        StatusCode::ACCEPTED,
+        Bytes::from_static(b"{\"status\":\"OK\"}"),
+    )
 }
 
-async fn route(state: &ApiState, req: Request<Incoming>) -> Resp {
+/// The answer to a path this API does not have.
+pub(crate) fn not_found() -> Reply {
+    error(StatusCode::NOT_FOUND, "NotFound", "unknown path")
+}
+
+async fn route(state: &ApiState, req: Request<Incoming>) -> Reply {
     let path = req.uri().path().to_string();
     let Some(rest) = path.strip_prefix(PREFIX) else {
-        return error(StatusCode::NOT_FOUND, "NotFound", "unknown path");
+        return not_found();
     };
     let parts: Vec<&str> = rest.split('/').collect();
     match (req.method(), parts.as_slice()) {
         (&Method::GET, ["invocation", "next"]) => next(state).await,
         (&Method::POST, ["invocation", id, "response"]) => {
-            let id = id.to_string();
-            response(state, &id, req).await
+            if let Err(reply) = check_open(state, id) {
+                return *reply;
+            }
+            let body = read_body(req).await;
+            response(state, id, body)
         }
         (&Method::POST, ["invocation", id, "error"]) => {
-            let id = id.to_string();
-            invocation_error(state, &id, req).await
+            if let Err(reply) = check_open(state, id) {
+                return *reply;
+            }
+            let header_type = error_type_header(req.headers());
+            let body = read_body(req).await;
+            invocation_error(state, id, header_type, body)
         }
         (&Method::POST, ["init", "error"]) => {
-            let err = read_error(req).await;
-            match err {
+            let header_type = error_type_header(req.headers());
+            match read_error(header_type, read_body(req).await) {
                 Ok(err) => {
                     let _ = state.events.send(ApiEvent::InitError(err));
                     accepted()
                 }
-                Err(resp) => resp,
+                Err(reply) => *reply,
             }
         }
         (
@@ -188,11 +285,21 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Resp {
             "MethodNotAllowed",
             "method not allowed",
         ),
-        _ => error(StatusCode::NOT_FOUND, "NotFound", "unknown path"),
+        _ => not_found(),
     }
 }
 
-async fn next(state: &ApiState) -> Resp {
+/// `Lambda-Runtime-Function-Error-Type`, if set and text.
+fn error_type_header(headers: &hyper::HeaderMap) -> Option<String> {
+    headers
+        .get("lambda-runtime-function-error-type")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// `GET .../invocation/next`: waits for the next invoke and marks it in flight. Cancel-safe:
+/// dropped before it resolves, it has taken no invoke.
+pub(crate) async fn next(state: &ApiState) -> Reply {
     if !state.first_next.swap(true, Ordering::SeqCst) {
         let _ = state.events.send(ApiEvent::FirstNext);
     }
@@ -214,37 +321,11 @@ async fn next(state: &ApiState) -> Resp {
             tail: VecDeque::new(),
         },
     );
-    let mut resp = Response::new(Full::new(Bytes::from(invoke.payload)));
-    let h = resp.headers_mut();
-    let mut put = |name: &'static str, value: &str| {
-        if let Ok(v) = hyper::header::HeaderValue::from_str(value) {
-            h.insert(name, v);
-        }
-    };
-    put("content-type", "application/json");
-    put("lambda-runtime-aws-request-id", &invoke.request_id);
-    put(
-        "lambda-runtime-deadline-ms",
-        &invoke.deadline_ms.to_string(),
-    );
-    put(
-        "lambda-runtime-invoked-function-arn",
-        &invoke.invoked_function_arn,
-    );
-    if let Some(v) = &invoke.trace_id {
-        put("lambda-runtime-trace-id", v);
-    }
-    if let Some(v) = &invoke.client_context {
-        put("lambda-runtime-client-context", v);
-    }
-    if let Some(v) = &invoke.cognito_identity {
-        put("lambda-runtime-cognito-identity", v);
-    }
-    resp
+    Reply::Invoke(invoke)
 }
 
-/// Checks that `id` may still be answered; `Err` is the HTTP answer when it may not.
-fn check_open(state: &ApiState, id: &str) -> Result<(), Box<Resp>> {
+/// Checks that `id` may still be answered; `Err` is the answer when it may not.
+pub(crate) fn check_open(state: &ApiState, id: &str) -> Result<(), Box<Reply>> {
     if lock(&state.inflight).contains_key(id) {
         Ok(())
     } else if state.is_done(id) {
@@ -262,15 +343,18 @@ fn check_open(state: &ApiState, id: &str) -> Result<(), Box<Resp>> {
     }
 }
 
-enum Body {
-    Ok(Bytes),
+/// A request body as read.
+pub(crate) enum Body {
+    Ok(Vec<u8>),
+    /// Over [`MAX_PAYLOAD`].
     TooLarge,
+    /// The connection failed before its end.
     Broken,
 }
 
 async fn read_body(req: Request<Incoming>) -> Body {
     match Limited::new(req.into_body(), MAX_PAYLOAD).collect().await {
-        Ok(collected) => Body::Ok(collected.to_bytes()),
+        Ok(collected) => Body::Ok(Vec::from(collected.to_bytes())),
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some() =>
@@ -281,11 +365,19 @@ async fn read_body(req: Request<Incoming>) -> Body {
     }
 }
 
-fn too_large() -> Resp {
+fn too_large() -> Reply {
     error(
         StatusCode::PAYLOAD_TOO_LARGE,
         "RequestEntityTooLarge",
         &format!("Exceeded maximum allowed payload size ({MAX_PAYLOAD} bytes)."),
+    )
+}
+
+fn broken() -> Reply {
+    error(
+        StatusCode::BAD_REQUEST,
+        "InvalidRequest",
+        "could not read the request body",
     )
 }
 
@@ -299,16 +391,14 @@ fn complete(state: &ApiState, id: &str, outcome: Outcome) {
     }
 }
 
-async fn response(state: &ApiState, id: &str, req: Request<Incoming>) -> Resp {
-    if let Err(resp) = check_open(state, id) {
-        return *resp;
-    }
-    match read_body(req).await {
+/// `POST .../invocation/{id}/response` with its body read.
+pub(crate) fn response(state: &ApiState, id: &str, body: Body) -> Reply {
+    match body {
         Body::Ok(bytes) => {
-            if let Err(resp) = check_open(state, id) {
-                return *resp;
+            if let Err(reply) = check_open(state, id) {
+                return *reply;
             }
-            complete(state, id, Outcome::Response(bytes.to_vec()));
+            complete(state, id, Outcome::Response(bytes));
             accepted()
         }
         Body::TooLarge => {
@@ -324,47 +414,36 @@ async fn response(state: &ApiState, id: &str, req: Request<Incoming>) -> Resp {
             );
             too_large()
         }
-        Body::Broken => error(
-            StatusCode::BAD_REQUEST,
-            "InvalidRequest",
-            "could not read the request body",
-        ),
+        Body::Broken => broken(),
     }
 }
 
-async fn invocation_error(state: &ApiState, id: &str, req: Request<Incoming>) -> Resp {
-    if let Err(resp) = check_open(state, id) {
-        return *resp;
-    }
-    match read_error(req).await {
+/// `POST .../invocation/{id}/error` with its body read (`header_type`: the
+/// `Lambda-Runtime-Function-Error-Type` header).
+pub(crate) fn invocation_error(
+    state: &ApiState,
+    id: &str,
+    header_type: Option<String>,
+    body: Body,
+) -> Reply {
+    match read_error(header_type, body) {
         Ok(err) => {
-            if let Err(resp) = check_open(state, id) {
-                return *resp;
+            if let Err(reply) = check_open(state, id) {
+                return *reply;
             }
             complete(state, id, Outcome::Error(err));
             accepted()
         }
-        Err(resp) => resp,
+        Err(reply) => *reply,
     }
 }
 
-/// Reads an error body (`{"errorType":..,"errorMessage":..}`), keeping it as posted.
-async fn read_error(req: Request<Incoming>) -> Result<FunctionError, Resp> {
-    let header_type = req
-        .headers()
-        .get("lambda-runtime-function-error-type")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let bytes = match read_body(req).await {
+/// An error body (`{"errorType":..,"errorMessage":..}`), kept as posted.
+fn read_error(header_type: Option<String>, body: Body) -> Result<FunctionError, Box<Reply>> {
+    let bytes = match body {
         Body::Ok(b) => b,
-        Body::TooLarge => return Err(too_large()),
-        Body::Broken => {
-            return Err(error(
-                StatusCode::BAD_REQUEST,
-                "InvalidRequest",
-                "could not read the request body",
-            ));
-        }
+        Body::TooLarge => return Err(Box::new(too_large())),
+        Body::Broken => return Err(Box::new(broken())),
     };
     let parsed: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
     let field = |k: &str| {
@@ -382,7 +461,7 @@ async fn read_error(req: Request<Incoming>) -> Result<FunctionError, Resp> {
         Ok(FunctionError {
             error_type,
             error_message,
-            body: bytes.to_vec(),
+            body: bytes,
         })
     } else {
         Ok(FunctionError::new(

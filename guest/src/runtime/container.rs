@@ -405,7 +405,7 @@ pub(crate) fn container_init(args: &[OsString]) -> Result<i32, RuntimeError> {
         .build()
         .map_err(RuntimeError::Tokio)?;
     rt.block_on(async move {
-        let link = tokio::net::UnixStream::from_std(link).map_err(step("async link"))?;
+        let link = super::quiet_unix::QuietUnixStream::new(link).map_err(step("async link"))?;
         let (r, w) = link.into_split();
         super::serve_function(
             RuntimeConfig {

@@ -14,13 +14,18 @@
 //! profile ([`seccomp`]); it cannot see, signal or trace the init. Natively (tests) it runs as a
 //! plain child in its own process group.
 //!
+//! The Runtime API's hot requests are served without hyper ([`connection`]); the container's host
+//! link is a [`quiet_unix::QuietUnixStream`] (the agent's end is one too).
+//!
 //! The container sandbox's two roles of `hearth-init` live in [`container`];
 //! [`main_if_runtime_role`] dispatches them from `main`.
 
 mod api;
+mod connection;
 pub mod container;
 pub mod env;
 pub mod isolate;
+pub mod quiet_unix;
 pub mod seccomp;
 mod session;
 

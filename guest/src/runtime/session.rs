@@ -45,8 +45,20 @@ where
     let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Message>();
     let reader_task = tokio::spawn(read_loop(reader, in_tx));
 
-    let result = converse(&cfg, &mut in_rx, &out_tx, log_tx).await;
-    drop(out_tx);
+    // A task of its own rather than the caller's `block_on` future: a current-thread runtime
+    // polls its I/O driver (one `epoll_wait` system call) before each poll of the `block_on`
+    // future that another task woke, and every invoke wakes the conversation twice.
+    let session = tokio::spawn(async move {
+        let result = converse(&cfg, &mut in_rx, &out_tx, log_tx).await;
+        drop(out_tx);
+        result
+    });
+    let result = session.await.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "the function conversation task failed");
+        Err(RuntimeError::Protocol(
+            "the function conversation task failed",
+        ))
+    });
     reader_task.abort();
     // Let the writer flush what is queued (results, Exited) before returning.
     let _ = writer_task.await;

@@ -273,6 +273,144 @@ fn relays_invokes_with_lambdas_headers_and_statuses() {
     s.finish();
 }
 
+/// A keep-alive connection to the Runtime API, as a runtime's HTTP client keeps one.
+struct KeepAlive(TcpStream);
+
+impl KeepAlive {
+    fn connect(port: u16) -> KeepAlive {
+        let mut tries = 0;
+        loop {
+            match TcpStream::connect(("127.0.0.1", port)) {
+                Ok(s) => {
+                    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                    return KeepAlive(s);
+                }
+                Err(_) if tries < 200 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(25));
+                }
+                Err(e) => panic!("cannot reach the Runtime API: {e}"),
+            }
+        }
+    }
+
+    fn send(&mut self, method: &str, path: &str, headers: &str, body: &[u8]) {
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Length: {}\r\n\r\n",
+            body.len()
+        );
+        self.0.write_all(head.as_bytes()).unwrap();
+        self.0.write_all(body).unwrap();
+    }
+
+    /// One response: (status, lowercased head, body), read by its content-length.
+    fn receive(&mut self) -> (u16, String, Vec<u8>) {
+        let mut bytes = Vec::new();
+        let mut byte = [0u8; 1];
+        while !bytes.ends_with(b"\r\n\r\n") {
+            assert_eq!(self.0.read(&mut byte).unwrap(), 1, "the connection closed");
+            bytes.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&bytes).to_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .map_or(0, |v| v.trim().parse().unwrap());
+        let mut body = vec![0u8; length];
+        self.0.read_exact(&mut body).unwrap();
+        (head[9..12].parse().unwrap(), head, body)
+    }
+}
+
+#[test]
+fn one_keep_alive_connection_serves_invokes_then_hands_over_to_hyper() {
+    let mut s = start(sleeper(), vec![]);
+    let mut logs = Vec::new();
+    let mut c = KeepAlive::connect(s.port);
+    let next = format!("{API}/invocation/next");
+    // The first `next` ends the init.
+    c.send("GET", &next, "", b"");
+    assert!(matches!(s.recv(&mut logs), Message::Loaded(_)));
+    s.invoke("k-1", b"{\"k\":1}");
+    let (status, head, body) = c.receive();
+    assert_eq!((status, &body[..]), (200, &b"{\"k\":1}"[..]));
+    for h in [
+        "content-type: application/json",
+        "lambda-runtime-aws-request-id: k-1",
+        "lambda-runtime-deadline-ms: 1900000000000",
+        "lambda-runtime-trace-id: root=1-abc",
+        "lambda-runtime-client-context: e30=",
+        "date: ",
+    ] {
+        assert!(head.contains(h), "missing {h} in {head}");
+    }
+    c.send(
+        "POST",
+        &format!("{API}/invocation/k-1/response"),
+        "",
+        b"\"one\"",
+    );
+    assert_eq!(c.receive().0, 202);
+    match s.recv(&mut logs) {
+        Message::Result(r) => assert_eq!(r.outcome, f::Outcome::Response(b"\"one\"".to_vec())),
+        other => panic!("{other:?}"),
+    }
+
+    // An error that is not JSON takes its type from the header.
+    c.send("GET", &next, "", b"");
+    s.invoke("k-2", b"{}");
+    assert_eq!(c.receive().0, 200);
+    c.send(
+        "POST",
+        &format!("{API}/invocation/k-2/error"),
+        "Lambda-Runtime-Function-Error-Type: Custom.Kind\r\n",
+        b"plain words",
+    );
+    assert_eq!(c.receive().0, 202);
+    match s.recv(&mut logs) {
+        Message::Result(f::InvokeResult {
+            outcome: f::Outcome::Error(e),
+            ..
+        }) => assert_eq!(
+            (e.error_type.as_str(), e.error_message.as_str()),
+            ("Custom.Kind", "plain words")
+        ),
+        other => panic!("{other:?}"),
+    }
+    c.send("POST", &format!("{API}/invocation/k-2/response"), "", b"1");
+    assert_eq!(c.receive().0, 403);
+
+    // A runtime that closes its connection while it waits takes no invoke with it.
+    let mut gone = KeepAlive::connect(s.port);
+    gone.send("GET", &next, "", b"");
+    std::thread::sleep(Duration::from_millis(200));
+    drop(gone);
+    std::thread::sleep(Duration::from_millis(200));
+    s.invoke("k-3", b"{\"k\":3}");
+
+    // Another path goes to hyper, which serves the rest of the connection.
+    c.send("GET", &format!("{API}/nothing"), "", b"");
+    let (status, _, body) = c.receive();
+    assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
+    c.send("GET", &next, "", b"");
+    let (status, head, body) = c.receive();
+    assert_eq!((status, &body[..]), (200, &b"{\"k\":3}"[..]));
+    assert!(
+        head.contains("lambda-runtime-aws-request-id: k-3"),
+        "{head}"
+    );
+    c.send("POST", &format!("{API}/invocation/k-3/response"), "", b"3");
+    assert_eq!(c.receive().0, 202);
+    match s.recv(&mut logs) {
+        Message::Result(r) => {
+            assert_eq!(r.request_id, "k-3");
+            assert_eq!(r.outcome, f::Outcome::Response(b"3".to_vec()));
+        }
+        other => panic!("{other:?}"),
+    }
+    s.finish();
+}
+
 #[test]
 fn init_error_is_reported_and_answers_invokes() {
     let script = format!(

@@ -7,7 +7,9 @@
 //! function busy. After an untimed window (the environments start), each one-second window
 //! counts the invokes finished and the CPU time (user and system) that the agent process and every
 //! process under it (the sandboxes' init and runtime) used, read from `/proc`: in all
-//! (`agent_cpu_per_invoke`) and the agent process alone (`agent_process_cpu_per_invoke`); the
+//! (`agent_cpu_per_invoke`), the agent process alone (`agent_process_cpu_per_invoke`), the
+//! sandboxes' function runtimes (processes named `bootstrap`: `runtime_cpu_per_invoke`) and the
+//! rest under the agent, the sandboxes' `hearth-init` processes (`init_cpu_per_invoke`); the
 //! caller's own CPU time is reported apart.
 //!
 //! In process: [`Concurrency::acquire`] and the permit's release, and [`Metrics::invoke`] with a
@@ -98,6 +100,11 @@ fn tree(root: u32) -> Vec<u32> {
         .collect()
 }
 
+/// Whether `pid` is a function runtime (the echo function's `bootstrap`).
+fn is_runtime(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == "bootstrap")
+}
+
 /// CPU seconds of every process in `pids`, by pid.
 fn cpu_of(pids: &[u32]) -> std::collections::HashMap<u32, f64> {
     pids.iter()
@@ -165,6 +172,14 @@ pub fn run(args: &ThroughputArgs) -> anyhow::Result<Report> {
         .iter()
         .map(|w| w.client_cpu * 1e6 / w.invokes.max(1.0))
         .collect();
+    let runtime_cpu: Vec<f64> = windows
+        .iter()
+        .map(|w| w.runtime_cpu * 1e6 / w.invokes.max(1.0))
+        .collect();
+    let init_cpu: Vec<f64> = windows
+        .iter()
+        .map(|w| (w.agent_cpu - w.agent_process_cpu - w.runtime_cpu) * 1e6 / w.invokes.max(1.0))
+        .collect();
     let utilisation: Vec<f64> = windows
         .iter()
         .map(|w| (w.agent_cpu + w.client_cpu) / w.seconds)
@@ -172,6 +187,8 @@ pub fn run(args: &ThroughputArgs) -> anyhow::Result<Report> {
     report.add("throughput", &rate, "inv/s");
     report.add("agent_cpu_per_invoke", &cpu, "us");
     report.add("agent_process_cpu_per_invoke", &process_cpu, "us");
+    report.add("init_cpu_per_invoke", &init_cpu, "us");
+    report.add("runtime_cpu_per_invoke", &runtime_cpu, "us");
     report.add("client_cpu_per_invoke", &client_cpu, "us");
     report.add("cpus_busy", &utilisation, "cpus");
     Ok(report)
@@ -205,6 +222,8 @@ struct Window {
     agent_cpu: f64,
     /// The agent process alone (the rest is the sandboxes').
     agent_process_cpu: f64,
+    /// The function runtimes (`bootstrap`) under it.
+    runtime_cpu: f64,
     client_cpu: f64,
 }
 
@@ -254,6 +273,7 @@ async fn saturate(
             break;
         }
         let pids = tree(agent.pid());
+        let runtimes: Vec<u32> = pids.iter().copied().filter(|&p| is_runtime(p)).collect();
         let before = cpu_of(&pids);
         let client_before = cpu_seconds(me).unwrap_or(0.0);
         let count_before = done.load(Ordering::Relaxed);
@@ -269,12 +289,18 @@ async fn saturate(
             .filter(|(pid, _)| **pid == agent.pid())
             .map(|(pid, s)| used(pid, s))
             .sum();
+        let runtime_cpu: f64 = after
+            .iter()
+            .filter(|(pid, _)| runtimes.contains(pid))
+            .map(|(pid, s)| used(pid, s))
+            .sum();
         let client_cpu = cpu_seconds(me).unwrap_or(0.0) - client_before;
         windows.push(Window {
             seconds,
             invokes: count as f64,
             agent_cpu,
             agent_process_cpu,
+            runtime_cpu,
             client_cpu,
         });
         if let Some(Ok(Err(e))) = tasks.try_join_next() {
