@@ -1,6 +1,6 @@
 //! The memory file: guest RAM as one flat file (the regions one after the other), sparse: only
 //! pages that are not all zero are written, the rest stay holes. Its [`MemoryFileInfo`] (size,
-//! non-zero page count and a CRC-64 over the non-zero pages with their indices) goes into the
+//! non-zero page count and an XXH64 digest of the non-zero pages with their indices) goes into the
 //! state file.
 //!
 //! Restoring opens the file once ([`MemoryFile::open`]), checks it on that descriptor (a regular
@@ -16,13 +16,14 @@
 //! its contents are not read again. A copy, or a file touched in any way, gets the full check.
 
 use crate::pagemap::{PageKind, Pagemap};
-use crate::state_file::{CRC64, replace_with};
+use crate::state_file::replace_with;
 use nix::unistd::{Whence, lseek};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use xxhash_rust::xxh64::Xxh64;
 
 /// The page size the file is laid out in.
 pub const PAGE_SIZE: usize = crate::pagemap::PAGE_SIZE;
@@ -36,7 +37,9 @@ pub struct MemoryFileInfo {
     pub size: u64,
     /// Pages written (not all zero).
     pub data_pages: u64,
-    /// CRC-64/XZ over each non-zero page, in order, preceded by its page index (u64 LE).
+    /// XXH64 (seed 0) over each non-zero page, in order, preceded by its page index (u64 LE). Not
+    /// CRC-64: over 52 MB of guest RAM, CRC-64 took 408-443 ms in the test host and XXH64 36-47 ms
+    /// (a program hashing 52 MB three times under QEMU TCG; natively 36 against 7 ms).
     pub digest: u64,
     /// The file as written, to skip reading it again while it is unchanged.
     pub identity: Option<FileIdentity>,
@@ -155,11 +158,7 @@ fn is_zero(page: &[u8]) -> bool {
 }
 
 /// Feeds the non-zero pages of `bytes` (page `first_page` onwards) into `digest`; returns how many.
-fn digest_pages(
-    digest: &mut crc::Digest<'_, u64, crc::Table<16>>,
-    bytes: &[u8],
-    first_page: u64,
-) -> u64 {
+fn digest_pages(digest: &mut Xxh64, bytes: &[u8], first_page: u64) -> u64 {
     let mut n = 0;
     for (i, page) in bytes.chunks(PAGE_SIZE).enumerate() {
         if !is_zero(page) {
@@ -255,7 +254,7 @@ pub fn write_regions(path: &Path, regions: &[Region<'_>]) -> Result<WriteStats, 
             file_offset += region.bytes.len() as u64;
         }
         out.flush()?;
-        out_stats = (out.data_pages, out.written, out.digest.finalize());
+        out_stats = (out.data_pages, out.written, out.digest.digest());
         Ok(())
     })
     .map_err(io)?;
@@ -285,9 +284,9 @@ enum Source {
 }
 
 /// Writes one region, whose first page is page `first_page` of the memory file.
-fn write_region(
-    out: &mut SparseOut<'_>,
-    region: &Region<'_>,
+fn write_region<'a>(
+    out: &mut SparseOut<'_, 'a>,
+    region: &Region<'a>,
     kinds: &[PageKind],
     data: &[(u64, u64)],
     first_page: u64,
@@ -322,21 +321,23 @@ fn write_region(
         while i < pages && i - start < READ_CHUNK / PAGE_SIZE && source_of(i) == source {
             i += 1;
         }
-        let bytes: &[u8] = match source {
-            Source::Zero => continue,
-            Source::Mapping => &region.bytes[start * PAGE_SIZE..i * PAGE_SIZE],
+        match source {
+            Source::Zero => {}
+            Source::Mapping => {
+                let bytes: &'a [u8] = &region.bytes[start * PAGE_SIZE..i * PAGE_SIZE];
+                for (k, page) in bytes.chunks(PAGE_SIZE).enumerate() {
+                    if !is_zero(page) {
+                        out.push(first_page + (start + k) as u64, page)?;
+                    }
+                }
+            }
             Source::Backing => {
                 let Some((backing, at)) = region.backing else {
                     continue;
                 };
                 buf.resize((i - start) * PAGE_SIZE, 0);
                 backing.read_exact_at(&mut buf, at + start as u64 * page_len)?;
-                &buf
-            }
-        };
-        for (k, page) in bytes.chunks(PAGE_SIZE).enumerate() {
-            if !is_zero(page) {
-                out.push(first_page + (start + k) as u64, page)?;
+                out.write_now(first_page + start as u64, &buf)?;
             }
         }
     }
@@ -370,51 +371,111 @@ pub fn data_extents(file: &File, at: u64, len: u64) -> std::io::Result<Vec<(u64,
     Ok(extents)
 }
 
-/// The memory file being written: non-zero pages gathered into runs, digested in order.
-struct SparseOut<'f> {
+/// Most pages written by one `pwritev` (the kernel's `IOV_MAX` is 1024).
+const MAX_IOVECS: usize = 1024;
+
+/// The memory file being written: non-zero pages gathered into runs of consecutive file pages,
+/// digested in order, and written straight from where they lie (guest RAM, or a read buffer) with
+/// `pwritev`: no copy into a buffer of our own first. Over 52 MB of guest RAM that copy cost
+/// about as much as the write itself in the test host.
+struct SparseOut<'f, 'a> {
     file: &'f File,
-    pending: Vec<u8>,
-    pending_page: u64,
-    digest: crc::Digest<'static, u64, crc::Table<16>>,
+    run: Vec<&'a [u8]>,
+    run_page: u64,
+    digest: Xxh64,
     data_pages: u64,
     written: u64,
 }
 
-impl<'f> SparseOut<'f> {
+impl<'f, 'a> SparseOut<'f, 'a> {
     fn new(file: &'f File) -> Self {
         SparseOut {
             file,
-            pending: Vec::with_capacity(READ_CHUNK),
-            pending_page: 0,
-            digest: CRC64.digest(),
+            run: Vec::with_capacity(MAX_IOVECS),
+            run_page: 0,
+            digest: Xxh64::new(0),
             data_pages: 0,
             written: 0,
         }
     }
 
-    /// Adds non-zero page `index`; pages must come in increasing order.
-    fn push(&mut self, index: u64, page: &[u8]) -> std::io::Result<()> {
-        let next = self.pending_page + (self.pending.len() / PAGE_SIZE) as u64;
-        if !self.pending.is_empty() && (index != next || self.pending.len() >= READ_CHUNK) {
+    /// Adds non-zero page `index`; pages must come in increasing order. The page is written at
+    /// the next [`flush`](Self::flush) at the latest, so it must stay unchanged until then.
+    fn push(&mut self, index: u64, page: &'a [u8]) -> std::io::Result<()> {
+        let next = self.run_page + self.run.len() as u64;
+        if !self.run.is_empty() && (index != next || self.run.len() >= MAX_IOVECS) {
             self.flush()?;
         }
-        if self.pending.is_empty() {
-            self.pending_page = index;
+        if self.run.is_empty() {
+            self.run_page = index;
         }
         self.digest.update(&index.to_le_bytes());
         self.digest.update(page);
-        self.pending.extend_from_slice(page);
+        self.run.push(page);
         self.data_pages += 1;
         Ok(())
     }
 
-    fn flush(&mut self) -> std::io::Result<()> {
-        if !self.pending.is_empty() {
-            self.file
-                .write_all_at(&self.pending, self.pending_page * PAGE_SIZE as u64)?;
-            self.written += self.pending.len() as u64;
-            self.pending.clear();
+    /// Digests and writes the non-zero pages of `bytes` (page `first` onwards) at once: for bytes
+    /// that do not live as long as the writer (a read buffer that is reused).
+    fn write_now(&mut self, first: u64, bytes: &[u8]) -> std::io::Result<()> {
+        self.flush()?;
+        // Consecutive non-zero pages of `bytes`, as page indices [a, b).
+        let mut run: Option<(usize, usize)> = None;
+        for (k, page) in bytes.chunks(PAGE_SIZE).enumerate() {
+            if is_zero(page) {
+                if let Some((a, b)) = run.take() {
+                    self.write_at(first + a as u64, &bytes[a * PAGE_SIZE..b * PAGE_SIZE])?;
+                }
+                continue;
+            }
+            self.digest.update(&(first + k as u64).to_le_bytes());
+            self.digest.update(page);
+            self.data_pages += 1;
+            run = Some((run.map_or(k, |(a, _)| a), k + 1));
         }
+        if let Some((a, b)) = run {
+            self.write_at(first + a as u64, &bytes[a * PAGE_SIZE..b * PAGE_SIZE])?;
+        }
+        Ok(())
+    }
+
+    fn write_at(&mut self, page: u64, bytes: &[u8]) -> std::io::Result<()> {
+        self.file.write_all_at(bytes, page * PAGE_SIZE as u64)?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let mut at = self.run_page * PAGE_SIZE as u64;
+        let mut left: &[&[u8]] = &self.run;
+        // Skips what a short write took, down to the byte.
+        let mut skip = 0usize;
+        while !left.is_empty() {
+            let mut iov: Vec<std::io::IoSlice<'_>> = Vec::with_capacity(left.len());
+            iov.push(std::io::IoSlice::new(&left[0][skip..]));
+            iov.extend(left[1..].iter().map(|p| std::io::IoSlice::new(p)));
+            let n = match nix::sys::uio::pwritev(self.file.as_fd(), &iov, at as i64) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(nix::Error::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            self.written += n as u64;
+            at += n as u64;
+            let mut n = n;
+            while let Some(first) = left.first() {
+                let rest = first.len() - skip;
+                if n < rest {
+                    skip += n;
+                    break;
+                }
+                n -= rest;
+                skip = 0;
+                left = &left[1..];
+            }
+        }
+        self.run.clear();
         Ok(())
     }
 }
@@ -492,7 +553,7 @@ impl MemoryFile {
 /// The digest of the non-zero pages of `file` (`size` bytes), read through its data extents.
 fn digest_file(file: &File, size: u64, path: &Path) -> Result<(u64, u64), MemoryFileError> {
     let page = PAGE_SIZE as u64;
-    let mut digest = CRC64.digest();
+    let mut digest = Xxh64::new(0);
     let mut pages = 0u64;
     let mut buf = vec![0u8; READ_CHUNK];
     let mut pos = 0u64;
@@ -520,7 +581,7 @@ fn digest_file(file: &File, size: u64, path: &Path) -> Result<(u64, u64), Memory
         }
         pos = end.max(pos + page);
     }
-    Ok((pages, digest.finalize()))
+    Ok((pages, digest.digest()))
 }
 
 #[cfg(test)]
@@ -571,6 +632,27 @@ mod tests {
         std::fs::copy(&path, &copy).unwrap();
         let checked = MemoryFile::open(&copy, &stats.info).unwrap();
         assert_eq!(checked.checked(), Checked::Digest);
+    }
+
+    #[test]
+    fn runs_longer_than_one_pwritev_are_written_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mem");
+        // 2,500 pages with data in a row (over two `pwritev`s of MAX_IOVECS pages), a hole, more.
+        let mut ram = vec![0u8; 3000 * PAGE_SIZE];
+        for page in (0..2500).chain(2600..2700) {
+            ram[page * PAGE_SIZE..(page + 1) * PAGE_SIZE].fill((page % 251) as u8 | 1);
+        }
+        let stats = write(&path, &[&ram]).unwrap();
+        assert_eq!(stats.info.data_pages, 2600);
+        assert_eq!(stats.written_bytes, 2600 * PAGE_SIZE as u64);
+        assert_eq!(std::fs::read(&path).unwrap(), ram);
+        let copy = dir.path().join("copy");
+        std::fs::copy(&path, &copy).unwrap();
+        assert_eq!(
+            MemoryFile::open(&copy, &stats.info).unwrap().checked(),
+            Checked::Digest
+        );
     }
 
     #[test]

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 /// The first 8 bytes of every state file.
 pub const MAGIC: [u8; 8] = *b"HEARTHSN";
 /// The version of the layout and of the encoded state. Bump it on any change to either.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// The header's size.
 pub const HEADER_LEN: usize = 32;
 /// The largest state file accepted (the state of 8 vCPUs and the devices is well under 1 MiB).
