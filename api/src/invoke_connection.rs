@@ -13,8 +13,6 @@
 
 use std::io;
 use std::ops::Range;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use axum::body::Bytes;
@@ -22,11 +20,12 @@ use axum::http::{self, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, U
 use axum::response::{IntoResponse as _, Response};
 use bytes::BytesMut;
 use http_body_util::BodyExt as _;
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::watch;
 
 use crate::error::ApiError;
 use crate::server::ServerLimits;
+pub use hearth_guest::prebuffered::Prebuffered;
 
 /// The most header lines of a request served here; one with more goes to hyper.
 const MAX_HEADERS: usize = 48;
@@ -419,64 +418,6 @@ fn http_date(out: &mut Vec<u8>) {
     });
 }
 
-/// A stream that yields `first` before its own bytes: how a connection whose first bytes were
-/// read here is handed to hyper.
-pub struct Prebuffered<S> {
-    first: BytesMut,
-    inner: S,
-}
-
-impl<S> Prebuffered<S> {
-    fn new(first: BytesMut, inner: S) -> Self {
-        Prebuffered { first, inner }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Prebuffered<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        out: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.first.is_empty() {
-            let n = self.first.len().min(out.remaining());
-            out.put_slice(&self.first.split_to(n));
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, out)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prebuffered<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, data)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, data)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -562,18 +503,6 @@ mod tests {
             let mut digits = [0u8; 20];
             assert_eq!(format_length(&mut digits, n), n.to_string().as_bytes());
         }
-    }
-
-    #[tokio::test]
-    async fn handed_over_streams_replay_their_first_bytes() {
-        let (client, server) = tokio::io::duplex(64);
-        let mut stream = Prebuffered::new(BytesMut::from(&b"first "[..]), server);
-        let mut client = client;
-        client.write_all(b"then").await.unwrap();
-        drop(client);
-        let mut all = String::new();
-        stream.read_to_string(&mut all).await.unwrap();
-        assert_eq!(all, "first then");
     }
 
     proptest! {

@@ -18,9 +18,12 @@
 //! - [`init`]: `hearth-init` as PID 1: the `vm` role (modules, `lo`, vsock ready + control port) and
 //!   the `testhost` role (run one command in the QEMU test host).
 //! - [`runtime`], [`bundle`]: the function side (Lambda Runtime API, code unpacking).
+//! - [`prebuffered`]: a stream with bytes already read put back in front, for handing a
+//!   connection served by hand to hyper (here and in the frontend's Invoke path).
 
 pub mod bundle;
 pub mod image;
 pub mod init;
+pub mod prebuffered;
 pub mod protocol;
 pub mod runtime;

@@ -276,7 +276,17 @@ impl<S: Read + Write> ControlClient<S> {
 mod tests {
     use super::*;
     use crate::protocol::read_frame;
-    use std::os::unix::net::UnixListener;
+    use std::os::unix::net::{UnixListener, UnixStream};
+
+    /// The `CONNECT <port>` line a client sent first, without its newline.
+    fn connect_line(s: &mut UnixStream) -> Vec<u8> {
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while s.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
+            line.push(b[0]);
+        }
+        line
+    }
 
     #[test]
     fn connect_vsock_uds_speaks_the_connect_handshake() {
@@ -285,12 +295,7 @@ mod tests {
         let listener = UnixListener::bind(&uds).unwrap();
         let server = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
-            let mut line = Vec::new();
-            let mut b = [0u8; 1];
-            while s.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
-                line.push(b[0]);
-            }
-            assert_eq!(line, b"CONNECT 1025");
+            assert_eq!(connect_line(&mut s), b"CONNECT 1025");
             // The reply and the first guest bytes arrive together.
             let mut out = b"OK 1073741824\n".to_vec();
             out.extend(
@@ -318,12 +323,7 @@ mod tests {
         let listener = UnixListener::bind(&uds).unwrap();
         let server = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
-            let mut line = Vec::new();
-            let mut b = [0u8; 1];
-            while s.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
-                line.push(b[0]);
-            }
-            assert_eq!(line, b"CONNECT 1025");
+            assert_eq!(connect_line(&mut s), b"CONNECT 1025");
             // Both frames are there before the reply goes out.
             let hello: Message = read_frame(&mut s).unwrap().unwrap();
             assert!(matches!(hello, Message::Hello(_)));

@@ -14,16 +14,14 @@
 //! While a `next` waits for an invoke the connection is watched: a runtime that closes it gets no
 //! invoke (the wait is dropped before it takes one), as a runtime that keeps it open does.
 
-use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use bytes::{Buf as _, BytesMut};
 use hyper::StatusCode;
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 use super::api::{self, ApiState, Body, Reply};
+use crate::prebuffered::Prebuffered;
 use crate::protocol::function::MAX_PAYLOAD;
 
 /// The most header lines of a request served here; one with more goes to hyper.
@@ -340,64 +338,6 @@ fn http_date(with: impl FnOnce(&[u8])) {
     });
 }
 
-/// A stream that yields `first` before its own bytes: how a connection whose first bytes were
-/// read here is handed to hyper.
-pub(crate) struct Prebuffered<S> {
-    first: BytesMut,
-    inner: S,
-}
-
-impl<S> Prebuffered<S> {
-    fn new(first: BytesMut, inner: S) -> Self {
-        Prebuffered { first, inner }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Prebuffered<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        out: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.first.is_empty() {
-            let n = self.first.len().min(out.remaining());
-            out.put_slice(&self.first.split_to(n));
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, out)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prebuffered<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, data)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, data)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -498,17 +438,6 @@ mod tests {
         assert!(text.starts_with("HTTP/1.1 202 Accepted\r\n"), "{text}");
         assert!(text.contains("connection: close\r\ncontent-length: 15\r\n"));
         assert!(text.ends_with("\r\n\r\n{\"status\":\"OK\"}"));
-    }
-
-    #[tokio::test]
-    async fn handed_over_streams_replay_their_first_bytes() {
-        let (mut client, server) = tokio::io::duplex(64);
-        let mut stream = Prebuffered::new(BytesMut::from(&b"first "[..]), server);
-        client.write_all(b"then").await.unwrap();
-        drop(client);
-        let mut all = String::new();
-        stream.read_to_string(&mut all).await.unwrap();
-        assert_eq!(all, "first then");
     }
 
     proptest! {
