@@ -32,7 +32,7 @@ use std::time::Duration;
 use hearth_guest::runtime::quiet_unix::{QuietReadHalf, QuietUnixStream, QuietWriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::proxy::protocol::{self, Frame, InvokeRequest, InvokeResult, Outcome};
+use crate::proxy::protocol::{InvokeRequest, InvokeResult, Outcome};
 use crate::proxy::server::{self, BoxFuture, InFlight, InvokeHandler, ServerError};
 
 thread_local! {
@@ -811,24 +811,8 @@ impl Serving {
         if !server::answer_hello(&mut reader, &mut writer).await {
             return;
         }
-        let frame = tokio::select! {
-            _ = self.stop.changed() => return,
-            frame = protocol::read_frame(&mut reader) => frame,
-        };
-        let request = match frame {
-            Ok(Some(Frame::Invoke(request))) => request,
-            Ok(Some(other)) => {
-                tracing::warn!(
-                    kind = other.kind(),
-                    "unexpected frame from an invoke-proxy client"
-                );
-                return;
-            }
-            Ok(None) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, "bad frame from an invoke-proxy client; closing");
-                return;
-            }
+        let Some(request) = server::next_invoke(&mut reader, &mut self.stop).await else {
+            return;
         };
         let owner = shard_of(&request.function.function_arn, peers.len());
         if owner != index {

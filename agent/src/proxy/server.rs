@@ -256,6 +256,37 @@ where
     go_on
 }
 
+/// The next invoke a client sends on a connection whose `Hello`s are exchanged; `None` (the
+/// connection is to be closed) when it closes, sends anything else or garbage, or `shutdown`
+/// turns true.
+pub(crate) async fn next_invoke<R>(
+    reader: &mut R,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<Box<InvokeRequest>>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    let frame = tokio::select! {
+        _ = shutdown.changed() => return None,
+        frame = protocol::read_frame(reader) => frame,
+    };
+    match frame {
+        Ok(Some(Frame::Invoke(request))) => Some(request),
+        Ok(Some(other)) => {
+            tracing::warn!(
+                kind = other.kind(),
+                "unexpected frame from an invoke-proxy client"
+            );
+            None
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "bad frame from an invoke-proxy client; closing");
+            None
+        }
+    }
+}
+
 /// Serves the invokes of a connection whose `Hello`s are exchanged, starting with `first` when
 /// it was read already (a connection handed over by another core), until the client closes it,
 /// sends garbage, or `shutdown` turns true; returns once every invoke it read has sent its
@@ -296,26 +327,8 @@ pub(crate) async fn serve_invokes<R, W>(
     if let Some(request) = first {
         run(request);
     }
-    loop {
-        let frame = tokio::select! {
-            _ = shutdown.changed() => break,
-            frame = protocol::read_frame(&mut reader) => frame,
-        };
-        match frame {
-            Ok(Some(Frame::Invoke(request))) => run(*request),
-            Ok(Some(other)) => {
-                tracing::warn!(
-                    kind = other.kind(),
-                    "unexpected frame from an invoke-proxy client"
-                );
-                break;
-            }
-            Ok(None) => break,
-            Err(e) => {
-                tracing::warn!(error = %e, "bad frame from an invoke-proxy client; closing");
-                break;
-            }
-        }
+    while let Some(request) = next_invoke(&mut reader, &mut shutdown).await {
+        run(*request);
     }
     // The writer ends once every in-flight invoke of this connection has sent its result.
     drop(frames);
