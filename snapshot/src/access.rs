@@ -76,7 +76,9 @@ pub(crate) fn create(path: &std::path::Path) -> std::io::Result<std::fs::File> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
+    // Readable too: a template VM's guest RAM file is mapped shared from this descriptor.
     let file = std::fs::OpenOptions::new()
+        .read(true)
         .write(true)
         .create_new(true)
         .mode(FILE_MODE)

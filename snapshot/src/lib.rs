@@ -8,6 +8,9 @@
 //! to prefetch on the next restore). Who may read them and whose files a restore accepts is
 //! `access`: every file is created 0644 (restored by other users than its writer: the jailed
 //! VMMs' own uids), and only files of this user or root, writable by nobody else, are read.
+//! `backing`: guest RAM that is its own memory file (a template VM's RAM in a file on a tmpfs,
+//! mapped shared): its snapshot digests it in place, punches holes for zero pages if asked and
+//! renames it into place instead of writing a copy.
 //! All are untrusted on the way in: every read is bounded and checked before anything is built
 //! from it. Templates and pools of restored VMs are the agent's (`hearth_agent::pool`).
 //!
@@ -19,12 +22,14 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod backing;
 pub mod memory_file;
 pub mod pagemap;
 pub mod state_file;
 pub mod working_set;
 
 pub use access::{AccessError, FILE_MODE};
+pub use backing::AdoptStats;
 pub use memory_file::{
     Checked, FileIdentity, MemoryFile, MemoryFileError, MemoryFileInfo, Region, WriteStats,
 };

@@ -61,7 +61,7 @@ pub struct FileIdentity {
 }
 
 impl FileIdentity {
-    fn of(meta: &std::fs::Metadata) -> Self {
+    pub(crate) fn of(meta: &std::fs::Metadata) -> Self {
         FileIdentity {
             dev: meta.dev(),
             ino: meta.ino(),
@@ -130,6 +130,12 @@ pub enum MemoryFileError {
         /// The file's.
         found: u64,
     },
+    /// Guest RAM mapped privately from a memory file that was its RAM file has pages of its own
+    /// since (`backing::check_unchanged`): a later snapshot would not describe the file.
+    #[error(
+        "guest RAM has {0} pages of its own since its file became the memory file: a later snapshot would not match that file"
+    )]
+    Diverged(u64),
     /// The contents changed since the snapshot was taken (or are corrupted).
     #[error(
         "the memory file does not match its snapshot: {found_pages} non-zero pages with digest {found:#018x}, expected {expected_pages} with {expected:#018x}"
@@ -149,7 +155,7 @@ pub enum MemoryFileError {
 /// Whether `page` is all zero. A page with data mostly shows it in its first bytes, so those are
 /// looked at first, with an early exit (this halved the zero check of a 52 MB snapshot in the
 /// test host); the rest is an OR over the whole page (this vectorizes, an early exit does not).
-fn is_zero(page: &[u8]) -> bool {
+pub(crate) fn is_zero(page: &[u8]) -> bool {
     let head = page.len().min(64);
     if page[..head].iter().any(|&b| b != 0) {
         return false;

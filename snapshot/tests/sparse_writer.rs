@@ -149,3 +149,25 @@ fn anonymous_memory_is_written_without_faulting_untouched_pages() {
     assert_eq!(bytes, m.bytes());
     assert!(allocated(&path) <= 8 * PAGE_SIZE as u64);
 }
+
+/// A RAM file taken as the memory file and mapped privately since (`backing`): a later snapshot
+/// is refused once a page of the mapping became the process's own.
+#[test]
+fn a_given_ram_file_mapped_privately_is_checked_unchanged() {
+    use hearth_snapshot::backing;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm.mem");
+    let file = backing::create(&path, (PAGES * PAGE_SIZE) as u64).unwrap();
+    file.write_all_at(&[7u8; PAGE_SIZE], 3 * PAGE_SIZE as u64)
+        .unwrap();
+    let m = Mapping::new(PAGES * PAGE_SIZE, Some(&file));
+    assert_eq!(m.read(3), 7);
+    let stats = backing::adopt(&file, &path, &path, &[m.bytes()], backing::Punch::None).unwrap();
+    assert_eq!(stats.info.data_pages, 1);
+    backing::check_unchanged(&[m.bytes()]).unwrap();
+    m.write(5, 1);
+    match backing::check_unchanged(&[m.bytes()]) {
+        Err(memory_file::MemoryFileError::Diverged(1)) => {}
+        other => panic!("a page of its own went unnoticed: {other:?}"),
+    }
+}

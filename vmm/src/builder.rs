@@ -174,10 +174,20 @@ fn attach_virtio(
 /// first-`KVM_RUN` timing log).
 pub fn build(config: &VmConfig, started: Instant) -> Result<BuiltVm, BuildError> {
     config.validate()?;
+    build_in(config, memory::create(config.mem_bytes())?, started)
+}
+
+/// [`build`] in guest memory `mem` made by the caller (a template VM's RAM file:
+/// `memory::RamFile`).
+pub fn build_in(
+    config: &VmConfig,
+    mem: GuestMemory,
+    started: Instant,
+) -> Result<BuiltVm, BuildError> {
+    config.validate()?;
     // The guest is loaded before KVM is asked for anything, so a bad kernel or initramfs is
     // reported as such on any host; then a host without hardware KVM fails, naming the test host.
     // (Creating the VM on a second thread while loading was measured slower in the test host.)
-    let mem = memory::create(config.mem_bytes())?;
     let entry = boot::load_guest(
         &mem,
         &config.kernel,

@@ -77,6 +77,11 @@ pub struct VmmArgs {
     /// when the VM stops.
     #[arg(long)]
     pub record_ws: bool,
+    /// Start ahead of a restore: set up the KVM VM and its vCPUs for the configured memory and
+    /// vCPU count, bind the control socket, and wait for a `Restore` command naming the snapshot
+    /// (then `Start` runs it).
+    #[arg(long, conflicts_with_all = ["restore_state", "start"])]
+    pub await_restore: bool,
     /// Exit when standard input reaches end of file (the parent's pipe closed).
     #[arg(long, hide = true)]
     pub exit_on_stdin_eof: bool,
@@ -147,6 +152,7 @@ impl VmmArgs {
                 serial_log: self.serial_log.clone(),
                 serial_log_cap: self.serial_log_cap,
                 control_socket: self.control_socket.clone(),
+                ram_file: None,
             };
             config.validate()?;
             config
@@ -167,7 +173,33 @@ pub fn run(args: VmmArgs) -> anyhow::Result<u8> {
     install_kick_handler()?;
     seccomp::install_reporter()?;
     let mode = args.restore_mode()?;
+    if config.ram_file.is_some() && (args.restore_state.is_some() || args.await_restore) {
+        bail!("ram_file is for booting a template VM, not for a restore");
+    }
+    let mut ram_file = None;
+    // A VMM started ahead: prepared, then restored from the snapshot a Restore command names.
+    let (mut ahead_vm, mut ahead_control, mode, restore_mem, restored_at) = if args.await_restore {
+        match crate::awaiting::start_ahead(&config, &signals, &args, started)? {
+            crate::awaiting::Awaited::Restored(r, control) => {
+                let r = *r;
+                (
+                    Some((r.built, r.uffd)),
+                    Some(control),
+                    r.mode,
+                    Some(r.files.mem),
+                    Some(r.at),
+                )
+            }
+            crate::awaiting::Awaited::Stopped(reason) => {
+                tracing::info!(?reason, "VMM ended before a restore");
+                return Ok(reason.exit_status());
+            }
+        }
+    } else {
+        (None, None, mode, args.restore_mem.clone(), None)
+    };
     let (built, uffd) = match (&args.restore_state, &args.restore_mem) {
+        _ if ahead_vm.is_some() => ahead_vm.take().context("the restored VM")?,
         (Some(state), Some(mem)) => crate::restore::restore_with(
             &config,
             &crate::restore::SnapshotFiles {
@@ -179,12 +211,23 @@ pub fn run(args: VmmArgs) -> anyhow::Result<u8> {
             started,
         )
         .context("cannot restore the snapshot")?,
-        _ => (builder::build(&config, started)?, None),
+        _ => match &config.ram_file {
+            Some(ram) => {
+                let (mem, ram) = crate::arch::memory::RamFile::create(ram, config.mem_bytes())
+                    .context("cannot back guest RAM with a file")?;
+                ram_file = Some(ram);
+                (builder::build_in(&config, mem, started)?, None)
+            }
+            None => (builder::build(&config, started)?, None),
+        },
     };
     let control = match &config.control_socket {
+        _ if ahead_control.is_some() => ahead_control.take(),
         Some(path) => Some(ControlServer::bind(path)?),
         None => None,
     };
+    // Timings from here on count from the Restore command in a VMM started ahead.
+    let started = restored_at.unwrap_or(started);
     tracing::debug!(ms = ms_since(started), "control socket bound");
     let mut handles = Vec::with_capacity(built.vcpus.len());
     for vcpu in built.vcpus {
@@ -198,7 +241,8 @@ pub fn run(args: VmmArgs) -> anyhow::Result<u8> {
     tracing::debug!(ms = ms_since(started), "vCPU threads spawned");
     let parent = args.exit_on_stdin_eof.then_some(0);
     let controller = Controller::new(handles, built.events, built.wake, &signals, parent, control)?
-        .with_snapshot(built.persist);
+        .with_snapshot(built.persist)
+        .with_ram_file(ram_file);
     let mut event_loop = EventLoop::new(controller)?;
     for s in built.subscribers {
         event_loop.add_subscriber(s);
@@ -236,7 +280,7 @@ pub fn run(args: VmmArgs) -> anyhow::Result<u8> {
         RestoreMode::Uffd {
             record_ws: true, ..
         },
-    ) = (&uffd, &args.restore_mem, &mode)
+    ) = (&uffd, &restore_mem, &mode)
     {
         let path = WorkingSet::path_for(mem);
         let pages = server

@@ -3,6 +3,8 @@
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
+pub use hearth_snapshot::backing::Punch;
+
 /// Smallest guest memory, MiB.
 pub const MIN_MEM_MIB: u32 = 128;
 /// Largest guest memory, MiB (10 GiB).
@@ -20,6 +22,21 @@ pub struct VsockConfig {
     /// The host Unix socket: host clients connect here; guest connections to port P arrive at
     /// `<uds_path>_<P>`.
     pub uds_path: PathBuf,
+}
+
+/// Guest RAM backed by a file instead of anonymous memory (a template VM): the file is created
+/// at `path` (replacing any file there), mapped shared, and becomes the memory file of the VM's
+/// snapshot without a copy (`hearth_snapshot::backing`). Meant for a tmpfs mounted with huge
+/// pages (`huge=within_size` or `huge=always`): on a disk file system the guest's every write
+/// would go to disk. Once snapshotted, such a VM never runs its guest again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RamFileConfig {
+    /// The file; a snapshot whose memory file is on the same file system takes it by a rename.
+    pub path: PathBuf,
+    /// Which all-zero pages become holes at the snapshot (none by default).
+    #[serde(default)]
+    pub punch: Punch,
 }
 
 /// One microVM.
@@ -52,6 +69,9 @@ pub struct VmConfig {
     /// The control socket; absent means no control socket.
     #[serde(default)]
     pub control_socket: Option<PathBuf>,
+    /// Back guest RAM with a file (a template VM); absent means anonymous memory.
+    #[serde(default)]
+    pub ram_file: Option<RamFileConfig>,
 }
 
 fn default_mem() -> u32 {
@@ -88,6 +108,7 @@ impl VmConfig {
             serial_log: None,
             serial_log_cap: default_serial_cap(),
             control_socket: None,
+            ram_file: None,
         }
     }
 
@@ -126,6 +147,11 @@ impl VmConfig {
         }
         if self.cmdline_extra.bytes().any(|b| b == 0 || b == b'\n') {
             bad.push("cmdline_extra contains a NUL or newline".to_string());
+        }
+        if let Some(ram) = &self.ram_file
+            && ram.path.file_name().is_none()
+        {
+            bad.push(format!("ram_file {} names no file", ram.path.display()));
         }
         if bad.is_empty() {
             Ok(())

@@ -13,12 +13,15 @@
 //! and `snapshot`), or anything on the host beyond the paths and sockets it is given.
 //!
 //! Layout: `kvm` (what /dev/kvm is), `config` (the VM description), `arch` (x86_64 memory map,
-//! boot protocol, CPU state, CPUID), `acpi`, `devices` (buses, serial, legacy ports, virtio),
+//! boot protocol, CPU state, CPUID; guest memory: anonymous, a mapped snapshot, or for a template
+//! VM a file mapped shared that its snapshot takes as the memory file without a copy), `acpi`, `devices` (buses, serial, legacy ports, virtio),
 //! `vstate` (the KVM VM and the vCPU threads), `runtime` (the event loop and VM state machine),
 //! `control` (the control protocol), `seccomp`, `builder` (config to VM), `persist` (a VM's saved
 //! state and taking a snapshot; each component saves its own state beside it), `restore`
 //! (snapshot to VM), `uffd` (the userfaultfd restore mode: guest RAM served from the memory file
-//! by a handler thread), `cli` (`hearth vmm`),
+//! by a handler thread), `awaiting` (a VMM started ahead of its restore, `--await-restore`: the KVM
+//! VM and vCPUs set up before the snapshot is named, then a `Restore` command on the control socket
+//! restores it with the same checks), `cli` (`hearth vmm`),
 //! `process` (the agent's handle on a `hearth vmm` child, and which executable it runs),
 //! `build_id` (which sources an executable's VMM was built from),
 //! `kvm_test` (running VM tests where hardware KVM is). `src/bin/hearth-vmm.rs` is the VMM as its
@@ -27,6 +30,7 @@
 
 pub mod acpi;
 pub mod arch;
+pub mod awaiting;
 pub mod build_id;
 pub mod builder;
 pub mod cli;

@@ -2,8 +2,12 @@
 //! the component) and taking a snapshot of a paused VM: the vCPUs save themselves on their own
 //! threads (`vstate::vcpu_state`), this module saves the rest and writes the state file and the
 //! sparse memory file (`hearth_snapshot`). Restoring is `restore`.
+//!
+//! A template VM whose RAM is a file ([`crate::arch::memory::RamFile`]) writes no memory file:
+//! its RAM file is digested in place and becomes the snapshot's memory file
+//! ([`SnapshotParts::write_taking_ram_file`]); the VM may not run again after that.
 
-use crate::arch::memory::GuestMemory;
+use crate::arch::memory::{GuestMemory, RamFile};
 use crate::devices::serial::{SerialDevice, SerialPersist};
 use crate::devices::virtio::MmioTransport;
 use crate::devices::virtio::persist::MmioTransportState;
@@ -12,7 +16,9 @@ use crate::devices::virtio::vsock::{Vsock, VsockUnixBackend};
 use crate::vstate::vcpu_state::VcpuKvmState;
 use crate::vstate::vm::Vm;
 use crate::vstate::vm_state::{VmKvmState, VmStateError};
-use hearth_snapshot::{MemoryFileError, MemoryFileInfo, StateFileError, memory_file, state_file};
+use hearth_snapshot::{
+    MemoryFileError, MemoryFileInfo, StateFileError, backing, memory_file, state_file,
+};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -34,6 +40,14 @@ pub enum SnapshotError {
     /// The state file could not be written.
     #[error(transparent)]
     State(#[from] StateFileError),
+    /// Guest RAM could not be remapped privately after its file became the memory file.
+    #[error(transparent)]
+    Remap(#[from] crate::arch::memory::MemoryError),
+    /// A later snapshot of a VM whose RAM file already became a memory file, elsewhere.
+    #[error(
+        "this VM's RAM already became the memory file {0}: a later snapshot must name that file"
+    )]
+    RamFileGiven(std::path::PathBuf),
 }
 
 /// The vsock device and its transport, saved.
@@ -73,6 +87,10 @@ pub struct SnapshotStats {
     pub memory_size: u64,
     /// Milliseconds writing the memory file.
     pub memory_ms: f64,
+    /// Whether the memory file is the VM's RAM file, taken in place (nothing written).
+    pub memory_in_place: bool,
+    /// Bytes of all-zero pages turned into holes in the RAM file.
+    pub memory_punched: u64,
 }
 
 /// The vsock transport and device of a running VM.
@@ -117,6 +135,67 @@ impl SnapshotParts {
         state_path: &Path,
         mem_path: &Path,
     ) -> Result<SnapshotStats, SnapshotError> {
+        let saved = self.save_devices()?;
+        let t = Instant::now();
+        let written = memory_file::write_regions(mem_path, &guest_ram(&self.mem))?;
+        let memory_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let state_bytes = saved.write(vcpus, written.info, state_path)?;
+        Ok(SnapshotStats {
+            state_bytes,
+            memory_written: written.written_bytes,
+            memory_size: written.info.size,
+            memory_ms,
+            memory_in_place: false,
+            memory_punched: 0,
+        })
+    }
+
+    /// [`SnapshotParts::write`] for a VM whose RAM is the file `ram`: that file becomes the
+    /// memory file at `mem_path` (digested in place, renamed there), and guest RAM is mapped
+    /// privately from then on. Where `mem_path` is on another file system, the memory file is
+    /// written as for any VM and the RAM file stays the VM's.
+    pub fn write_taking_ram_file(
+        &self,
+        vcpus: Vec<VcpuKvmState>,
+        state_path: &Path,
+        mem_path: &Path,
+        ram: &mut RamFile,
+    ) -> Result<SnapshotStats, SnapshotError> {
+        if ram.given() && ram.path() != mem_path {
+            return Err(SnapshotError::RamFileGiven(ram.path().to_path_buf()));
+        }
+        if !backing::can_move_to(ram.file(), mem_path) {
+            tracing::warn!(
+                ram_file = %ram.path().display(),
+                memory_file = %mem_path.display(),
+                "the memory file is on another file system than the RAM file: writing a copy"
+            );
+            return self.write(vcpus, state_path, mem_path);
+        }
+        let saved = self.save_devices()?;
+        let t = Instant::now();
+        let regions: Vec<&[u8]> = guest_ram(&self.mem).iter().map(|r| r.bytes).collect();
+        if ram.given() {
+            // Mapped privately since the last snapshot: it must still be the file, unchanged.
+            backing::check_unchanged(&regions)?;
+        }
+        let adopted = backing::adopt(ram.file(), ram.path(), mem_path, &regions, ram.punch())?;
+        drop(regions);
+        ram.give(mem_path)?;
+        let memory_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let state_bytes = saved.write(vcpus, adopted.info, state_path)?;
+        Ok(SnapshotStats {
+            state_bytes,
+            memory_written: 0,
+            memory_size: adopted.info.size,
+            memory_ms,
+            memory_in_place: true,
+            memory_punched: adopted.punched_bytes,
+        })
+    }
+
+    /// Saves the VM's KVM state and the devices (the vCPUs are saved on their own threads).
+    fn save_devices(&self) -> Result<SavedDevices, SnapshotError> {
         let vm = VmKvmState::save(&self.vm)?;
         let serial = self
             .serial
@@ -133,23 +212,33 @@ impl SnapshotParts {
                     .save(),
                 device: device.lock().unwrap_or_else(PoisonError::into_inner).save(),
             });
-        let t = Instant::now();
-        let written = memory_file::write_regions(mem_path, &guest_ram(&self.mem))?;
-        let memory_ms = t.elapsed().as_secs_f64() * 1000.0;
+        Ok(SavedDevices { vm, serial, vsock })
+    }
+}
+
+/// What [`SnapshotParts::save_devices`] saved, for the state file.
+struct SavedDevices {
+    vm: VmKvmState,
+    serial: SerialPersist,
+    vsock: Option<VsockSnapshot>,
+}
+
+impl SavedDevices {
+    /// Writes the state file with `vcpus` and the memory file's record; returns its size.
+    fn write(
+        self,
+        vcpus: Vec<VcpuKvmState>,
+        memory: MemoryFileInfo,
+        state_path: &Path,
+    ) -> Result<u64, SnapshotError> {
         let state = VmmState {
-            mem_bytes: written.info.size,
-            memory: written.info,
-            vm,
+            mem_bytes: memory.size,
+            memory,
+            vm: self.vm,
             vcpus,
-            serial,
-            vsock,
+            serial: self.serial,
+            vsock: self.vsock,
         };
-        let state_bytes = state_file::write(state_path, &state)?;
-        Ok(SnapshotStats {
-            state_bytes,
-            memory_written: written.written_bytes,
-            memory_size: written.info.size,
-            memory_ms,
-        })
+        Ok(state_file::write(state_path, &state)?)
     }
 }

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a control request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a Restore may take (the copy mode reads the memory file's data).
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a snapshot may take (it writes guest RAM).
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// How much of the child's stderr is kept for error messages.
@@ -275,6 +277,37 @@ impl VmmProcess {
             }
         }
         Self::spawn_with(hearth_binary, config, &args)
+    }
+
+    /// Starts `hearth_binary vmm --await-restore` for `config` ahead of a restore: waits until
+    /// its KVM VM and vCPUs are set up for `config`'s memory size and vCPU count and its control
+    /// socket answers. Then [`VmmProcess::restore`] names the snapshot and
+    /// [`VmmProcess::start`] runs it.
+    pub fn spawn_awaiting_restore(
+        hearth_binary: &Path,
+        config: &VmConfig,
+    ) -> Result<Self, ProcessError> {
+        Self::spawn_with(hearth_binary, config, &["--await-restore".into()])
+    }
+
+    /// Restores the snapshot in `files` into a VMM started ahead
+    /// ([`VmmProcess::spawn_awaiting_restore`], or jailed with `--await-restore`; the paths are
+    /// as the VMM sees them), guest RAM as `mode` says. The files are read and checked as at a
+    /// restore on spawn; a refused snapshot ([`ProcessError::Refused`]) leaves the VMM awaiting
+    /// another, unless it failed past those checks (then the process exits).
+    pub fn restore(
+        &self,
+        files: &crate::SnapshotFiles,
+        mode: crate::RestoreMode,
+    ) -> Result<VmState, ProcessError> {
+        self.request_within(
+            Command::Restore {
+                state_path: files.state.clone(),
+                mem_path: files.mem.clone(),
+                mode,
+            },
+            RESTORE_TIMEOUT,
+        )
     }
 
     /// Starts a jailed `hearth vmm`: runs `jailer` with `jail_args` (the jail's command line up to

@@ -5,6 +5,11 @@
 //! VM, each vCPU and each device from its saved state. Nothing is built from the snapshot before
 //! it is checked against the configuration (memory size, vCPU count, devices, vsock cid); a
 //! snapshot that does not fit gives an error, never a guest on bad state.
+//!
+//! A VMM started ahead of its restore (`hearth vmm --await-restore`, see `awaiting`) splits this
+//! in two: [`prepare`] (the KVM VM and its vCPUs, for the configured shape) before the snapshot is
+//! known, then [`open`] (the same reading and checking as every restore) and
+//! [`restore_prepared`] when the Restore command names it.
 
 use crate::arch::memory::{self, MemoryError};
 use crate::builder::{self, BuildError, BuiltVm};
@@ -34,7 +39,7 @@ pub struct SnapshotFiles {
 }
 
 /// How guest RAM is brought back.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum RestoreMode {
     /// The memory file mapped privately (copy on write): clones share untouched pages through
     /// the page cache.
@@ -191,6 +196,80 @@ fn check(state: &VmmState, config: &VmConfig) -> Result<(), RestoreError> {
     Ok(())
 }
 
+/// What a VMM started ahead of a restore sets up before it knows the snapshot (see
+/// `awaiting`): the KVM VM with its irqchip and PIT (no memory yet) and its vCPUs, created with
+/// this host's CPUID, for the configured vCPU count; the serial log; the vsock host socket.
+/// Only a snapshot of that shape can be restored into it.
+pub struct Prepared {
+    vm: Vm,
+    vcpus: Vec<kvm_ioctls::VcpuFd>,
+    /// The serial console's log, created.
+    log: BoundedLog,
+    /// The vsock device's host side, bound (its listener queues host connections until the
+    /// restored device serves them).
+    vsock_backend: Option<crate::devices::virtio::vsock::VsockUnixBackend>,
+}
+
+/// Sets up what does not depend on a snapshot's contents, for `config`'s vCPU count.
+pub fn prepare(config: &VmConfig) -> Result<Prepared, RestoreError> {
+    config.validate()?;
+    kvm::require_hardware()?;
+    let vm = Vm::new(&memory::GuestMemory::default())?;
+    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+    for id in 0..config.vcpus {
+        let fd = vm
+            .fd()
+            .create_vcpu(u64::from(id))
+            .map_err(|e| VmError::Ioctl("KVM_CREATE_VCPU", e))?;
+        fd.set_cpuid2(&vm.vcpu_cpuid(id, config.vcpus))
+            .map_err(|e| VmError::Ioctl("KVM_SET_CPUID2", e))?;
+        vcpus.push(fd);
+    }
+    let log = BoundedLog::create(config.serial_log.as_deref(), config.serial_log_cap)
+        .map_err(BuildError::from)?;
+    let vsock_backend = match &config.vsock {
+        Some(v) => Some(crate::vsock::bind_backend(v).map_err(BuildError::Vsock)?),
+        None => None,
+    };
+    Ok(Prepared {
+        vm,
+        vcpus,
+        log,
+        vsock_backend,
+    })
+}
+
+/// A snapshot read and checked, not yet used: its state and its memory file, open (the
+/// descriptor it was checked on, which is the one mapped or read).
+pub struct Opened {
+    state: VmmState,
+    mem_file: std::fs::File,
+}
+
+/// Reads the state file, checks it against `config`, opens the memory file and checks it on
+/// that descriptor. Nothing is built: a snapshot refused here leaves a [`Prepared`] VM usable.
+pub fn open(
+    config: &VmConfig,
+    files: &SnapshotFiles,
+    started: Instant,
+) -> Result<Opened, RestoreError> {
+    config.validate()?;
+    let state: VmmState = state_file::read(&files.state)?;
+    check(&state, config)?;
+    let ms = |what: &str| tracing::debug!(ms = started.elapsed().as_secs_f64() * 1000.0, "{what}");
+    ms("state file read");
+    let mem_file = MemoryFile::open(&files.mem, &state.memory)?;
+    tracing::debug!(
+        ms = started.elapsed().as_secs_f64() * 1000.0,
+        how = ?mem_file.checked(),
+        "memory file checked"
+    );
+    Ok(Opened {
+        state,
+        mem_file: mem_file.into_file(),
+    })
+}
+
 /// Builds the VM saved in `files` with the devices' host side as `config` says.
 pub fn restore(
     config: &VmConfig,
@@ -209,27 +288,77 @@ pub fn restore_with(
     seccomp: bool,
     started: Instant,
 ) -> Result<(BuiltVm, Option<crate::uffd::UffdServer>), RestoreError> {
-    config.validate()?;
-    let state: VmmState = state_file::read(&files.state)?;
-    check(&state, config)?;
-    let ms = |what: &str| tracing::debug!(ms = started.elapsed().as_secs_f64() * 1000.0, "{what}");
-    ms("state file read");
-    let mem_file = MemoryFile::open(&files.mem, &state.memory)?;
+    let opened = open(config, files, started)?;
+    let (mem, uffd) = map_memory(&opened, mode, seccomp)?;
     tracing::debug!(
         ms = started.elapsed().as_secs_f64() * 1000.0,
-        how = ?mem_file.checked(),
-        "memory file checked"
+        "guest memory mapped"
     );
-    let mem_file = mem_file.into_file();
-    let (mem, uffd) = match mode {
-        RestoreMode::File => {
-            let mem = memory::map_file(&mem_file, state.mem_bytes)?;
-            drop(mem_file);
-            (mem, None)
-        }
+    let prepared = prepare(config)?;
+    tracing::debug!(
+        ms = started.elapsed().as_secs_f64() * 1000.0,
+        "KVM VM created"
+    );
+    let built = build(prepared, opened.state, mem, config, started)?;
+    Ok((built, uffd))
+}
+
+/// Checks that the snapshot `opened` fits the VM `prepared` for `config`: its vCPU count, and
+/// each vCPU's saved CPUID is the one this host gives it. Nothing is changed: a snapshot refused
+/// here leaves `prepared` usable.
+pub fn check_prepared(
+    prepared: &Prepared,
+    opened: &Opened,
+    config: &VmConfig,
+) -> Result<(), RestoreError> {
+    if prepared.vcpus.len() != opened.state.vcpus.len() {
+        return Err(mismatch(format!(
+            "the snapshot has {} vCPUs, the VM was prepared with {}",
+            opened.state.vcpus.len(),
+            prepared.vcpus.len()
+        )));
+    }
+    for saved in &opened.state.vcpus {
+        saved
+            .check_cpuid(prepared.vm.vcpu_cpuid(saved.id, config.vcpus).as_slice())
+            .map_err(|e| VmError::Restore(saved.id, e))?;
+    }
+    Ok(())
+}
+
+/// Restores the snapshot `opened` (from [`open`], checked against the same `config`) into the
+/// VM `prepared` for it: the VMM started ahead's half of [`restore_with`].
+pub fn restore_prepared(
+    prepared: Prepared,
+    opened: Opened,
+    config: &VmConfig,
+    mode: &RestoreMode,
+    seccomp: bool,
+    started: Instant,
+) -> Result<(BuiltVm, Option<crate::uffd::UffdServer>), RestoreError> {
+    check_prepared(&prepared, &opened, config)?;
+    let (mem, uffd) = map_memory(&opened, mode, seccomp)?;
+    tracing::debug!(
+        ms = started.elapsed().as_secs_f64() * 1000.0,
+        "guest memory mapped"
+    );
+    let built = build(prepared, opened.state, mem, config, started)?;
+    Ok((built, uffd))
+}
+
+/// Guest RAM from the checked memory file, as `mode` says.
+fn map_memory(
+    opened: &Opened,
+    mode: &RestoreMode,
+    seccomp: bool,
+) -> Result<(memory::GuestMemory, Option<crate::uffd::UffdServer>), RestoreError> {
+    let mem_file = &opened.mem_file;
+    let mem_bytes = opened.state.mem_bytes;
+    Ok(match mode {
+        RestoreMode::File => (memory::map_file(mem_file, mem_bytes)?, None),
         RestoreMode::Copy => {
-            let mem = memory::create(state.mem_bytes)?;
-            let copied = copy_data(&mem_file, &mem)?;
+            let mem = memory::create(mem_bytes)?;
+            let copied = copy_data(mem_file, &mem)?;
             tracing::debug!(bytes = copied, "memory file data copied into guest RAM");
             (mem, None)
         }
@@ -242,17 +371,50 @@ pub fn restore_with(
                 record: *record_ws,
                 seccomp,
             };
-            let (mem, server) = crate::uffd::map(mem_file, &state.memory, &options)?;
+            let file = mem_file.try_clone().map_err(MemoryError::Dup)?;
+            let (mem, server) = crate::uffd::map(file, &opened.state.memory, &options)?;
             (mem, Some(server))
         }
-    };
-    ms("guest memory mapped");
-    kvm::require_hardware()?;
-    let vm = Vm::new(&mem)?;
-    ms("KVM VM created");
+    })
+}
 
-    let log = BoundedLog::create(config.serial_log.as_deref(), config.serial_log_cap)
-        .map_err(BuildError::from)?;
+/// Registers `mem` as the guest RAM of `vm` (a VM created without memory).
+fn register_memory(vm: &Vm, mem: &memory::GuestMemory) -> Result<(), RestoreError> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    for (slot, region) in mem.iter().enumerate() {
+        let region_desc = kvm_bindings::kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the region is a live mapping of `memory_size` bytes owned by `mem`, which the
+        // VMM keeps alive (it is cloned into every user) for as long as the VM runs.
+        unsafe { vm.fd().set_user_memory_region(region_desc) }
+            .map_err(|e| VmError::Ioctl("KVM_SET_USER_MEMORY_REGION", e))?;
+    }
+    Ok(())
+}
+
+/// Builds the checked snapshot `state` into the VM `prepared`, with guest RAM `mem`.
+fn build(
+    prepared: Prepared,
+    state: VmmState,
+    mem: memory::GuestMemory,
+    config: &VmConfig,
+    started: Instant,
+) -> Result<BuiltVm, RestoreError> {
+    let ms = |what: &str| tracing::debug!(ms = started.elapsed().as_secs_f64() * 1000.0, "{what}");
+    let Prepared {
+        vm,
+        vcpus: fds,
+        log,
+        vsock_backend,
+    } = prepared;
+    register_memory(&vm, &mem)?;
+    ms("guest memory registered");
+
     let (serial, serial_irq) =
         SerialDevice::restore(log, &state.serial).map_err(BuildError::from)?;
     let (pio, serial) = builder::port_bus(&vm, serial, &serial_irq)?;
@@ -260,8 +422,7 @@ pub fn restore_with(
     let mut mmio = crate::devices::bus::Bus::new(0);
     let mut subscribers: Vec<Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>>> = Vec::new();
     let mut vsock_parts = None;
-    if let (Some(vsock_config), Some(saved)) = (&config.vsock, &state.vsock) {
-        let backend = crate::vsock::bind_backend(vsock_config).map_err(BuildError::Vsock)?;
+    if let (Some(backend), Some(saved)) = (vsock_backend, &state.vsock) {
         let device = Arc::new(Mutex::new(Vsock::restore(backend, &saved.device)?));
         let dyn_device: Arc<Mutex<dyn crate::devices::virtio::VirtioDevice>> = device.clone();
         let transport = MmioTransport::restore(mem.clone(), dyn_device, &saved.transport)
@@ -288,9 +449,15 @@ pub fn restore_with(
         "KVM clock restored"
     );
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
-    for saved in &state.vcpus {
-        let fd = vm.restore_vcpu(config.vcpus, saved, tsc_shift)?;
-        let cpuid = vm.vcpu_cpuid(saved.id, config.vcpus).as_slice().to_vec();
+    for (saved, fd) in state.vcpus.iter().zip(fds) {
+        let cpuid = vm.vcpu_cpuid(saved.id, config.vcpus);
+        saved
+            .check_cpuid(cpuid.as_slice())
+            .map_err(|e| VmError::Restore(saved.id, e))?;
+        saved
+            .restore(&fd, tsc_shift)
+            .map_err(|e| VmError::Restore(saved.id, e))?;
+        let cpuid = cpuid.as_slice().to_vec();
         let timing = (saved.id == 0).then_some(started);
         vcpus.push(
             Vcpu::new(
@@ -308,7 +475,7 @@ pub fn restore_with(
     state.vm.restore_chips(&vm)?;
     ms("VM restored");
     let vm = Arc::new(vm);
-    let built = BuiltVm {
+    Ok(BuiltVm {
         persist: SnapshotParts {
             vm: vm.clone(),
             mem: mem.clone(),
@@ -321,6 +488,5 @@ pub fn restore_with(
         events,
         wake,
         subscribers,
-    };
-    Ok((built, uffd))
+    })
 }

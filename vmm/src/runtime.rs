@@ -90,6 +90,8 @@ pub struct Controller {
     state: VmState,
     stop: Option<StopReason>,
     snapshot: Option<crate::persist::SnapshotParts>,
+    /// Guest RAM's file, for a template VM (its snapshot takes the file).
+    ram_file: Option<crate::arch::memory::RamFile>,
 }
 
 impl Controller {
@@ -114,12 +116,20 @@ impl Controller {
             state: VmState::Created,
             stop: None,
             snapshot: None,
+            ram_file: None,
         })
     }
 
     /// Lets the controller take snapshots of the VM made of `parts`.
     pub fn with_snapshot(mut self, parts: crate::persist::SnapshotParts) -> Self {
         self.snapshot = Some(parts);
+        self
+    }
+
+    /// Guest RAM is `ram`'s file: a snapshot takes that file as its memory file, and the guest
+    /// may not run after it.
+    pub fn with_ram_file(mut self, ram: Option<crate::arch::memory::RamFile>) -> Self {
+        self.ram_file = ram;
         self
     }
 
@@ -167,7 +177,11 @@ impl Controller {
         let Some(parts) = self.snapshot.as_ref() else {
             return Err("this VM cannot be snapshotted".into());
         };
-        let stats = parts.write(vcpus, state_path, mem_path).map_err(|e| {
+        let written = match self.ram_file.as_mut() {
+            Some(ram) => parts.write_taking_ram_file(vcpus, state_path, mem_path, ram),
+            None => parts.write(vcpus, state_path, mem_path),
+        };
+        let stats = written.map_err(|e| {
             let mut msg = e.to_string();
             let mut src = std::error::Error::source(&e);
             while let Some(s) = src {
@@ -183,6 +197,8 @@ impl Controller {
             state_bytes = stats.state_bytes,
             memory_written = stats.memory_written,
             memory_size = stats.memory_size,
+            memory_in_place = stats.memory_in_place,
+            memory_punched = stats.memory_punched,
             "snapshot written"
         );
         Ok(())
@@ -253,6 +269,11 @@ impl Controller {
             (Command::Stop, _) => {
                 self.request_stop(StopReason::Requested);
                 Ok(self.state)
+            }
+            (Command::Resume, VmState::Paused)
+                if self.ram_file.as_ref().is_some_and(|r| r.given()) =>
+            {
+                Err("this VM's RAM became the memory file of its snapshot: its guest cannot run again (clones restored from it would change)".into())
             }
             (Command::Start, VmState::Created) | (Command::Resume, VmState::Paused) => {
                 self.transition(VcpuCommand::Run, VcpuState::Running)?;

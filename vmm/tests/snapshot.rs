@@ -597,3 +597,144 @@ fn uffd_restore_working_set_and_bad_working_set() {
         }
     });
 }
+
+/// A tmpfs mounted with huge pages (`huge=within_size`) on `dir`, detached on drop.
+struct HugeTmpfs(std::path::PathBuf);
+
+impl HugeTmpfs {
+    fn mount(dir: std::path::PathBuf) -> Self {
+        use std::os::unix::ffi::OsStrExt;
+        std::fs::create_dir_all(&dir).expect("create the tmpfs mount point");
+        let target = std::ffi::CString::new(dir.as_os_str().as_bytes()).expect("a path");
+        // SAFETY: mount(2) with NUL-terminated strings that outlive the call.
+        let rc = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                c"huge=within_size,mode=0700".as_ptr().cast(),
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "cannot mount a tmpfs on {} (this test needs root): {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        );
+        HugeTmpfs(dir)
+    }
+}
+
+impl Drop for HugeTmpfs {
+    fn drop(&mut self) {
+        use std::os::unix::ffi::OsStrExt;
+        if let Ok(target) = std::ffi::CString::new(self.0.as_os_str().as_bytes()) {
+            // SAFETY: umount2(2) with a NUL-terminated path that outlives the call.
+            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+/// A template whose guest RAM is a file on a huge-page tmpfs: its snapshot takes that file as the
+/// memory file (the same inode, renamed; zero pages punched), the template may not resume after
+/// it, later device activity does not change the file, and a restore of it answers.
+#[test]
+fn a_file_backed_template_snapshot_restores_and_never_resumes() {
+    in_kvm(
+        "a_file_backed_template_snapshot_restores_and_never_resumes",
+        || {
+            let dir = VmDir::new();
+            let initrd = guest_initrd(&dir);
+            let listener = ready_listener(&dir);
+            let tmpfs = HugeTmpfs::mount(dir.path("ram"));
+            let ram_path = tmpfs.0.join("guest.ram");
+            let mut config = config(&dir, &initrd, 128, 1, TEMPLATE_CMDLINE);
+            config.ram_file = Some(hearth_vmm::config::RamFileConfig {
+                path: ram_path.clone(),
+                punch: hearth_snapshot::backing::Punch::Pages,
+            });
+            let (mut vmm, ready_conn, _) = boot_template(&dir, &config, &listener);
+            let ram_ino = std::fs::metadata(&ram_path).expect("the RAM file").ino();
+            let mut client = ControlClient::connect_uds(&dir.uds()).expect("control port");
+            assert_eq!(
+                client.ping(b"template".to_vec()).expect("ping"),
+                b"template"
+            );
+            {
+                let r = vmm.pause();
+                ok(&mut vmm, "pause", r);
+            }
+            let files = SnapshotFiles {
+                state: tmpfs.0.join("vm.state"),
+                mem: tmpfs.0.join("vm.mem"),
+            };
+            let t = Instant::now();
+            let r = vmm.snapshot(&files);
+            let snapshot_ms = ms(t.elapsed());
+            assert_eq!(ok(&mut vmm, "snapshot", r), VmState::Paused);
+            let mem_meta = std::fs::metadata(&files.mem).expect("the memory file");
+            eprintln!(
+                "snapshot in place: {snapshot_ms:.1} ms; memory file {} bytes, {} allocated",
+                mem_meta.len(),
+                mem_meta.blocks() * 512
+            );
+            assert_eq!(mem_meta.ino(), ram_ino, "the RAM file itself, not a copy");
+            assert!(!ram_path.exists(), "the RAM file moved to the memory file");
+            assert_eq!(mem_meta.mode() & 0o7777, 0o644);
+            assert!(
+                mem_meta.blocks() * 512 < mem_meta.len(),
+                "the memory file is not sparse"
+            );
+            // Never again: resuming would change the memory of every clone.
+            match vmm.resume() {
+                Err(hearth_vmm::ProcessError::Refused(_, m)) => {
+                    assert!(m.contains("cannot run again"), "{m}")
+                }
+                other => panic!("a template whose RAM became its snapshot resumed: {other:?}"),
+            }
+            // Closing the template's connections makes its vsock device write the guest's
+            // queues: those writes must stay private to the (dead) template.
+            drop(client);
+            drop(ready_conn);
+            std::thread::sleep(Duration::from_millis(200));
+            eprintln!("VMM log:\n{}", vmm.stderr_tail());
+            drop(vmm);
+
+            let restored_config = {
+                let mut c = config.clone();
+                c.ram_file = None;
+                c
+            };
+            let (mut restored, _conn, to_ready, to_ping) = restore_and_ping(
+                &restored_config,
+                &files,
+                RestoreMode::File,
+                &listener,
+                &dir.uds(),
+                "restore of the file-backed template",
+            );
+            eprintln!(
+                "restore: guest Ready {:.1} ms, ping answered {:.1} ms",
+                ms(to_ready),
+                ms(to_ping)
+            );
+            let r = restored.stop();
+            ok(&mut restored, "stop", r);
+            // A copy is checked by its digest, read back in full: the digest taken in place is
+            // the file's, and nothing wrote the file after the snapshot.
+            let copy = copy_files(&files, &dir, "copy");
+            let (mut again, _conn, _, _) = restore_and_ping(
+                &restored_config,
+                &copy,
+                RestoreMode::File,
+                &listener,
+                &dir.uds(),
+                "second restore",
+            );
+            let r = again.stop();
+            ok(&mut again, "stop", r);
+        },
+    );
+}

@@ -15,6 +15,9 @@
 //! template's: when they differ, the idle VMs of the old template are retired and the template is
 //! built anew, so no VM of stale inputs stays in a pool.
 //!
+//! The templates' folder is a tmpfs with huge pages ([`PoolConfig::template_tmpfs`]; mounted at
+//! [`PoolSet::start`] unless it is one), where a template VM's RAM is its memory file.
+//!
 //! Shutting down ([`PoolSet::shutdown`], or dropping the set) stops the refill and kills every
 //! idle VM and every VM still being restored; VMs already claimed belong to their claimant.
 
@@ -83,6 +86,11 @@ pub struct PoolConfig {
     pub sizes: Vec<PoolSize>,
     /// Where templates are kept.
     pub template_dir: PathBuf,
+    /// Mount a tmpfs with huge pages on `template_dir` unless it is one already (needs root;
+    /// where the mount fails the templates stay where they are, with a warning): template VMs
+    /// there keep their guest RAM in their memory file, so a snapshot copies nothing (see
+    /// [`super::template`]). On by default.
+    pub template_tmpfs: bool,
     /// Where each pooled VM's folder (sockets, serial log) is made.
     pub vm_dir: PathBuf,
     /// The most restores (or template builds) at once, over all pools.
@@ -120,6 +128,7 @@ impl PoolConfig {
                 .map(|&mem_mib| PoolSize { mem_mib, target: 1 })
                 .collect(),
             template_dir: state_dir.join("templates"),
+            template_tmpfs: true,
             vm_dir: state_dir,
             max_restores_in_flight: 1,
             boot_timeout: Duration::from_secs(60),
@@ -338,6 +347,14 @@ impl PoolSet {
     pub fn start(config: PoolConfig) -> Result<Arc<PoolSet>, PoolError> {
         config.validate()?;
         let runtime = tokio::runtime::Handle::try_current().map_err(PoolError::NoRuntime)?;
+        if config.template_tmpfs
+            && let Err(e) = super::template::mount_tmpfs(&config.template_dir)
+        {
+            tracing::warn!(
+                error = %error_chain(&e),
+                "the templates stay off tmpfs: each template snapshot writes a copy of guest RAM"
+            );
+        }
         let mut sizes = config.sizes.clone();
         sizes.sort_by_key(|s| s.mem_mib);
         let pools = sizes

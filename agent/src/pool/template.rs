@@ -21,6 +21,15 @@
 //! by root into the root-only folder (a jailed VMM, under its own uid, could write only inside its
 //! jail, and a file handed over to root afterwards would need a `chown`, which moves the change
 //! time as a `chmod` does). It runs the guest kernel and init only, never function code.
+//!
+//! Where the templates' folder is a tmpfs (the pools mount one, with huge pages, unless it is
+//! one already: [`mount_tmpfs`]), the template VM's guest RAM is its memory file itself
+//! (`VmConfig::ram_file`, mapped shared by the VMM): the snapshot digests it in place and
+//! writes no copy, all-zero 2 MiB pages are punched out of it (`Punch::HugePages`), and clones
+//! map its huge pages. The template VM is killed right after its snapshot (its VMM refuses to
+//! resume it anyway). A tmpfs is emptied by a reboot: the manifest goes with the files, so the
+//! next [`Template::ensure`] builds the template again. Elsewhere the template boots in anonymous
+//! memory and its snapshot writes the memory file.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -30,6 +39,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use hearth_vmm::config::{Punch, RamFileConfig};
 use hearth_vmm::{SnapshotFiles, VmConfig, VmmProcess, VsockConfig};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -290,6 +300,31 @@ fn snapshot_files(dir: &Path) -> SnapshotFiles {
     }
 }
 
+/// Whether `path` is on a tmpfs.
+pub fn on_tmpfs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+}
+
+/// Mounts a tmpfs with huge pages (`huge=within_size`, root's alone) on `root` (made if missing)
+/// unless it is a tmpfs already, so that templates there keep their guest RAM in their memory
+/// file. Needs root (`CAP_SYS_ADMIN`). Templates already under `root` are hidden by the mount and
+/// built again there. The mount outlives the agent; a reboot empties it.
+pub fn mount_tmpfs(root: &Path) -> Result<(), TemplateError> {
+    std::fs::create_dir_all(root).map_err(io("create", root))?;
+    if on_tmpfs(root) {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("tmpfs"),
+        root,
+        Some("tmpfs"),
+        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+        Some("huge=within_size,mode=0700"),
+    )
+    .map_err(|e| io("mount a tmpfs for the templates on", root)(e.into()))
+}
+
 /// Removes the other templates of `spec`'s shape under `root` (their inputs changed) and
 /// interrupted builds of it.
 fn remove_stale(root: &Path, spec: &TemplateSpec, keep: &Path) {
@@ -345,7 +380,15 @@ fn build_in(
     std::fs::create_dir_all(dir).map_err(io("create", dir))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .map_err(io("restrict", dir))?;
-    let config = spec.vm_config(dir);
+    let mut config = spec.vm_config(dir);
+    let files = snapshot_files(dir);
+    if on_tmpfs(dir) {
+        // The RAM file is the memory file: the snapshot takes it where it is.
+        config.ram_file = Some(RamFileConfig {
+            path: files.mem.clone(),
+            punch: Punch::HugePages,
+        });
+    }
     let uds = dir.join("vsock.sock");
     let listener = bind_ready(&uds).map_err(io("listen for the init beside", &uds))?;
     let started = Instant::now();
@@ -382,15 +425,16 @@ fn build_in(
     if let Err(e) = vmm.pause() {
         return Err(boot_failed(&mut vmm, format!("pause: {e}")));
     }
-    let files = snapshot_files(dir);
     let t = Instant::now();
     if let Err(e) = vmm.snapshot(&files) {
         return Err(boot_failed(&mut vmm, format!("snapshot: {e}")));
     }
     let snapshot_ms = t.elapsed().as_millis() as u64;
+    // Killed before its connections close (their resets would be written into guest memory;
+    // after a snapshot that took its RAM file those writes are private to it, never the file's).
+    let _ = vmm.kill();
     drop(client);
     drop(ready_conn);
-    let _ = vmm.kill();
     drop(vmm);
     for name in ["vsock.sock", "control.sock"] {
         let _ = std::fs::remove_file(dir.join(name));
@@ -418,6 +462,7 @@ fn build_in(
         mem_mib = spec.mem_mib,
         boot_ms,
         snapshot_ms,
+        ram_file = config.ram_file.is_some(),
         "VM template built"
     );
     Ok(())

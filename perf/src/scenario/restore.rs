@@ -1,7 +1,9 @@
 //! `hearth-perf restore --runs N`: snapshot restore of a booted guest (1 vCPU, 128 MiB by
 //! default), through the VMM's Rust API. A template guest is booted once, waits for its init's
 //! Ready, runs `--settle-ms` more (as the agent's template does), is paused and snapshotted (`--snapshots` times, timed: snapshot create, and the files'
-//! apparent and allocated sizes). Then, over `--runs` restores of that one snapshot in each mode
+//! apparent and allocated sizes). By default (`--template-ram file`) its guest RAM is the memory
+//! file itself, on a huge-page tmpfs, as the agent's templates have it: the first snapshot takes
+//! the file in place, and later ones (of the same paused VM) digest it again. Then, over `--runs` restores of that one snapshot in each mode
 //! of `--modes`, interleaved (file-mapped; the memory file's data copied into huge-page memory;
 //! userfaultfd; userfaultfd with the working set of an earlier restore prefetched): from the VMM
 //! process's spawn to the init's answer on its control port (connected right after the start:
@@ -13,6 +15,11 @@
 //! and 32 clones of the snapshot alive together (`--clone-modes`, file by default), with how often
 //! each idle clone wakes (KVM's halt exits and all exits per second over `--idle-ms`), and
 //! restores per second (restore, refresh, kill) with 1, 2 and 4 in flight.
+//!
+//! Each restore is also timed into a VMM spawned ahead (`hearth vmm --await-restore`, idle for
+//! 200 ms first): from the Restore command to its answer, to the Ready and to the echo
+//! (`restore_MODE_ahead_*`), the figure comparable to Firecracker's LoadSnapshot into a running
+//! process.
 //!
 //! The VMM's own timings of each restore phase are in its stderr with `HEARTH_LOG=debug`: the
 //! first restore of each mode prints them.
@@ -28,7 +35,7 @@ use anyhow::Context as _;
 use hearth_guest::image::{self, KernelImage};
 use hearth_guest::protocol::client::{ControlClient, realtime_ns};
 use hearth_guest::protocol::{Message, READY_PORT, Refresh};
-use hearth_vmm::config::{VmConfig, VsockConfig};
+use hearth_vmm::config::{Punch, RamFileConfig, VmConfig, VsockConfig};
 use hearth_vmm::process::{MemoryUsage, VmmProcess};
 use hearth_vmm::{RestoreMode, SnapshotFiles};
 
@@ -90,6 +97,26 @@ pub struct RestoreArgs {
     /// agent/src/pool/template.rs).
     #[arg(long, default_value_t = 1000)]
     pub settle_ms: u64,
+    /// Where the template's guest RAM lives: `file` is the snapshot's memory file itself, on the
+    /// huge-page tmpfs (implies --huge-tmpfs), taken in place by each snapshot instead of copied
+    /// (as the agent's templates do); `file-punch-huge` also turns its all-zero 2 MiB pages into
+    /// holes at the first snapshot, `file-punch` all its all-zero pages (splitting huge pages);
+    /// `anon` is anonymous memory, written out at each snapshot.
+    #[arg(long, value_enum, default_value = "file")]
+    pub template_ram: TemplateRam,
+}
+
+/// `--template-ram`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TemplateRam {
+    /// Anonymous memory; each snapshot writes the memory file.
+    Anon,
+    /// The memory file, mapped shared.
+    File,
+    /// The memory file, its all-zero 2 MiB pages punched at the snapshot.
+    FilePunchHuge,
+    /// The memory file, its all-zero pages punched at the snapshot.
+    FilePunch,
 }
 
 /// A tmpfs mounted `huge=always` for the snapshot files; unmounted on drop.
@@ -288,6 +315,9 @@ struct Restored {
 /// away (it should not: the VMM holds it until the guest has handled the transport reset).
 const TURNED_AWAY_RETRY: Duration = Duration::from_secs(5);
 
+/// How long a VMM spawned ahead idles before its Restore.
+const AHEAD_IDLE: Duration = Duration::from_millis(200);
+
 /// The restore modes compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -342,12 +372,44 @@ impl Setup<'_> {
     /// at once (its listener outlives the transport reset); meanwhile waits for the init's
     /// re-announced Ready, timed on its own.
     fn restore(&self, slot: &Slot, mode: RestoreMode) -> anyhow::Result<Restored> {
+        self.restore_via(slot, |config| {
+            Ok(VmmProcess::spawn_restored_with(
+                &self.hearth,
+                config,
+                &self.files,
+                mode,
+            )?)
+        })
+    }
+
+    /// [`Setup::restore`] into a VMM spawned ahead (`--await-restore`, left idle for
+    /// [`AHEAD_IDLE`] first, as a pool's would be): the times count from the Restore command,
+    /// as Firecracker's LoadSnapshot is timed into a running process; `spawned_ms` is the time
+    /// to the Restore's answer.
+    fn restore_ahead(&self, slot: &Slot, mode: RestoreMode) -> anyhow::Result<Restored> {
+        let config = slot.config(&self.kernel, &self.initrd, self.args);
+        let vmm = VmmProcess::spawn_awaiting_restore(&self.hearth, &config)?;
+        std::thread::sleep(AHEAD_IDLE);
+        self.restore_via(slot, |_| {
+            vmm.restore(&self.files, mode)
+                .map_err(|e| anyhow::Error::new(e).context(vmm.stderr_tail()))?;
+            Ok(vmm)
+        })
+    }
+
+    /// Times `get` (which yields a restored VMM for the slot's configuration) and the restored
+    /// VM's Ready and echo from its call.
+    fn restore_via(
+        &self,
+        slot: &Slot,
+        get: impl FnOnce(&VmConfig) -> anyhow::Result<VmmProcess>,
+    ) -> anyhow::Result<Restored> {
         let config = slot.config(&self.kernel, &self.initrd, self.args);
         // A connection left queued by an earlier VM would pass for this one's Ready (the
         // listener is non-blocking).
         while slot.ready.accept().is_ok() {}
         let t = Instant::now();
-        let vmm = VmmProcess::spawn_restored_with(&self.hearth, &config, &self.files, mode)?;
+        let vmm = get(&config)?;
         let spawned_ms = ms(t.elapsed());
         vmm.start()?;
         let limit = Duration::from_secs(self.args.ready_timeout);
@@ -469,12 +531,13 @@ pub fn run(args: &RestoreArgs) -> anyhow::Result<Report> {
 
     println!("transparent huge pages: {}", thp_settings());
     mount_debugfs();
-    let huge = if args.huge_tmpfs {
+    let huge = if args.huge_tmpfs || args.template_ram != TemplateRam::Anon {
         Some(HugeTmpfs::mount(work.path().join("huge"))?)
     } else {
         None
     };
-    report.parameter("huge_tmpfs", args.huge_tmpfs);
+    report.parameter("huge_tmpfs", huge.is_some());
+    report.parameter("template_ram", format!("{:?}", args.template_ram));
     report.parameter("settle_ms", args.settle_ms);
     let files_dir = huge.as_ref().map_or(work.path(), |h| h.0.as_path());
     let files = SnapshotFiles {
@@ -518,7 +581,18 @@ pub fn run(args: &RestoreArgs) -> anyhow::Result<Report> {
 /// Boots the template, snapshots it `--snapshots` times (the last one is the one restored).
 fn template(setup: &Setup<'_>, slot: &Slot, report: &mut Report) -> anyhow::Result<()> {
     let args = setup.args;
-    let config = slot.config(&setup.kernel, &setup.initrd, args);
+    let mut config = slot.config(&setup.kernel, &setup.initrd, args);
+    if args.template_ram != TemplateRam::Anon {
+        // The RAM file is the memory file: every snapshot takes it where it is.
+        config.ram_file = Some(RamFileConfig {
+            path: setup.files.mem.clone(),
+            punch: match args.template_ram {
+                TemplateRam::FilePunch => Punch::Pages,
+                TemplateRam::FilePunchHuge => Punch::HugePages,
+                TemplateRam::Anon | TemplateRam::File => Punch::None,
+            },
+        });
+    }
     let mut vmm = VmmProcess::spawn(&setup.hearth, &config)?;
     vmm.start()?;
     let (_ready, _) = wait_ready(
@@ -554,6 +628,13 @@ fn template(setup: &Setup<'_>, slot: &Slot, report: &mut Report) -> anyhow::Resu
     }
     drop(vmm);
     report.add("snapshot_create", &create, "ms");
+    // The one that counts for a template (with `--template-ram file*`, later snapshots of the
+    // same paused VM find the RAM file in place already, holes punched).
+    report.add(
+        "snapshot_create_first",
+        &create[..create.len().min(1)],
+        "ms",
+    );
     report.add("memory_file_apparent", &[mem_size], "MiB");
     report.add("memory_file_allocated", &[mem_alloc], "MiB");
     report.add("state_file_apparent", &[state_size], "KiB");
@@ -587,7 +668,7 @@ fn restore_to_echo(setup: &Setup<'_>, slot: &Slot, report: &mut Report) -> anyho
             "pages",
         );
     }
-    let mut samples: Vec<[Vec<f64>; 6]> = modes.iter().map(|_| Default::default()).collect();
+    let mut samples: Vec<[Vec<f64>; 9]> = modes.iter().map(|_| Default::default()).collect();
     for run in 0..setup.args.runs {
         for (m, mode) in modes.iter().enumerate() {
             let mut r = setup
@@ -616,14 +697,37 @@ fn restore_to_echo(setup: &Setup<'_>, slot: &Slot, report: &mut Report) -> anyho
             s[4].push(mib(memory.own_rss_kib() * 1024));
             s[5].push(f64::from(r.turned_away));
             r.vmm.kill()?;
+            drop(r);
+            // The same restore into a VMM spawned ahead, timed from the Restore command.
+            let mut r = setup
+                .restore_ahead(slot, mode.restore_mode(&setup.ws))
+                .with_context(|| format!("{} restore {} ahead", mode.name(), run + 1))?;
+            if run == 0 {
+                println!(
+                    "first {} restore into a VMM spawned ahead: VMM stderr:\n{}KVM: {}",
+                    mode.name(),
+                    r.vmm.stderr_tail(),
+                    kvm_stats(r.vmm.vmm_pid())
+                );
+            }
+            let s = &mut samples[m];
+            s[6].push(r.spawned_ms);
+            s[7].push(r.ready_ms);
+            s[8].push(r.echo_ms);
+            r.vmm.kill()?;
         }
-        if (run + 1) % 10 == 0 || run + 1 == setup.args.runs {
+        // Every run of a short series, else every tenth.
+        if setup.args.runs <= 20 || (run + 1) % 10 == 0 || run + 1 == setup.args.runs {
             let last: Vec<String> = modes
                 .iter()
                 .zip(&samples)
                 .map(|(mode, s)| {
                     let echo = s[2].last().copied().unwrap_or(f64::NAN);
-                    format!("{} {echo:.1} ms", mode.name())
+                    let ahead = s[8].last().copied().unwrap_or(f64::NAN);
+                    format!(
+                        "{} {echo:.1} ms (ahead, from the Restore command: {ahead:.1} ms)",
+                        mode.name()
+                    )
                 })
                 .collect();
             println!("restore {}: echo after {}", run + 1, last.join(", "));
@@ -637,6 +741,13 @@ fn restore_to_echo(setup: &Setup<'_>, slot: &Slot, report: &mut Report) -> anyho
         report.add(&format!("restore_{name}_rss_after_echo"), &s[3], "MiB");
         report.add(&format!("restore_{name}_own_rss_after_echo"), &s[4], "MiB");
         report.add(&format!("restore_{name}_turned_away"), &s[5], "connections");
+        report.add(
+            &format!("restore_{name}_ahead_restore_command"),
+            &s[6],
+            "ms",
+        );
+        report.add(&format!("restore_{name}_ahead_to_ready"), &s[7], "ms");
+        report.add(&format!("restore_{name}_ahead_to_echo"), &s[8], "ms");
     }
     Ok(())
 }

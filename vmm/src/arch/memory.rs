@@ -7,9 +7,19 @@
 //! back the guest with 2 MiB pages in its two-dimensional page tables. Measured in the test host
 //! (nested SVM under QEMU TCG), a 4 KiB-mapped guest took ~17,000-28,000 nested page faults to
 //! boot, each a costly exit; huge mappings need about 40.
+//!
+//! A template VM (`VmConfig::ram_file`) has its RAM in a file instead, mapped shared at the same
+//! 2 MiB-aligned addresses ([`RamFile`]): on a tmpfs mounted with huge pages the guest still gets
+//! 2 MiB pages, and the snapshot's memory file is that file, taken as it is
+//! (`hearth_snapshot::backing`). Right after, the mapping is replaced by a private one of the same
+//! file, so nothing the VMM or the guest does later can change the snapshot.
 
 use super::layout::{MMIO_GAP_END, MMIO_GAP_START};
+use crate::config::RamFileConfig;
+use hearth_snapshot::MemoryFileError;
 use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
@@ -34,6 +44,12 @@ pub enum MemoryError {
     /// The memory file descriptor could not be duplicated.
     #[error("cannot duplicate the memory file descriptor")]
     Dup(#[source] std::io::Error),
+    /// The file backing guest RAM could not be created.
+    #[error("cannot create the file backing guest RAM")]
+    RamFile(#[source] MemoryFileError),
+    /// Mapping the file backing guest RAM failed.
+    #[error("cannot map {0} bytes of the file backing guest RAM at offset {1}")]
+    MapRamFile(usize, u64, #[source] std::io::Error),
 }
 
 /// The size of a huge page, and the alignment of every guest RAM mapping.
@@ -78,6 +94,129 @@ pub fn create(size: u64) -> Result<GuestMemory, MemoryError> {
         regions.push(region);
     }
     GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Region(0, e.to_string()))
+}
+
+/// Guest RAM backed by a file mapped shared (a template VM: [`RamFileConfig`]).
+#[derive(Debug)]
+pub struct RamFile {
+    file: File,
+    /// Where the file is now (it moves to the snapshot's memory file path).
+    path: PathBuf,
+    punch: hearth_snapshot::backing::Punch,
+    /// Each mapping: host address, length, offset in the file.
+    maps: Vec<(usize, usize, u64)>,
+    /// Whether the file became a snapshot's memory file (the mappings are private since).
+    given: bool,
+}
+
+impl RamFile {
+    /// Creates the file `config` names for `size` bytes of guest RAM and maps it shared, each
+    /// range on a 2 MiB boundary and advised for huge pages.
+    pub fn create(
+        config: &RamFileConfig,
+        size: u64,
+    ) -> Result<(GuestMemory, RamFile), MemoryError> {
+        let file =
+            hearth_snapshot::backing::create(&config.path, size).map_err(MemoryError::RamFile)?;
+        let mut regions = Vec::new();
+        let mut maps = Vec::new();
+        let mut offset = 0u64;
+        for (base, len) in ram_ranges(size) {
+            let addr = map_aligned(len)?;
+            map_file_at(addr as usize, len, &file, offset, libc::MAP_SHARED)?;
+            // SAFETY: `addr` is the start of a mapping of `len` readable and writable bytes made
+            // above (the file replaced the reservation in place); nothing else refers to it, and
+            // it is never unmapped (only replaced in place by `give`), so it outlives the region.
+            let builder = unsafe { MmapRegionBuilder::new(len).with_raw_mmap_pointer(addr) };
+            let region = builder
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_SHARED)
+                .build()
+                .map_err(|e| MemoryError::Region(base.0, e.to_string()))?;
+            let region = GuestRegionMmap::new(region, base)
+                .ok_or_else(|| MemoryError::Region(base.0, "the region overflows".into()))?;
+            regions.push(region);
+            maps.push((addr as usize, len, offset));
+            offset += len as u64;
+        }
+        let mem = GuestMemoryMmap::from_regions(regions)
+            .map_err(|e| MemoryError::Region(0, e.to_string()))?;
+        let ram = RamFile {
+            file,
+            path: config.path.clone(),
+            punch: config.punch,
+            maps,
+            given: false,
+        };
+        Ok((mem, ram))
+    }
+
+    /// The file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Where the file is now.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Which all-zero pages become holes at the snapshot.
+    pub fn punch(&self) -> hearth_snapshot::backing::Punch {
+        self.punch
+    }
+
+    /// Whether the file became a snapshot's memory file: the guest must not run again.
+    pub fn given(&self) -> bool {
+        self.given
+    }
+
+    /// Records that the file, now at `path`, is a snapshot's memory file, and maps guest RAM
+    /// privately from it at the same addresses: later writes (a device's, or a guest's) go to
+    /// private copies and never reach the file. Called with the VM paused.
+    pub fn give(&mut self, path: &Path) -> Result<(), MemoryError> {
+        self.path = path.to_path_buf();
+        self.given = true;
+        for &(addr, len, offset) in &self.maps {
+            map_file_at(addr, len, &self.file, offset, libc::MAP_PRIVATE)?;
+        }
+        Ok(())
+    }
+}
+
+/// Maps `len` bytes of `file` from `offset` at `addr` (replacing what is mapped there: a
+/// reservation of ours, or an earlier mapping of the same guest RAM), readable and writable,
+/// shared or private as `flags` says, advised for huge pages.
+fn map_file_at(
+    addr: usize,
+    len: usize,
+    file: &File,
+    offset: u64,
+    flags: libc::c_int,
+) -> Result<(), MemoryError> {
+    // SAFETY: `addr..addr + len` is a range this module mapped for guest RAM; MAP_FIXED replaces
+    // it in place, so every pointer to it stays valid (KVM follows the new mapping through its
+    // MMU notifier). The descriptor is open for the call.
+    let raw = unsafe {
+        libc::mmap(
+            addr as *mut libc::c_void,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            file.as_raw_fd(),
+            offset as libc::off_t,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        return Err(MemoryError::MapRamFile(
+            len,
+            offset,
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: advice on the mapping just made; a host without huge pages keeps 4 KiB pages.
+    unsafe { libc::madvise(raw, len, libc::MADV_HUGEPAGE) };
+    Ok(())
 }
 
 /// Maps `len` bytes (a multiple of 4 KiB) of private anonymous memory starting on a 2 MiB
@@ -186,6 +325,39 @@ mod tests {
         let mut on_disk = [0u8; 5];
         file.read_exact_at(&mut on_disk, 0x1000).unwrap();
         assert_eq!(&on_disk, b"saved");
+    }
+
+    #[test]
+    fn ram_in_a_file_is_shared_until_given_then_private() {
+        use std::os::unix::fs::FileExt;
+        use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ram");
+        let config = RamFileConfig {
+            path: path.clone(),
+            punch: Default::default(),
+        };
+        let (mem, mut ram) = RamFile::create(&config, 128 << 20).unwrap();
+        for region in mem.iter() {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .unwrap();
+            assert_eq!(host as usize % HUGE_PAGE, 0);
+        }
+        mem.write_slice(b"guest", GuestAddress(0x3000)).unwrap();
+        let mut in_file = [0u8; 5];
+        ram.file().read_exact_at(&mut in_file, 0x3000).unwrap();
+        assert_eq!(&in_file, b"guest", "written through to the file");
+        let moved = dir.path().join("vm.mem");
+        std::fs::rename(&path, &moved).unwrap();
+        ram.give(&moved).unwrap();
+        assert!(ram.given());
+        let mut seen = [0u8; 5];
+        mem.read_slice(&mut seen, GuestAddress(0x3000)).unwrap();
+        assert_eq!(&seen, b"guest", "the same memory, now mapped privately");
+        mem.write_slice(b"later", GuestAddress(0x3000)).unwrap();
+        ram.file().read_exact_at(&mut in_file, 0x3000).unwrap();
+        assert_eq!(&in_file, b"guest", "later writes stay private");
     }
 
     #[test]

@@ -30,11 +30,26 @@ pub enum Command {
         /// Where the memory file goes.
         mem_path: std::path::PathBuf,
     },
+    /// Restore a snapshot into a VMM started ahead (`--await-restore`), which must be
+    /// [`VmState::AwaitingRestore`]; the files are read and checked as a restore at start-up
+    /// reads them (a refused snapshot leaves the VMM awaiting). The VM is then `Created`: send
+    /// `Start` to run it.
+    Restore {
+        /// The snapshot's state file.
+        state_path: std::path::PathBuf,
+        /// The snapshot's memory file.
+        mem_path: std::path::PathBuf,
+        /// How guest RAM is restored.
+        mode: crate::restore::RestoreMode,
+    },
 }
 
 /// The VM's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VmState {
+    /// Started ahead of a restore (`--await-restore`): KVM set up, no guest yet; waits for
+    /// [`Command::Restore`].
+    AwaitingRestore,
     /// Built, vCPUs not yet started.
     Created,
     /// Running guest code.
@@ -134,6 +149,17 @@ mod tests {
         let mut buf = Vec::new();
         write_frame(&mut buf, &snap).unwrap();
         assert_eq!(read_frame::<Request>(&mut buf.as_slice()).unwrap(), snap);
+        let restore = Request::new(Command::Restore {
+            state_path: "/s/state".into(),
+            mem_path: "/s/mem".into(),
+            mode: crate::restore::RestoreMode::Uffd {
+                prefetch_ws: Some("/s/mem.ws".into()),
+                record_ws: false,
+            },
+        });
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &restore).unwrap();
+        assert_eq!(read_frame::<Request>(&mut buf.as_slice()).unwrap(), restore);
         let mut buf = Vec::new();
         let resp = Response {
             version: 1,
