@@ -11,24 +11,10 @@ use hearth_guest::protocol::client::ControlClient;
 use hearth_vmm::kvm_test::{hearth_binary, in_kvm};
 use hearth_vmm::{ProcessError, RestoreMode, SnapshotFiles, VmConfig, VmState, VmmProcess};
 use std::os::unix::fs::FileExt;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// As in the snapshot test: freed guest pages are zeroed, so they stay holes.
 const TEMPLATE_CMDLINE: &str = "init_on_free=1";
-
-/// Unwraps a control result, or fails with the VMM's exit status and stderr.
-fn ok<T>(vmm: &mut VmmProcess, what: &str, r: Result<T, ProcessError>) -> T {
-    match r {
-        Ok(v) => v,
-        Err(e) => {
-            let status = vmm.wait(Duration::from_secs(2));
-            panic!(
-                "{what}: {e} ({e:?}); VMM status {status:?}; stderr:\n{}",
-                vmm.stderr_tail()
-            )
-        }
-    }
-}
 
 /// A Restore of `files` into `vmm` must be refused with `needle` in the message, and leave the
 /// VMM awaiting.

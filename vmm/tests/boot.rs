@@ -10,20 +10,6 @@ use hearth_vmm::kvm_test::{hearth_binary, in_kvm};
 use hearth_vmm::{VmState, VmmProcess};
 use std::time::{Duration, Instant};
 
-/// Unwraps a control result, or fails with the VMM's exit status and stderr.
-fn ok<T>(vmm: &mut VmmProcess, what: &str, r: Result<T, hearth_vmm::ProcessError>) -> T {
-    match r {
-        Ok(v) => v,
-        Err(e) => {
-            let status = vmm.wait(Duration::from_secs(2));
-            panic!(
-                "{what}: {e} ({e:?}); VMM status {status:?}; stderr:\n{}",
-                vmm.stderr_tail()
-            )
-        }
-    }
-}
-
 fn boot_ping_reboot(mem_mib: u32, vcpus: u8) {
     let dir = VmDir::new();
     let initrd = guest_initrd(&dir);

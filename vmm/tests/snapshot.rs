@@ -20,20 +20,6 @@ const RESTORES: usize = 3;
 /// they stay holes in the memory file instead of being written as stale data.
 const TEMPLATE_CMDLINE: &str = "init_on_free=1";
 
-/// Unwraps a control result, or fails with the VMM's exit status and stderr.
-fn ok<T>(vmm: &mut VmmProcess, what: &str, r: Result<T, hearth_vmm::ProcessError>) -> T {
-    match r {
-        Ok(v) => v,
-        Err(e) => {
-            let status = vmm.wait(Duration::from_secs(2));
-            panic!(
-                "{what}: {e} ({e:?}); VMM status {status:?}; stderr:\n{}",
-                vmm.stderr_tail()
-            )
-        }
-    }
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }

@@ -1,9 +1,9 @@
 //! `hearth-perf restore --runs N`: snapshot restore of a booted guest (1 vCPU, 128 MiB by
 //! default), through the VMM's Rust API. A template guest is booted once, waits for its init's
 //! Ready, runs `--settle-ms` more (as the agent's template does), is paused and snapshotted (`--snapshots` times, timed: snapshot create, and the files'
-//! apparent and allocated sizes). By default (`--template-ram file`) its guest RAM is the memory
-//! file itself, on a huge-page tmpfs, as the agent's templates have it: the first snapshot takes
-//! the file in place, and later ones (of the same paused VM) digest it again. Then, over `--runs` restores of that one snapshot in each mode
+//! apparent and allocated sizes). By default (`--template-ram file-punch-huge`) its guest RAM is
+//! the memory file itself, on a huge-page tmpfs, as the agent's templates have it: the first
+//! snapshot takes the file in place (its all-zero 2 MiB pages punched out), and later ones (of the same paused VM) digest it again. Then, over `--runs` restores of that one snapshot in each mode
 //! of `--modes`, interleaved (file-mapped; the memory file's data copied into huge-page memory;
 //! userfaultfd; userfaultfd with the working set of an earlier restore prefetched): from the VMM
 //! process's spawn to the init's answer on its control port (connected right after the start:
@@ -98,11 +98,11 @@ pub struct RestoreArgs {
     #[arg(long, default_value_t = 1000)]
     pub settle_ms: u64,
     /// Where the template's guest RAM lives: `file` is the snapshot's memory file itself, on the
-    /// huge-page tmpfs (implies --huge-tmpfs), taken in place by each snapshot instead of copied
-    /// (as the agent's templates do); `file-punch-huge` also turns its all-zero 2 MiB pages into
-    /// holes at the first snapshot, `file-punch` all its all-zero pages (splitting huge pages);
-    /// `anon` is anonymous memory, written out at each snapshot.
-    #[arg(long, value_enum, default_value = "file")]
+    /// huge-page tmpfs (implies --huge-tmpfs), taken in place by each snapshot instead of copied;
+    /// `file-punch-huge` (the default, as the agent's templates do) also turns its all-zero 2 MiB
+    /// pages into holes at the first snapshot, `file-punch` all its all-zero pages (splitting
+    /// huge pages); `anon` is anonymous memory, written out at each snapshot.
+    #[arg(long, value_enum, default_value = "file-punch-huge")]
     pub template_ram: TemplateRam,
 }
 

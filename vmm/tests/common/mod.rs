@@ -139,3 +139,17 @@ pub fn process_exists(pid: u32) -> bool {
         Err(_) => false,
     }
 }
+
+/// Unwraps a control result, or fails with the VMM's exit status and stderr.
+pub fn ok<T>(vmm: &mut VmmProcess, what: &str, r: Result<T, hearth_vmm::ProcessError>) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => {
+            let status = vmm.wait(Duration::from_secs(2));
+            panic!(
+                "{what}: {e} ({e:?}); VMM status {status:?}; stderr:\n{}",
+                vmm.stderr_tail()
+            )
+        }
+    }
+}
