@@ -2,8 +2,8 @@
 //! real guest (through the QEMU test host where this machine has no hardware KVM): a template is
 //! built, reused and rebuilt when an input changes; a claim returns a working VM (the echo
 //! function runs in it); a drained pool makes claimants wait or fail with a clear error and
-//! leaks no VMM process, and a changed initramfs retires its idle VMs for a new template; jailed
-//! pools (as `hearth serve` runs them) restore every VM in its jail, checked from `/proc` (its
+//! leaks no VMM process (a refill restores into the VMM spawned ahead for it), and a changed
+//! initramfs retires its idle VMs for a new template; jailed pools (as `hearth serve` runs them) restore every VM in its jail, checked from `/proc` (its
 //! uid, namespaces, root, mounts, devices and cgroup), and a pooled VM whose jailer was killed is
 //! replaced, never handed out, and leaves no process, cgroup or jail folder. The memory of idle
 //! pooled VMs and the claim latency are printed.
@@ -470,9 +470,18 @@ fn a_drained_pool_makes_claimants_wait_or_fail_and_leaks_nothing() {
                 }
 
                 // Every VMM process is accounted for: the two claimed, plus what the pool holds
-                // once refilled.
+                // once refilled (its idle VM and the VMM spawned ahead for the next refill).
                 let (pa, pb) = (a.vm.pid().expect("pid"), b.vm.pid().expect("pid"));
                 assert!(pools.wait_full(FILL).await, "refilled: {:?}", pools.stats());
+                let t = Instant::now();
+                loop {
+                    let stats = pools.stats()[0];
+                    if stats.restoring == 0 && stats.ahead == 1 {
+                        break;
+                    }
+                    assert!(t.elapsed() < FILL, "no VMM spawned ahead: {stats:?}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
                 let children = vmm_children();
                 let stats = pools.stats()[0];
                 eprintln!("VMM children {children:?}; pool {stats:?}");
@@ -482,10 +491,15 @@ fn a_drained_pool_makes_claimants_wait_or_fail_and_leaks_nothing() {
                 );
                 assert_eq!(
                     children.len(),
-                    2 + stats.idle + stats.restoring,
+                    2 + stats.idle + stats.restoring + stats.ahead,
                     "stray VMMs: {children:?} with {stats:?}"
                 );
                 assert_eq!(stats.claimed, 2);
+                // The refills after the first fill restored into a VMM spawned ahead.
+                assert!(
+                    stats.restored_ahead >= 1,
+                    "no refill used a VMM spawned ahead: {stats:?}"
+                );
                 assert_eq!(
                     stats.restored,
                     stats.claimed + stats.idle as u64 + stats.replaced,

@@ -189,6 +189,40 @@ impl JailConfig {
         config: &VmConfig,
         snapshot: Option<&SnapshotFiles>,
     ) -> Result<VmmProcess, LaunchError> {
+        let extra: Vec<OsString> = match snapshot {
+            Some(_) => [
+                "--restore-state",
+                SNAPSHOT_STATE_INSIDE,
+                "--restore-mem",
+                SNAPSHOT_MEM_INSIDE,
+            ]
+            .into_iter()
+            .map(OsString::from)
+            .collect(),
+            None => Vec::new(),
+        };
+        self.spawn_with(jail, config, snapshot, &extra)
+    }
+
+    /// Spawns `hearth vmm --await-restore` for `config` in `jail`, with the snapshot `files`
+    /// (host paths) already mounted in the jail, and waits until its control socket answers:
+    /// the VMM awaits a `Restore` of [`SnapshotFiles`] as it sees them ([`snapshot_inside`]).
+    pub fn spawn_awaiting_restore(
+        &self,
+        jail: &VmJail,
+        config: &VmConfig,
+        files: &SnapshotFiles,
+    ) -> Result<VmmProcess, LaunchError> {
+        self.spawn_with(jail, config, Some(files), &["--await-restore".into()])
+    }
+
+    fn spawn_with(
+        &self,
+        jail: &VmJail,
+        config: &VmConfig,
+        snapshot: Option<&SnapshotFiles>,
+        extra: &[OsString],
+    ) -> Result<VmmProcess, LaunchError> {
         let args = self.jail_args(
             jail,
             Some(&config.kernel),
@@ -198,21 +232,23 @@ impl JailConfig {
         let mut inside = config.clone();
         inside.kernel = PathBuf::from("/kernel");
         inside.initrd = config.initrd.as_ref().map(|_| PathBuf::from("/initrd"));
-        let extra: Vec<OsString> = match snapshot {
-            Some(_) => [
-                "--restore-state",
-                "/snapshot.state",
-                "--restore-mem",
-                "/snapshot.mem",
-            ]
-            .into_iter()
-            .map(OsString::from)
-            .collect(),
-            None => Vec::new(),
-        };
         Ok(crate::cores::unpinned(|| {
-            VmmProcess::spawn_jailed(&self.hearth_binary, &args, &jail.root, &inside, &extra)
+            VmmProcess::spawn_jailed(&self.hearth_binary, &args, &jail.root, &inside, extra)
         })?)
+    }
+}
+
+/// Where a jail mounts a snapshot's state file.
+const SNAPSHOT_STATE_INSIDE: &str = "/snapshot.state";
+/// Where a jail mounts a snapshot's memory file.
+const SNAPSHOT_MEM_INSIDE: &str = "/snapshot.mem";
+
+/// A snapshot's files as a jailed VMM sees them (where [`JailConfig::spawn`] and
+/// [`JailConfig::spawn_awaiting_restore`] mount them).
+pub fn snapshot_inside() -> SnapshotFiles {
+    SnapshotFiles {
+        state: PathBuf::from(SNAPSHOT_STATE_INSIDE),
+        mem: PathBuf::from(SNAPSHOT_MEM_INSIDE),
     }
 }
 

@@ -4,22 +4,24 @@
 //! - [`template`]: per (guest kernel, initramfs, memory size, vCPUs), a VM booted once, paused
 //!   at the init's `Ready` and snapshotted into a folder keyed by a digest of those inputs;
 //!   rebuilt (the stale folder replaced) when an input changes.
-//! - [`vm`]: one pooled VM, restored from a template in its own `hearth vmm` process, paused once
+//! - [`vm`]: one pooled VM, restored from a template in its own `hearth vmm` process (spawned
+//!   ahead of the restore with `--await-restore`, then sent a `Restore`: [`AheadVm`]), paused once
 //!   its init has answered after the restore (on a control connection opened right after the
 //!   start, with its first request in the same write; the init's re-announced `Ready` is not
 //!   waited for); resumed and refreshed (identity, entropy, clock) on that connection when
 //!   claimed.
 //! - [`pools`]: a pool per memory size ([`DEFAULT_SIZES`] by default), refilled in the background
-//!   at a bounded rate; [`PoolSet::claim`] takes the smallest size that fits within a timeout.
+//!   at a bounded rate, each keeping one VMM spawned ahead for its next refill;
+//!   [`PoolSet::claim`] takes the smallest size that fits within a timeout.
 //! - [`guest`]: the blocking host side of the init's ready connection and control port (a
 //!   connection is retried, briefly, when a guest turns it away right after its restore).
 //!
 //! The microVM sandbox starts from a claimed VM when its configuration carries a [`PoolSet`]
 //! (`MicrovmConfig::pool`), then injects the function's code as for a booted VM.
 //!
-//! Relies on: `hearth_vmm::VmmProcess` (spawn, restore, pause, resume, snapshot), the jail
-//! ([`crate::jail`]: `JailConfig::spawn` with the template's snapshot files, `clean_up`) and the
-//! init's control protocol (`Ping`, `Refresh`). Must not touch: function code (the sandbox injects it
+//! Relies on: `hearth_vmm::VmmProcess` (spawn, spawn ahead, restore, pause, resume, snapshot),
+//! the jail ([`crate::jail`]: `JailConfig::spawn` and `spawn_awaiting_restore` with the
+//! template's snapshot files, `clean_up`) and the init's control protocol (`Ping`, `Refresh`). Must not touch: function code (the sandbox injects it
 //! after a claim) or the snapshot files' format (`hearth-snapshot`'s).
 //!
 //! Figures (inside the QEMU TCG test host, 1 vCPU, debug `hearth` binary, this 2-core machine
@@ -29,7 +31,8 @@
 //!   53 MB kernel is hashed for the first time; found again in 3-8 ms; its memory file is 128 MiB
 //!   long with 52 MiB allocated.
 //! - a restore to a paused VM whose init answered: 2.0-2.6 s; a claim that waits for that
-//!   refill, 2.0-5.7 s.
+//!   refill, 2.0-5.7 s. With the VMM spawned ahead (2026-11-29, same test): a claim that waits
+//!   for the refill 866 ms; spawn and restore in a row 581 ms, jailed 1352 ms.
 //! - an idle pooled 128 MiB VM: RSS 30.4 MB (guest RAM 14.9 MB, the VMM's own 15.5 MB), PSS
 //!   24 MB when the VMM's text is shared with a second VM (29.5 MB alone).
 //! - a claim from a full pool (check, resume, the init's answer, refresh): 79-200 ms (resume
@@ -55,4 +58,4 @@ pub use pools::{
     ClaimedVm, DEFAULT_SIZES, IdleVm, PoolConfig, PoolError, PoolSet, PoolSize, PoolStats,
 };
 pub use template::{Template, TemplateError, TemplateSpec};
-pub use vm::{Activated, ClaimedParts, PooledVm, PooledVmError, ReadyLink, VmHome};
+pub use vm::{Activated, AheadVm, ClaimedParts, PooledVm, PooledVmError, ReadyLink, VmHome};

@@ -15,6 +15,12 @@
 //! template's: when they differ, the idle VMs of the old template are retired and the template is
 //! built anew, so no VM of stale inputs stays in a pool.
 //!
+//! Each pool keeps one VMM spawned ahead of its restore ([`AheadVm`], in its jail with the
+//! template's files mounted): a refill sends it the `Restore` instead of spawning a process, then
+//! spawns the next one ahead while it still holds its restore permit (so at the refill's pace).
+//! One that died, or whose `Restore` was refused, is dropped, never used; one awaiting an older
+//! template than the pool's is dropped when the template changes; shutdown kills it.
+//!
 //! The templates' folder is a tmpfs with huge pages ([`PoolConfig::template_tmpfs`]; mounted at
 //! [`PoolSet::start`] unless it is one), where a template VM's RAM is its memory file.
 //!
@@ -31,7 +37,7 @@ use hearth_vmm::MemoryUsage;
 use tokio::sync::{Notify, Semaphore};
 
 use super::template::{Template, TemplateSpec};
-use super::vm::{Activated, PooledVm, PooledVmError, VmHome};
+use super::vm::{Activated, AheadVm, PooledVm, PooledVmError, VmHome};
 
 /// The memory sizes Lambda offers pools for by default, MiB.
 pub const DEFAULT_SIZES: [u32; 6] = [128, 256, 512, 1024, 2048, 3008];
@@ -219,6 +225,10 @@ pub struct PoolStats {
     pub failures: u64,
     /// Templates built.
     pub templates_built: u64,
+    /// VMMs spawned ahead of their restore, waiting (0 or 1).
+    pub ahead: usize,
+    /// Of the VMs restored, those restored into a VMM spawned ahead.
+    pub restored_ahead: u64,
 }
 
 /// One memory size's pool.
@@ -233,6 +243,8 @@ struct SizePool {
     /// restore does not compete with the claim for CPU.
     activating: AtomicUsize,
     template: tokio::sync::Mutex<Option<Template>>,
+    /// The VMM spawned ahead for the next refill.
+    ahead: Mutex<Option<AheadVm>>,
     /// Restores of the current template that failed in a row.
     failed_in_a_row: AtomicUsize,
     last_failure: Mutex<Option<String>>,
@@ -242,11 +254,16 @@ struct SizePool {
     replaced: AtomicU64,
     failures: AtomicU64,
     templates_built: AtomicU64,
+    restored_ahead: AtomicU64,
 }
 
 impl SizePool {
     fn idle(&self) -> std::sync::MutexGuard<'_, VecDeque<PooledVm>> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn ahead(&self) -> std::sync::MutexGuard<'_, Option<AheadVm>> {
+        self.ahead.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn deficit(&self) -> usize {
@@ -267,6 +284,8 @@ impl SizePool {
             replaced: self.replaced.load(Ordering::SeqCst),
             failures: self.failures.load(Ordering::SeqCst),
             templates_built: self.templates_built.load(Ordering::SeqCst),
+            ahead: usize::from(self.ahead().is_some()),
+            restored_ahead: self.restored_ahead.load(Ordering::SeqCst),
         }
     }
 
@@ -296,6 +315,8 @@ impl Inner {
         for pool in &self.pools {
             let vms: Vec<PooledVm> = pool.idle().drain(..).collect();
             drop(vms);
+            let ahead = pool.ahead().take();
+            drop(ahead);
         }
     }
 }
@@ -367,6 +388,7 @@ impl PoolSet {
                 restoring: AtomicUsize::new(0),
                 activating: AtomicUsize::new(0),
                 template: tokio::sync::Mutex::new(None),
+                ahead: Mutex::new(None),
                 failed_in_a_row: AtomicUsize::new(0),
                 last_failure: Mutex::new(None),
                 retry_after: Mutex::new(None),
@@ -375,6 +397,7 @@ impl PoolSet {
                 replaced: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
                 templates_built: AtomicU64::new(0),
+                restored_ahead: AtomicU64::new(0),
             })
             .collect();
         let inner = Arc::new(Inner {
@@ -547,7 +570,8 @@ impl PoolSet {
     }
 
     /// Stops the refill, waits for the restores in flight to end (their VMs are killed) and kills
-    /// every idle VM. Claims fail with [`PoolError::ShutDown`] from now on.
+    /// every idle VM and every VMM spawned ahead. Claims fail with [`PoolError::ShutDown`] from
+    /// now on.
     pub async fn shutdown(&self) {
         self.inner.shut.store(true, Ordering::SeqCst);
         self.inner.wake.notify_one();
@@ -633,9 +657,13 @@ async fn refill(inner: Arc<Inner>) {
                 inner.in_flight.fetch_add(1, Ordering::SeqCst);
                 let inner = inner.clone();
                 tokio::spawn(async move {
-                    restore_one(&inner, index).await;
-                    drop(permit);
+                    let restored_from = restore_one(&inner, index).await;
                     inner.pools[index].restoring.fetch_sub(1, Ordering::SeqCst);
+                    // The next VMM ahead, under the same permit: at the refill's pace.
+                    if let Some(template) = restored_from {
+                        spawn_ahead(&inner, index, &template).await;
+                    }
+                    drop(permit);
                     inner.in_flight.fetch_sub(1, Ordering::SeqCst);
                     inner.drained.notify_waiters();
                     inner.wake.notify_one();
@@ -677,6 +705,21 @@ fn sweep(inner: &Inner) {
             );
             drop(vm);
         }
+        let dead_ahead = {
+            let mut ahead = pool.ahead();
+            match ahead.as_mut().map(AheadVm::has_exited) {
+                Some(true) => ahead.take(),
+                _ => None,
+            }
+        };
+        if let Some(vm) = dead_ahead {
+            tracing::warn!(
+                mem_mib = pool.mem_mib,
+                pid = vm.pid(),
+                "a VMM spawned ahead died; replacing it"
+            );
+            drop(vm);
+        }
     }
 }
 
@@ -705,8 +748,67 @@ async fn check_inputs(inner: &Arc<Inner>) {
     }
 }
 
-/// Restores one VM for pool `index` (building its template first when needed) and adds it.
-async fn restore_one(inner: &Arc<Inner>, index: usize) {
+/// Where a VM of pool `mem_mib` lives: a jail or a folder, named `hearth-pool-<size>-<pid>-<n>`.
+fn vm_home(inner: &Inner, mem_mib: u32) -> VmHome {
+    let id = inner.next_id.fetch_add(1, Ordering::SeqCst);
+    let name = format!("hearth-pool-{mem_mib}-{}-{id}", std::process::id());
+    match &inner.config.jail {
+        Some(jails) => VmHome::Jail {
+            jails: jails.clone(),
+            id: name,
+        },
+        None => VmHome::Folder(inner.config.vm_dir.join(name)),
+    }
+}
+
+/// Spawns a VMM ahead of the next restore of pool `index` from `template`, unless the pool holds
+/// one or the pools are shutting down. A spawn that fails is logged: the next refill spawns its
+/// VMM itself.
+async fn spawn_ahead(inner: &Arc<Inner>, index: usize, template: &Template) {
+    let pool = &inner.pools[index];
+    if inner.shut.load(Ordering::SeqCst) || pool.ahead().is_some() {
+        return;
+    }
+    let home = vm_home(inner, pool.mem_mib);
+    let binary = inner.config.hearth_binary.clone();
+    let for_spawn = template.clone();
+    let t = Instant::now();
+    let spawned =
+        tokio::task::spawn_blocking(move || AheadVm::spawn(&binary, &for_spawn, home)).await;
+    match spawned {
+        Ok(Ok(vm)) => {
+            tracing::debug!(
+                mem_mib = pool.mem_mib,
+                took = ?t.elapsed(),
+                pid = vm.pid(),
+                "a VMM spawned ahead awaits its restore"
+            );
+            let unwanted = {
+                let mut ahead = pool.ahead();
+                if inner.shut.load(Ordering::SeqCst) || ahead.is_some() {
+                    Some(vm)
+                } else {
+                    *ahead = Some(vm);
+                    None
+                }
+            };
+            if let Some(vm) = unwanted {
+                let _ = tokio::task::spawn_blocking(move || drop(vm)).await;
+            }
+        }
+        Ok(Err(e)) => tracing::warn!(
+            mem_mib = pool.mem_mib,
+            error = %error_chain(&e),
+            "cannot spawn a VMM ahead of its restore"
+        ),
+        Err(e) => tracing::warn!(error = %e, "the spawn of a VMM ahead did not finish"),
+    }
+}
+
+/// Restores one VM for pool `index` (building its template first when needed), into the VMM
+/// spawned ahead when the pool holds one for this template, and adds it. Returns the template
+/// when it restored a VM.
+async fn restore_one(inner: &Arc<Inner>, index: usize) -> Option<Template> {
     let pool = &inner.pools[index];
     let template = {
         // Every restore checks the inputs again (file digests are remembered per inode, size and
@@ -733,42 +835,63 @@ async fn restore_one(inner: &Arc<Inner>, index: usize) {
             }
             Ok(Err(e)) => {
                 failed(inner, pool, format!("template: {}", error_chain(&e)));
-                return;
+                return None;
             }
             Err(e) => {
                 failed(inner, pool, format!("template build task: {e}"));
-                return;
+                return None;
             }
         }
-        match slot.as_ref() {
-            Some(t) => t.clone(),
-            None => return,
+        slot.as_ref()?.clone()
+    };
+    // The VMM spawned ahead, if it awaits this template (one of an older template is dropped).
+    let taken = pool.ahead().take();
+    let ahead = match taken {
+        Some(a) if a.template_digest() == template.digest => Some(a),
+        Some(stale) => {
+            tracing::debug!(
+                mem_mib = pool.mem_mib,
+                "dropping a VMM spawned ahead for an older template"
+            );
+            let _ = tokio::task::spawn_blocking(move || drop(stale)).await;
+            None
         }
+        None => None,
     };
-    let id = inner.next_id.fetch_add(1, Ordering::SeqCst);
-    let name = format!("hearth-pool-{}-{}-{id}", pool.mem_mib, std::process::id());
-    let home = match &inner.config.jail {
-        Some(jails) => VmHome::Jail {
-            jails: jails.clone(),
-            id: name,
-        },
-        None => VmHome::Folder(inner.config.vm_dir.join(name)),
-    };
+    let home = vm_home(inner, pool.mem_mib);
     let binary = inner.config.hearth_binary.clone();
     let timeout = inner.config.restore_timeout;
     let for_restore = template.clone();
     let cancel = inner.shut.clone();
+    let mem_mib = pool.mem_mib;
     let restored = tokio::task::spawn_blocking(move || {
-        PooledVm::restore(&binary, &for_restore, home, timeout, &cancel)
+        let mut ahead = ahead;
+        if let Some(a) = ahead.as_mut()
+            && a.has_exited()
+        {
+            tracing::warn!(mem_mib, pid = a.pid(), "a VMM spawned ahead died; not used");
+            ahead = None;
+        }
+        match ahead {
+            Some(a) => (a.restore(timeout, &cancel), true),
+            None => (
+                PooledVm::restore(&binary, &for_restore, home, timeout, &cancel),
+                false,
+            ),
+        }
     })
     .await;
     match restored {
-        Ok(Ok(vm)) => {
+        Ok((Ok(vm), was_ahead)) => {
             pool.failed_in_a_row.store(0, Ordering::SeqCst);
             pool.restored.fetch_add(1, Ordering::SeqCst);
+            if was_ahead {
+                pool.restored_ahead.fetch_add(1, Ordering::SeqCst);
+            }
             tracing::debug!(
                 mem_mib = pool.mem_mib,
                 took = ?vm.restored_in(),
+                spawned_ahead = was_ahead,
                 pid = vm.pid(),
                 "pooled VM ready"
             );
@@ -776,17 +899,18 @@ async fn restore_one(inner: &Arc<Inner>, index: usize) {
             if inner.shut.load(Ordering::SeqCst) {
                 drop(idle);
                 drop_blocking(vm).await;
-                return;
+                return None;
             }
             idle.push_back(vm);
             drop(idle);
             pool.added.notify_one();
+            Some(template)
         }
-        Ok(Err(e)) => {
+        Ok((Err(e), _)) => {
             let text = error_chain(&e);
             let in_a_row = pool.failed_in_a_row.fetch_add(1, Ordering::SeqCst) + 1;
             if inner.shut.load(Ordering::SeqCst) {
-                return;
+                return None;
             }
             // The VMM itself failed (not the jail around it): the template may be bad.
             let vmm_failed = matches!(
@@ -804,13 +928,32 @@ async fn restore_one(inner: &Arc<Inner>, index: usize) {
                 pool.failed_in_a_row.store(0, Ordering::SeqCst);
             }
             failed(inner, pool, text);
+            None
         }
-        Err(e) => failed(inner, pool, format!("restore task: {e}")),
+        Err(e) => {
+            failed(inner, pool, format!("restore task: {e}"));
+            None
+        }
     }
 }
 
-/// Drops the idle VMs of `pool` restored from another template than `digest`.
+/// Drops the idle VMs of `pool` restored from another template than `digest`, and its VMM
+/// spawned ahead for another template.
 async fn retire_stale(pool: &SizePool, digest: &str) {
+    let stale_ahead = {
+        let mut ahead = pool.ahead();
+        match ahead.as_ref().map(|a| a.template_digest() != digest) {
+            Some(true) => ahead.take(),
+            _ => None,
+        }
+    };
+    if let Some(vm) = stale_ahead {
+        tracing::info!(
+            mem_mib = pool.mem_mib,
+            "the template's inputs changed; dropping the VMM spawned ahead for the old one"
+        );
+        let _ = tokio::task::spawn_blocking(move || drop(vm)).await;
+    }
     let stale = {
         let mut idle = pool.idle();
         let (keep, stale): (VecDeque<PooledVm>, VecDeque<PooledVm>) = idle
@@ -855,6 +998,12 @@ impl crate::metrics::Collect for PoolSet {
                 "Idle microVMs each pool keeps ready.",
                 &labels,
                 stats.target as f64,
+            );
+            gauges.add(
+                "hearth_pool_ahead_vmms",
+                "VMMs spawned ahead of their restore, per pool.",
+                &labels,
+                stats.ahead as f64,
             );
             gauges.add(
                 "hearth_pool_restoring_vms",

@@ -1,6 +1,11 @@
 //! One pooled VM: restored from a template in a `hearth vmm` process of its own, kept paused
 //! until it is claimed.
 //!
+//! Its VMM is spawned ahead of the restore ([`AheadVm`]: `hearth vmm --await-restore`, its folder
+//! or jail made, the template's files mounted, the ready socket bound), so that the process, the
+//! KVM VM, its vCPUs and devices are off the restore's critical path; the restore is then a
+//! `Restore` command to it ([`AheadVm::restore`]). [`PooledVm::restore`] does both in a row.
+//!
 //! A restore is done only once the init has answered: right after a restore the guest still has
 //! to handle the vsock transport reset, and until then a host connection can be accepted and then
 //! reset. The VMM holds a host connection until the guest has handled the reset, so
@@ -30,11 +35,11 @@ use std::time::{Duration, Instant};
 
 use hearth_guest::protocol::client::ControlClient;
 use hearth_guest::protocol::{Message, Ready};
-use hearth_vmm::{MemoryUsage, VmState, VmmProcess};
+use hearth_vmm::{MemoryUsage, RestoreMode, SnapshotFiles, VmState, VmmProcess};
 
 use super::guest::{bind_ready, open, ping, ready_socket, serial_tail};
 use super::template::Template;
-use crate::jail::{JailConfig, LaunchError, VmJail};
+use crate::jail::{JailConfig, LaunchError, VmJail, snapshot_inside};
 
 /// A pooled VM could not be made or used.
 #[derive(Debug, thiserror::Error)]
@@ -140,18 +145,25 @@ pub struct PooledVm {
     restored_in: Duration,
 }
 
-impl PooledVm {
-    /// Restores `template` in a new `hearth vmm` process at `home` (its folder or jail root
-    /// created, and removed again on failure), waits for the init's `Ready` and a ping, and
-    /// pauses it. Blocking; setting `cancel` ends the wait early.
-    pub fn restore(
+/// A pooled VM's VMM spawned ahead of its restore (`hearth vmm --await-restore`, in its folder or
+/// jail, with the template's files already mounted there and the init's ready socket bound): the
+/// process, the KVM VM, its vCPUs and devices are made off the restore's critical path.
+/// [`AheadVm::restore`] sends it the `Restore`. Dropping it kills the VMM and removes its folder or
+/// jail, as dropping a [`PooledVm`] does.
+pub struct AheadVm {
+    vm: PooledVm,
+    /// The template's files as the VMM sees them.
+    files: SnapshotFiles,
+}
+
+impl AheadVm {
+    /// Spawns a VMM for `template`'s shape at `home` (its folder or jail root created, and
+    /// removed again on failure) that awaits a restore. Blocking.
+    pub fn spawn(
         hearth_binary: &Path,
         template: &Template,
         home: VmHome,
-        timeout: Duration,
-        cancel: &AtomicBool,
-    ) -> Result<PooledVm, PooledVmError> {
-        let started = Instant::now();
+    ) -> Result<AheadVm, PooledVmError> {
         let io = |what: &'static str, path: &Path| {
             let path = path.to_path_buf();
             move |source| PooledVmError::Io { what, path, source }
@@ -194,24 +206,69 @@ impl PooledVm {
         };
         vm.uds = vm.dir.join("vsock.sock");
         let listener = bind_ready(&vm.uds).map_err(io("listen for the init in", &vm.dir))?;
+        vm.ready_listener = Some(listener);
         let config = template.spec.vm_config(&inside);
-        let spawned = match &vm.jail {
+        let (spawned, files) = match &vm.jail {
             Some((jails, jail)) => {
                 // The VMM, under the jail's uid, connects to the agent's ready socket.
-                jail.give(&ready_socket(&vm.uds))
-                    .and_then(|()| jails.spawn(jail, &config, Some(&template.files)))
-                    .map_err(PooledVmError::Jail)
+                let spawned = jail
+                    .give(&ready_socket(&vm.uds))
+                    .and_then(|()| jails.spawn_awaiting_restore(jail, &config, &template.files))
+                    .map_err(PooledVmError::Jail);
+                (spawned, snapshot_inside())
             }
-            None => crate::cores::unpinned(|| {
-                VmmProcess::spawn_restored(hearth_binary, &config, &template.files)
-            })
-            .map_err(PooledVmError::Restore),
+            None => {
+                let spawned = crate::cores::unpinned(|| {
+                    VmmProcess::spawn_awaiting_restore(hearth_binary, &config)
+                })
+                .map_err(PooledVmError::Restore);
+                (spawned, template.files.clone())
+            }
         };
-        let vmm = vm.vmm.insert(spawned?);
-        if let Err(e) = vmm.start() {
+        vm.vmm = Some(spawned?);
+        Ok(AheadVm { vm, files })
+    }
+
+    /// The digest of the template it awaits.
+    pub fn template_digest(&self) -> &str {
+        &self.vm.template_digest
+    }
+
+    /// The VMM process's id (for a jailed VMM, the jailer's child).
+    pub fn pid(&self) -> Option<u32> {
+        self.vm.pid()
+    }
+
+    /// Whether the process has exited (a cheap check, no VMM round trip).
+    pub fn has_exited(&mut self) -> bool {
+        self.vm.has_exited()
+    }
+
+    /// Restores the template into the VMM, starts it, waits for the init's answer on its control
+    /// port and pauses it. A `Restore` the VMM refuses ends it ([`PooledVmError::Restore`]).
+    /// Blocking; setting `cancel` ends the wait early.
+    pub fn restore(
+        self,
+        timeout: Duration,
+        cancel: &AtomicBool,
+    ) -> Result<PooledVm, PooledVmError> {
+        let started = Instant::now();
+        let AheadVm { mut vm, files } = self;
+        let restored = match vm.vmm.as_ref() {
+            Some(vmm) => vmm.restore(&files, RestoreMode::File),
+            None => return Err(vm.not_up("the VMM is gone".into())),
+        };
+        if let Err(e) = restored {
+            // Never used: dropping `vm` kills the VMM and removes its folder or jail.
+            return Err(PooledVmError::Restore(e));
+        }
+        let started_vm = match vm.vmm.as_ref() {
+            Some(vmm) => vmm.start(),
+            None => return Err(vm.not_up("the VMM is gone".into())),
+        };
+        if let Err(e) = started_vm {
             return Err(vm.not_up(format!("start: {e}")));
         }
-        vm.ready_listener = Some(listener);
         if cancel.load(Ordering::SeqCst) {
             return Err(vm.not_up("cancelled (the pools are shutting down)".into()));
         }
@@ -227,6 +284,7 @@ impl PooledVm {
             }
             Err(e) => return Err(vm.not_up(format!("no answer after the restore: {e}"))),
         };
+        let answered = started.elapsed();
         vm.ready = Ready {
             init_start_ms: 0,
             ready_ms: status.uptime_ms,
@@ -241,6 +299,39 @@ impl PooledVm {
             Ok(other) => return Err(vm.not_up(format!("pause left it {other:?}"))),
             Err(e) => return Err(vm.not_up(format!("pause: {e}"))),
         }
+        vm.restored_in = started.elapsed();
+        tracing::debug!(
+            mem_mib = vm.mem_mib,
+            restore_to_answer = ?answered,
+            pid = vm.pid(),
+            "a VMM spawned ahead restored; its init answered"
+        );
+        Ok(vm)
+    }
+}
+
+impl PooledVm {
+    /// Restores `template` in a new `hearth vmm` process at `home` (its folder or jail root
+    /// created, and removed again on failure): spawns it ahead ([`AheadVm::spawn`]) and restores
+    /// it at once ([`AheadVm::restore`]): the init has answered and the VM is paused. Blocking;
+    /// setting `cancel` ends the wait early.
+    pub fn restore(
+        hearth_binary: &Path,
+        template: &Template,
+        home: VmHome,
+        timeout: Duration,
+        cancel: &AtomicBool,
+    ) -> Result<PooledVm, PooledVmError> {
+        let started = Instant::now();
+        let ahead = AheadVm::spawn(hearth_binary, template, home)?;
+        if cancel.load(Ordering::SeqCst) {
+            return Err(PooledVmError::NotUp {
+                why: "cancelled (the pools are shutting down)".into(),
+                stderr: String::new(),
+                serial: String::new(),
+            });
+        }
+        let mut vm = ahead.restore(timeout.saturating_sub(started.elapsed()), cancel)?;
         vm.restored_in = started.elapsed();
         Ok(vm)
     }
@@ -286,7 +377,8 @@ impl PooledVm {
         &self.template_digest
     }
 
-    /// From spawning the VMM to the paused, answering VM.
+    /// From the `Restore` (or, through [`PooledVm::restore`], from spawning the VMM) to the
+    /// paused, answering VM.
     pub fn restored_in(&self) -> Duration {
         self.restored_in
     }
