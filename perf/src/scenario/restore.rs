@@ -19,7 +19,8 @@
 //! Each restore is also timed into a VMM spawned ahead (`hearth vmm --await-restore`, idle for
 //! 200 ms first): from the Restore command to its answer, to the Ready and to the echo
 //! (`restore_MODE_ahead_*`), the figure comparable to Firecracker's LoadSnapshot into a running
-//! process.
+//! process; and that VMM's RSS and PSS while it idles, before the Restore
+//! (`restore_MODE_ahead_idle_{rss,pss}`: what a pool's VMM spawned ahead costs).
 //!
 //! The VMM's own timings of each restore phase are in its stderr with `HEARTH_LOG=debug`: the
 //! first restore of each mode prints them.
@@ -309,6 +310,8 @@ struct Restored {
     echo_ms: f64,
     /// Control connections the guest turned away before the one that answered.
     turned_away: u32,
+    /// A VMM spawned ahead: its memory while it idled, before the Restore.
+    idle_memory: Option<MemoryUsage>,
 }
 
 /// How long a restore's first control connection keeps being retried while the guest turns it
@@ -390,11 +393,14 @@ impl Setup<'_> {
         let config = slot.config(&self.kernel, &self.initrd, self.args);
         let vmm = VmmProcess::spawn_awaiting_restore(&self.hearth, &config)?;
         std::thread::sleep(AHEAD_IDLE);
-        self.restore_via(slot, |_| {
+        let idle_memory = vmm.memory_usage()?;
+        let mut restored = self.restore_via(slot, |_| {
             vmm.restore(&self.files, mode)
                 .map_err(|e| anyhow::Error::new(e).context(vmm.stderr_tail()))?;
             Ok(vmm)
-        })
+        })?;
+        restored.idle_memory = Some(idle_memory);
+        Ok(restored)
     }
 
     /// Times `get` (which yields a restored VMM for the slot's configuration) and the restored
@@ -436,6 +442,7 @@ impl Setup<'_> {
             ready_ms,
             echo_ms,
             turned_away,
+            idle_memory: None,
         })
     }
 }
@@ -668,7 +675,7 @@ fn restore_to_echo(setup: &Setup<'_>, slot: &Slot, report: &mut Report) -> anyho
             "pages",
         );
     }
-    let mut samples: Vec<[Vec<f64>; 9]> = modes.iter().map(|_| Default::default()).collect();
+    let mut samples: Vec<[Vec<f64>; 11]> = modes.iter().map(|_| Default::default()).collect();
     for run in 0..setup.args.runs {
         for (m, mode) in modes.iter().enumerate() {
             let mut r = setup
@@ -714,6 +721,10 @@ fn restore_to_echo(setup: &Setup<'_>, slot: &Slot, report: &mut Report) -> anyho
             s[6].push(r.spawned_ms);
             s[7].push(r.ready_ms);
             s[8].push(r.echo_ms);
+            if let Some(idle) = r.idle_memory {
+                s[9].push(mib(idle.rss_kib * 1024));
+                s[10].push(mib(idle.pss_kib * 1024));
+            }
             r.vmm.kill()?;
         }
         // Every run of a short series, else every tenth.
@@ -748,6 +759,8 @@ fn restore_to_echo(setup: &Setup<'_>, slot: &Slot, report: &mut Report) -> anyho
         );
         report.add(&format!("restore_{name}_ahead_to_ready"), &s[7], "ms");
         report.add(&format!("restore_{name}_ahead_to_echo"), &s[8], "ms");
+        report.add(&format!("restore_{name}_ahead_idle_rss"), &s[9], "MiB");
+        report.add(&format!("restore_{name}_ahead_idle_pss"), &s[10], "MiB");
     }
     Ok(())
 }
