@@ -185,7 +185,7 @@ fn jailed_vmm_is_isolated() {
 
     jc.prepare(&jail).unwrap();
     let mut parents = CgroupParents(Vec::new());
-    let mut vmm = jc.spawn(&jail, &config, None).unwrap();
+    let mut vmm = jc.spawn(&jail, &config).unwrap();
     let pid = vmm.vmm_pid();
     // `parents` was declared before `vmm`, so it is dropped after it: the VMM (and with it
     // its cgroup) ends first.
@@ -417,7 +417,7 @@ fn a_symlinked_or_hard_linked_kernel_is_refused() {
     let mut config = VmConfig::new(&symlink);
     config.control_socket = Some(PathBuf::from("/control.sock"));
     let jail = jc.jail_for("refused-symlink", &config).unwrap();
-    match jc.spawn(&jail, &config, None) {
+    match jc.spawn(&jail, &config) {
         Err(LaunchError::Process(ProcessError::ExitedEarly { status, stderr })) => {
             assert!(!status.success());
             assert!(stderr.contains("is a symlink"), "{stderr}");
@@ -465,7 +465,7 @@ fn spawn_jailed(
     CgroupParents,
 ) {
     let jail = jc.jail_for(id, config).unwrap();
-    let vmm = jc.spawn(&jail, config, None).unwrap();
+    let vmm = jc.spawn(&jail, config).unwrap();
     let cgroups = limit_cgroups(vmm.vmm_pid());
     let parents = CgroupParents(
         cgroups

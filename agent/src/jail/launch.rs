@@ -1,7 +1,7 @@
 //! The agent's side of the jail: a uid/gid and limits per VM, the `hearth jail` command line, and
 //! the jailed VMM spawned through [`VmmProcess::spawn_jailed`].
 //!
-//! The configuration handed to [`JailConfig::spawn`] names the kernel, initrd and snapshot files
+//! The configuration handed to [`JailConfig::spawn`] (a boot) or [`JailConfig::spawn_awaiting_restore`] (a restore) names the kernel, initrd and snapshot files
 //! by their host paths (the jail checks them and mounts them at `/kernel`, `/initrd`,
 //! `/snapshot.state`, `/snapshot.mem`) and every socket or log by its path inside the jail (the
 //! root is writable by the VM's uid; [`VmJail::host_path`] tells where such a path lies on this
@@ -179,29 +179,12 @@ impl JailConfig {
             .map_err(io("chmod", &jail.root))
     }
 
-    /// Spawns `hearth vmm` for `config` in `jail` and waits until its control socket answers.
-    /// `config.kernel`, `config.initrd` and `snapshot` are host paths; the control socket, vsock
-    /// and serial log paths are inside the jail. The jail removes its folder and cgroup when the
-    /// VMM exits.
-    pub fn spawn(
-        &self,
-        jail: &VmJail,
-        config: &VmConfig,
-        snapshot: Option<&SnapshotFiles>,
-    ) -> Result<VmmProcess, LaunchError> {
-        let extra: Vec<OsString> = match snapshot {
-            Some(_) => [
-                "--restore-state",
-                SNAPSHOT_STATE_INSIDE,
-                "--restore-mem",
-                SNAPSHOT_MEM_INSIDE,
-            ]
-            .into_iter()
-            .map(OsString::from)
-            .collect(),
-            None => Vec::new(),
-        };
-        self.spawn_with(jail, config, snapshot, &extra)
+    /// Spawns `hearth vmm` for `config` in `jail` (a fresh boot) and waits until its control socket
+    /// answers. `config.kernel` and `config.initrd` are host paths; the control socket, vsock and
+    /// serial log paths are inside the jail. The jail removes its folder and cgroup when the VMM
+    /// exits. Restores go through [`JailConfig::spawn_awaiting_restore`].
+    pub fn spawn(&self, jail: &VmJail, config: &VmConfig) -> Result<VmmProcess, LaunchError> {
+        self.spawn_with(jail, config, None, &[])
     }
 
     /// Spawns `hearth vmm --await-restore` for `config` in `jail`, with the snapshot `files`
@@ -243,8 +226,8 @@ const SNAPSHOT_STATE_INSIDE: &str = "/snapshot.state";
 /// Where a jail mounts a snapshot's memory file.
 const SNAPSHOT_MEM_INSIDE: &str = "/snapshot.mem";
 
-/// A snapshot's files as a jailed VMM sees them (where [`JailConfig::spawn`] and
-/// [`JailConfig::spawn_awaiting_restore`] mount them).
+/// A snapshot's files as a jailed VMM sees them (where [`JailConfig::spawn_awaiting_restore`]
+/// mounts them).
 pub fn snapshot_inside() -> SnapshotFiles {
     SnapshotFiles {
         state: PathBuf::from(SNAPSHOT_STATE_INSIDE),

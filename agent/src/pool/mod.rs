@@ -20,7 +20,7 @@
 //! (`MicrovmConfig::pool`), then injects the function's code as for a booted VM.
 //!
 //! Relies on: `hearth_vmm::VmmProcess` (spawn, spawn ahead, restore, pause, resume, snapshot),
-//! the jail ([`crate::jail`]: `JailConfig::spawn` and `spawn_awaiting_restore` with the
+//! the jail ([`crate::jail`]: `JailConfig::spawn_awaiting_restore` with the
 //! template's snapshot files, `clean_up`) and the init's control protocol (`Ping`, `Refresh`). Must not touch: function code (the sandbox injects it
 //! after a claim) or the snapshot files' format (`hearth-snapshot`'s).
 //!

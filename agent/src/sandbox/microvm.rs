@@ -369,7 +369,7 @@ async fn boot(config: &MicrovmConfig, function: &FunctionSpec) -> Result<Started
                 jail.give(&ready_path)
                     .map_err(|e| std::io::Error::other(e.to_string()))?;
                 jails
-                    .spawn(jail, &vm, None)
+                    .spawn(jail, &vm)
                     .map_err(|e| std::io::Error::other(e.to_string()))?
             }
             _ => crate::cores::unpinned(|| VmmProcess::spawn(&binary, &vm))
