@@ -1,5 +1,10 @@
 //! A process's memory as Linux accounts it: RSS and PSS from `/proc/PID/smaps_rollup`, and the
 //! part of them that is guest RAM, from the `/proc/PID/smaps` entries of the guest memory mappings.
+//!
+//! Linux leaves hugetlbfs pages out of `Rss` and `Pss` (they are `Private_Hugetlb` and
+//! `Shared_Hugetlb`); guest RAM on them (`hearth vmm --hugetlb`) would read as zero. Here they are
+//! counted in: RSS adds both, PSS adds the private ones (this process's alone) and the shared ones
+//! whole, an upper bound.
 
 use std::path::PathBuf;
 
@@ -68,14 +73,16 @@ pub fn read(pid: u32, guest_ranges_kib: &[u64]) -> Result<ProcessMemory, MemoryE
         path: rollup_path.clone(),
         source,
     })?;
+    let hugetlb_kib = field_kib(&rollup, "Private_Hugetlb").unwrap_or(0)
+        + field_kib(&rollup, "Shared_Hugetlb").unwrap_or(0);
     let rss_kib = field_kib(&rollup, "Rss").ok_or(MemoryError::Missing {
         path: rollup_path.clone(),
         field: "Rss",
-    })?;
+    })? + hugetlb_kib;
     let pss_kib = field_kib(&rollup, "Pss").ok_or(MemoryError::Missing {
         path: rollup_path,
         field: "Pss",
-    })?;
+    })? + hugetlb_kib;
     let smaps_path = PathBuf::from(format!("/proc/{pid}/smaps"));
     let smaps = std::fs::read_to_string(&smaps_path).map_err(|source| MemoryError::Read {
         path: smaps_path,
@@ -129,8 +136,10 @@ pub fn parse_smaps(text: &str) -> Vec<Mapping> {
             // perms, offset, dev, inode, then the optional path.
             let inode = words.nth(3);
             let path: Vec<&str> = words.collect();
-            let anonymous = inode == Some("0")
-                && (path.is_empty() || path[0].starts_with("[anon") || path[0] == "[heap]");
+            // A private hugetlbfs mapping shows as the deleted file `/anon_hugepage`.
+            let anonymous = (inode == Some("0")
+                && (path.is_empty() || path[0].starts_with("[anon") || path[0] == "[heap]"))
+                || path.first() == Some(&"/anon_hugepage");
             mappings.push(Mapping {
                 start,
                 size_kib: 0,
@@ -152,8 +161,12 @@ pub fn parse_smaps(text: &str) -> Vec<Mapping> {
         };
         match first {
             "Size:" => current.size_kib = value(),
-            "Rss:" => current.rss_kib = value(),
-            "Pss:" => current.pss_kib = value(),
+            "Rss:" => current.rss_kib += value(),
+            "Pss:" => current.pss_kib += value(),
+            "Private_Hugetlb:" | "Shared_Hugetlb:" => {
+                current.rss_kib += value();
+                current.pss_kib += value();
+            }
             _ => {}
         }
     }
@@ -213,6 +226,15 @@ Pss:                  16 kB
         assert!(guest_mappings(&maps, &[256 * 1024]).is_empty());
         // A malloc arena of 64 MiB is not mistaken for a second 128 MiB range.
         assert_eq!(guest_mappings(&maps, &[128 * 1024, 128 * 1024]).len(), 1);
+    }
+
+    #[test]
+    fn hugetlb_guest_ram_is_counted_as_guest_ram() {
+        let smaps = "7f0000000000-7f0008000000 rw-p 00000000 00:10 12345 /anon_hugepage (deleted)\nSize:             131072 kB\nRss:                   0 kB\nPss:                   0 kB\nShared_Hugetlb:        0 kB\nPrivate_Hugetlb:   81920 kB\n";
+        let maps = parse_smaps(smaps);
+        let guest = guest_mappings(&maps, &[131072]);
+        assert_eq!(guest.len(), 1);
+        assert_eq!((guest[0].rss_kib, guest[0].pss_kib), (81920, 81920));
     }
 
     #[test]

@@ -174,7 +174,11 @@ fn attach_virtio(
 /// first-`KVM_RUN` timing log).
 pub fn build(config: &VmConfig, started: Instant) -> Result<BuiltVm, BuildError> {
     config.validate()?;
-    build_in(config, memory::create(config.mem_bytes())?, started)
+    build_in(
+        config,
+        memory::create_with(config.mem_bytes(), config.huge_pages)?,
+        started,
+    )
 }
 
 /// [`build`] in guest memory `mem` made by the caller (a template VM's RAM file:

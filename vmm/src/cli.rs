@@ -3,7 +3,7 @@
 //! powers off, on Stop, on SIGTERM/SIGINT, and when its parent's pipe closes.
 
 use crate::builder;
-use crate::config::{DEFAULT_SERIAL_LOG_CAP, VmConfig, VsockConfig};
+use crate::config::{DEFAULT_SERIAL_LOG_CAP, HugePages, VmConfig, VsockConfig};
 use crate::control::Command;
 use crate::control::server::ControlServer;
 use crate::restore::RestoreMode;
@@ -82,6 +82,10 @@ pub struct VmmArgs {
     /// (then `Start` runs it).
     #[arg(long, conflicts_with_all = ["restore_state", "start"])]
     pub await_restore: bool,
+    /// Back guest RAM with 2 MiB pages from the host's hugetlbfs pool (`vm.nr_hugepages`),
+    /// reserved at start, instead of transparent huge pages.
+    #[arg(long)]
+    pub hugetlb: bool,
     /// Exit when standard input reaches end of file (the parent's pipe closed).
     #[arg(long, hide = true)]
     pub exit_on_stdin_eof: bool,
@@ -153,6 +157,11 @@ impl VmmArgs {
                 serial_log_cap: self.serial_log_cap,
                 control_socket: self.control_socket.clone(),
                 ram_file: None,
+                huge_pages: if self.hugetlb {
+                    HugePages::Hugetlb
+                } else {
+                    HugePages::Transparent
+                },
             };
             config.validate()?;
             config
@@ -175,6 +184,11 @@ pub fn run(args: VmmArgs) -> anyhow::Result<u8> {
     let mode = args.restore_mode()?;
     if config.ram_file.is_some() && (args.restore_state.is_some() || args.await_restore) {
         bail!("ram_file is for booting a template VM, not for a restore");
+    }
+    if config.huge_pages == HugePages::Hugetlb
+        && (args.restore_state.is_some() || args.await_restore)
+    {
+        bail!("huge_pages hugetlb is for booting a VM; a restore maps or copies its memory file");
     }
     let mut ram_file = None;
     // A VMM started ahead: prepared, then restored from the snapshot a Restore command names.

@@ -50,6 +50,17 @@ pub fn in_kvm(test_name: &str, body: impl FnOnce()) {
 
 /// [`in_kvm`], with `with` (absolute paths) also packed into the test host at the same paths.
 pub fn in_kvm_with(test_name: &str, with: &[&std::path::Path], body: impl FnOnce()) {
+    in_kvm_appending(test_name, with, "", body)
+}
+
+/// [`in_kvm_with`], the test host's kernel booted with `append` added to its command line (for
+/// example `hugepages=N`); on hardware KVM `body` runs here as the host is.
+pub fn in_kvm_appending(
+    test_name: &str,
+    with: &[&std::path::Path],
+    append: &str,
+    body: impl FnOnce(),
+) {
     let kind = detect_kind();
     if let KvmKind::Hardware(_) = kind {
         body();
@@ -75,6 +86,9 @@ pub fn in_kvm_with(test_name: &str, with: &[&std::path::Path], body: impl FnOnce
             env.push(vmm.as_os_str());
             command.arg("--env").arg(env);
         }
+    }
+    if !append.is_empty() {
+        command.arg("--append").arg(append);
     }
     let status = command
         .args(

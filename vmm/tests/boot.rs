@@ -6,7 +6,8 @@ mod common;
 
 use common::*;
 use hearth_guest::protocol::client::ControlClient;
-use hearth_vmm::kvm_test::{hearth_binary, in_kvm};
+use hearth_vmm::config::HugePages;
+use hearth_vmm::kvm_test::{hearth_binary, in_kvm, in_kvm_appending};
 use hearth_vmm::{VmState, VmmProcess};
 use std::time::{Duration, Instant};
 
@@ -134,6 +135,76 @@ fn boots_with_two_vcpus_and_512_mib() {
     in_kvm("boots_with_two_vcpus_and_512_mib", || {
         boot_ping_reboot(512, 2)
     });
+}
+
+/// Free 2 MiB hugetlbfs pages on this host, in MiB (`/proc/meminfo`).
+fn hugetlb_free_mib() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").expect("read /proc/meminfo");
+    let field = |name: &str| -> u64 {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    field("HugePages_Free:") * field("Hugepagesize:") / 1024
+}
+
+/// Guest RAM from the hugetlbfs pool (`huge_pages: hugetlb`): with a pool large enough, the guest
+/// boots on it and answers, and its RAM is the VMM's hugetlb memory; with too small a pool, the
+/// VMM fails at start with an error naming `vm.nr_hugepages`. The test host boots with a pool
+/// (`hugepages=72`: 144 MiB, for a 128 MiB guest); on a hardware host the outcome follows its pool.
+#[test]
+fn boots_on_hugetlb_pages_or_says_the_pool_is_short() {
+    in_kvm_appending(
+        "boots_on_hugetlb_pages_or_says_the_pool_is_short",
+        &[],
+        "hugepages=72",
+        || {
+            let dir = VmDir::new();
+            let initrd = guest_initrd(&dir);
+            let listener = ready_listener(&dir);
+            let mut config = config(&dir, &initrd, 128, 1, "");
+            config.huge_pages = HugePages::Hugetlb;
+            let free_mib = hugetlb_free_mib();
+            let spawned = VmmProcess::spawn(&hearth_binary(), &config);
+            if free_mib < 128 {
+                let err = match spawned {
+                    Ok(_) => panic!("a VMM started on {free_mib} MiB of free hugetlb pages"),
+                    Err(e) => format!("{e} {e:?}"),
+                };
+                assert!(err.contains("nr_hugepages"), "{err}");
+                eprintln!("hugetlb pool too small here ({free_mib} MiB free): refused clearly");
+                return;
+            }
+            let mut vmm = spawned.expect("spawn hearth vmm with hugetlb guest RAM");
+            {
+                let r = vmm.start();
+                ok(&mut vmm, "start", r)
+            };
+            if let Err(e) = wait_ready(&listener, &mut vmm, READY_TIMEOUT) {
+                panic!("{e}\n{}\n{}", vmm.stderr_tail(), serial_tail(&dir));
+            }
+            let mut client = ControlClient::connect_uds(&dir.uds()).expect("connect");
+            assert_eq!(client.ping(b"huge".to_vec()).expect("ping"), b"huge");
+            let rollup = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", vmm.pid()))
+                .expect("read the VMM's smaps_rollup");
+            let hugetlb_kib: u64 = rollup
+                .lines()
+                .find_map(|l| l.strip_prefix("Private_Hugetlb:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            assert!(
+                hugetlb_kib >= 2048,
+                "guest RAM is not on hugetlb pages:\n{rollup}"
+            );
+            eprintln!("guest RAM on hugetlb pages: {hugetlb_kib} KiB touched");
+            let status = vmm.stop().expect("stop");
+            assert!(status.success(), "{status}");
+        },
+    );
 }
 
 #[test]

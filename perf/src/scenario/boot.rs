@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use hearth_guest::image::{self, KernelImage};
 use hearth_guest::protocol::{READY_PORT, Ready, client};
-use hearth_vmm::config::{VmConfig, VsockConfig};
+use hearth_vmm::config::{HugePages, VmConfig, VsockConfig};
 use hearth_vmm::process::VmmProcess;
 
 use crate::memory;
@@ -49,6 +49,11 @@ pub struct BootArgs {
     /// `hearth_vmm::process::vmm_program` picks (the static `hearth-vmm` where it is built).
     #[arg(long)]
     pub vmm_program: Option<PathBuf>,
+    /// Back guest RAM with 2 MiB pages of the hugetlbfs pool (the host needs `vm.nr_hugepages`
+    /// of at least the guest's memory; the test host is booted with that pool). Their
+    /// memory is not in the process's RSS.
+    #[arg(long)]
+    pub hugetlb: bool,
     /// Print each VMM's log (its stderr) after its boot: with `HEARTH_LOG=hearth_vmm=debug`, the
     /// timing of each start-up step.
     #[arg(long)]
@@ -111,7 +116,13 @@ pub fn run(args: &BootArgs) -> anyhow::Result<Report> {
             );
             with.push(floor.clone());
         }
-        return super::rerun_in_testhost_with(args.testhost_timeout, with);
+        // One guest at a time: a pool of its RAM in 2 MiB pages, and a few more.
+        let append = if args.hugetlb {
+            format!("hugepages={}", args.memory / 2 + 4)
+        } else {
+            String::new()
+        };
+        return super::rerun_in_testhost_appending(args.testhost_timeout, with, &append);
     }
     if let Some(floor) = &args.floor {
         return floor::run(args.runs, floor);
@@ -226,6 +237,9 @@ fn boot_once(
     config.mem_mib = args.memory;
     config.vcpus = args.vcpus;
     config.cmdline_extra = args.cmdline.clone();
+    if args.hugetlb {
+        config.huge_pages = HugePages::Hugetlb;
+    }
     config.vsock = Some(VsockConfig {
         guest_cid: 3,
         uds_path: uds,

@@ -126,7 +126,17 @@ pub fn rerun_in_testhost(timeout_secs: u64) -> anyhow::Result<Report> {
 /// [`rerun_in_testhost`], with the files `with` (absolute paths) packed too, at the same paths.
 /// The VMM executable that spawned VMMs run (`hearth_vmm::process::vmm_program`) is packed too,
 /// where it is not `hearth` itself, so the scenario inside runs the same one.
-pub fn rerun_in_testhost_with(timeout_secs: u64, mut with: Vec<PathBuf>) -> anyhow::Result<Report> {
+pub fn rerun_in_testhost_with(timeout_secs: u64, with: Vec<PathBuf>) -> anyhow::Result<Report> {
+    rerun_in_testhost_appending(timeout_secs, with, "")
+}
+
+/// [`rerun_in_testhost_with`], with `append` added to the test host kernel's command line (for
+/// example `hugepages=N`).
+pub fn rerun_in_testhost_appending(
+    timeout_secs: u64,
+    mut with: Vec<PathBuf>,
+    append: &str,
+) -> anyhow::Result<Report> {
     let exe = std::env::current_exe().context("cannot find the hearth-perf binary to pack")?;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut argv = vec![exe.display().to_string()];
@@ -141,6 +151,7 @@ pub fn rerun_in_testhost_with(timeout_secs: u64, mut with: Vec<PathBuf>) -> anyh
     }
     config.with.extend(with);
     config.timeout = Some(std::time::Duration::from_secs(timeout_secs));
+    config.append = append.to_string();
     println!(
         "hearth-perf: /dev/kvm here is {}; running inside the test host",
         kvm_description()

@@ -15,7 +15,7 @@
 //! file, so nothing the VMM or the guest does later can change the snapshot.
 
 use super::layout::{MMIO_GAP_END, MMIO_GAP_START};
-use crate::config::RamFileConfig;
+use crate::config::{HugePages, RamFileConfig};
 use hearth_snapshot::MemoryFileError;
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -47,6 +47,11 @@ pub enum MemoryError {
     /// The file backing guest RAM could not be created.
     #[error("cannot create the file backing guest RAM")]
     RamFile(#[source] MemoryFileError),
+    /// The hugetlbfs pool could not back guest RAM.
+    #[error(
+        "cannot map {0} bytes of guest RAM from the host's 2 MiB hugetlbfs pool (is vm.nr_hugepages large enough? /proc/meminfo shows HugePages_Free)"
+    )]
+    Hugetlb(usize, #[source] std::io::Error),
     /// Mapping the file backing guest RAM failed.
     #[error("cannot map {0} bytes of the file backing guest RAM at offset {1}")]
     MapRamFile(usize, u64, #[source] std::io::Error),
@@ -72,21 +77,34 @@ pub fn low_ram_end(size: u64) -> u64 {
     size.min(MMIO_GAP_START)
 }
 
-/// Maps `size` bytes of guest memory (not touched, so not resident until used).
+/// Maps `size` bytes of guest memory (not touched, so not resident until used), advised for
+/// transparent huge pages.
 ///
 /// The mappings are never unmapped: guest memory lives as long as the VMM process, which runs one
 /// VM and exits with it.
 pub fn create(size: u64) -> Result<GuestMemory, MemoryError> {
+    create_with(size, HugePages::Transparent)
+}
+
+/// [`create`] with the huge pages `huge` names: transparent ones, or 2 MiB pages of the host's
+/// hugetlbfs pool, reserved here for all of `size` (a short pool fails now, not in the guest).
+pub fn create_with(size: u64, huge: HugePages) -> Result<GuestMemory, MemoryError> {
     let mut regions = Vec::new();
     for (base, len) in ram_ranges(size) {
-        let addr = map_aligned(len)?;
+        let (addr, flags) = match huge {
+            HugePages::Transparent => (
+                map_aligned(len)?,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            ),
+            HugePages::Hugetlb => (map_hugetlb(len)?, HUGETLB_FLAGS),
+        };
         // SAFETY: `addr` is the start of a fresh private anonymous mapping of `len` readable and
         // writable bytes made above; nothing else refers to it, and it is never unmapped, so it
         // outlives the region.
         let builder = unsafe { MmapRegionBuilder::new(len).with_raw_mmap_pointer(addr) };
         let region = builder
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+            .with_mmap_flags(flags)
             .build()
             .map_err(|e| MemoryError::Region(base.0, e.to_string()))?;
         let region = GuestRegionMmap::new(region, base)
@@ -94,6 +112,37 @@ pub fn create(size: u64) -> Result<GuestMemory, MemoryError> {
         regions.push(region);
     }
     GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Region(0, e.to_string()))
+}
+
+/// A private anonymous mapping of 2 MiB hugetlbfs pages; without `MAP_NORESERVE`, so the pages
+/// are reserved from the pool now.
+const HUGETLB_FLAGS: libc::c_int =
+    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | libc::MAP_HUGE_2MB;
+
+/// Maps `len` bytes (a multiple of 2 MiB) of hugetlbfs pages, 2 MiB-aligned by the kernel.
+fn map_hugetlb(len: usize) -> Result<*mut u8, MemoryError> {
+    if !len.is_multiple_of(HUGE_PAGE) {
+        return Err(MemoryError::Hugetlb(
+            len,
+            std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        ));
+    }
+    // SAFETY: a new anonymous mapping at an address the kernel picks; no existing memory is
+    // affected.
+    let raw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            HUGETLB_FLAGS,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        return Err(MemoryError::Hugetlb(len, std::io::Error::last_os_error()));
+    }
+    Ok(raw as *mut u8)
 }
 
 /// Guest RAM backed by a file mapped shared (a template VM: [`RamFileConfig`]).
@@ -295,6 +344,33 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, 2);
+    }
+
+    /// With a hugetlbfs pool big enough, guest RAM comes from it (2 MiB-aligned, readable and
+    /// writable); without, creating it fails at once, naming the pool's setting.
+    #[test]
+    fn hugetlb_guest_ram_comes_from_the_pool_or_fails_naming_it() {
+        use vm_memory::{Bytes, GuestMemoryBackend};
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+        let free_pages: u64 = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("HugePages_Free:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        let size = 8u64 << 20;
+        match create_with(size, HugePages::Hugetlb) {
+            Ok(mem) => {
+                assert!(free_pages >= 4, "{free_pages} free huge pages, yet mapped");
+                let host = mem.get_host_address(GuestAddress(0)).unwrap();
+                assert_eq!(host as usize % HUGE_PAGE, 0);
+                mem.write_obj(0xfeed_u64, GuestAddress(size - 8)).unwrap();
+                assert_eq!(mem.read_obj::<u64>(GuestAddress(size - 8)).unwrap(), 0xfeed);
+            }
+            Err(e) => {
+                assert!(free_pages < 4, "{free_pages} free huge pages, yet: {e}");
+                assert!(e.to_string().contains("vm.nr_hugepages"), "{e}");
+            }
+        }
     }
 
     #[test]
