@@ -50,8 +50,8 @@ pub struct BootArgs {
     #[arg(long)]
     pub vmm_program: Option<PathBuf>,
     /// Back guest RAM with 2 MiB pages of the hugetlbfs pool (the host needs `vm.nr_hugepages`
-    /// of at least the guest's memory; the test host is booted with that pool). Their
-    /// memory is not in the process's RSS.
+    /// of at least the guest's memory; the test host is booted with that pool). Those pages,
+    /// which Linux leaves out of RSS, are counted as guest RAM.
     #[arg(long)]
     pub hugetlb: bool,
     /// Print each VMM's log (its stderr) after its boot: with `HEARTH_LOG=hearth_vmm=debug`, the
