@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use hearth_guest::protocol::client::ControlClient;
+use hearth_vmm::arch::memory::hugetlb_free_bytes;
 use hearth_vmm::config::HugePages;
 use hearth_vmm::kvm_test::{hearth_binary, in_kvm, in_kvm_appending};
 use hearth_vmm::{VmState, VmmProcess};
@@ -137,20 +138,6 @@ fn boots_with_two_vcpus_and_512_mib() {
     });
 }
 
-/// Free 2 MiB hugetlbfs pages on this host, in MiB (`/proc/meminfo`).
-fn hugetlb_free_mib() -> u64 {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").expect("read /proc/meminfo");
-    let field = |name: &str| -> u64 {
-        meminfo
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    field("HugePages_Free:") * field("Hugepagesize:") / 1024
-}
-
 /// Guest RAM from the hugetlbfs pool (`huge_pages: hugetlb`): with a pool large enough, the guest
 /// boots on it and answers, and its RAM is the VMM's hugetlb memory; with too small a pool, the
 /// VMM fails at start with an error naming `vm.nr_hugepages`. The test host boots with a pool
@@ -167,7 +154,7 @@ fn boots_on_hugetlb_pages_or_says_the_pool_is_short() {
             let listener = ready_listener(&dir);
             let mut config = config(&dir, &initrd, 128, 1, "");
             config.huge_pages = HugePages::Hugetlb;
-            let free_mib = hugetlb_free_mib();
+            let free_mib = hugetlb_free_bytes().expect("/proc/meminfo has the hugetlb pool") >> 20;
             let spawned = VmmProcess::spawn(&hearth_binary(), &config);
             if free_mib < 128 {
                 let err = match spawned {

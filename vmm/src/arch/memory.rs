@@ -51,11 +51,13 @@ pub enum MemoryError {
     /// The file backing guest RAM could not be created.
     #[error("cannot create the file backing guest RAM")]
     RamFile(#[source] MemoryFileError),
-    /// The hugetlbfs pool could not back guest RAM.
+    /// The hugetlbfs pool could not back guest RAM (the bytes asked for, the bytes free).
     #[error(
-        "cannot map {0} bytes of guest RAM from the host's 2 MiB hugetlbfs pool (is vm.nr_hugepages large enough? /proc/meminfo shows HugePages_Free)"
+        "cannot map {len} bytes of guest RAM from the host's 2 MiB hugetlbfs pool ({free} free; is vm.nr_hugepages large enough?)",
+        len = .0,
+        free = .1.map_or("none".to_string(), |b| format!("{b} bytes"))
     )]
-    Hugetlb(usize, #[source] std::io::Error),
+    Hugetlb(usize, Option<u64>, #[source] std::io::Error),
     /// Mapping the file backing guest RAM failed.
     #[error("cannot map {0} bytes of the file backing guest RAM at offset {1}")]
     MapRamFile(usize, u64, #[source] std::io::Error),
@@ -123,11 +125,28 @@ pub fn create_with(size: u64, huge: HugePages) -> Result<GuestMemory, MemoryErro
 const HUGETLB_FLAGS: libc::c_int =
     libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | libc::MAP_HUGE_2MB;
 
+/// The bytes of free pages in the host's default hugetlbfs pool (`HugePages_Free` times
+/// `Hugepagesize` in `/proc/meminfo`); `None` when that cannot be read.
+pub fn hugetlb_free_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(name))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some(field("HugePages_Free:")? * field("Hugepagesize:")? * 1024)
+}
+
 /// Maps `len` bytes (a multiple of 2 MiB) of hugetlbfs pages, 2 MiB-aligned by the kernel.
 fn map_hugetlb(len: usize) -> Result<*mut u8, MemoryError> {
     if !len.is_multiple_of(HUGE_PAGE) {
         return Err(MemoryError::Hugetlb(
             len,
+            hugetlb_free_bytes(),
             std::io::Error::from(std::io::ErrorKind::InvalidInput),
         ));
     }
@@ -144,7 +163,8 @@ fn map_hugetlb(len: usize) -> Result<*mut u8, MemoryError> {
         )
     };
     if raw == libc::MAP_FAILED {
-        return Err(MemoryError::Hugetlb(len, std::io::Error::last_os_error()));
+        let error = std::io::Error::last_os_error();
+        return Err(MemoryError::Hugetlb(len, hugetlb_free_bytes(), error));
     }
     Ok(raw as *mut u8)
 }
@@ -355,23 +375,18 @@ mod tests {
     #[test]
     fn hugetlb_guest_ram_comes_from_the_pool_or_fails_naming_it() {
         use vm_memory::{Bytes, GuestMemoryBackend};
-        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
-        let free_pages: u64 = meminfo
-            .lines()
-            .find_map(|l| l.strip_prefix("HugePages_Free:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
+        let free = hugetlb_free_bytes().expect("/proc/meminfo has the hugetlb pool");
         let size = 8u64 << 20;
         match create_with(size, HugePages::Hugetlb) {
             Ok(mem) => {
-                assert!(free_pages >= 4, "{free_pages} free huge pages, yet mapped");
+                assert!(free >= size, "{free} bytes free in the pool, yet mapped");
                 let host = mem.get_host_address(GuestAddress(0)).unwrap();
                 assert_eq!(host as usize % HUGE_PAGE, 0);
                 mem.write_obj(0xfeed_u64, GuestAddress(size - 8)).unwrap();
                 assert_eq!(mem.read_obj::<u64>(GuestAddress(size - 8)).unwrap(), 0xfeed);
             }
             Err(e) => {
-                assert!(free_pages < 4, "{free_pages} free huge pages, yet: {e}");
+                assert!(free < size, "{free} bytes free in the pool, yet: {e}");
                 assert!(e.to_string().contains("vm.nr_hugepages"), "{e}");
             }
         }
