@@ -350,6 +350,11 @@ fn reuseport_listener(address: SocketAddr) -> std::io::Result<std::net::TcpListe
 /// The CPUs the first core thread could use before [`pin`] narrowed it to one.
 static UNPINNED: std::sync::OnceLock<rustix::thread::CpuSet> = std::sync::OnceLock::new();
 
+thread_local! {
+    /// On a pinned core's thread: the CPU it is pinned to.
+    static HOME_CPU: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
 /// Pins the calling thread to `cpu`, remembering what it could use before ([`unpinned`]).
 fn pin(cpu: usize) -> std::io::Result<()> {
     let before = rustix::thread::sched_getaffinity(None).map_err(std::io::Error::from)?;
@@ -357,7 +362,24 @@ fn pin(cpu: usize) -> std::io::Result<()> {
     set.set(cpu);
     rustix::thread::sched_setaffinity(None, &set).map_err(std::io::Error::from)?;
     let _ = UNPINNED.set(before);
+    HOME_CPU.with(|home| home.set(Some(cpu)));
     Ok(())
+}
+
+/// On a pinned core's thread, the CPU it is pinned to; `None` elsewhere.
+pub fn home_cpu() -> Option<usize> {
+    HOME_CPU.with(std::cell::Cell::get)
+}
+
+/// The CPUs the cores could use before they pinned themselves, in ascending order; `None` where
+/// no core was pinned.
+pub fn shared_cpus() -> Option<Vec<usize>> {
+    let wide = UNPINNED.get()?;
+    Some(
+        (0..rustix::thread::CpuSet::MAX_CPU)
+            .filter(|&cpu| wide.is_set(cpu))
+            .collect(),
+    )
 }
 
 /// Runs `spawn`, which starts a child process, with the calling thread's CPU affinity widened
@@ -367,12 +389,28 @@ fn pin(cpu: usize) -> std::io::Result<()> {
 /// threads) or VMM of that core's functions would share that one CPU, however many the host has.
 /// Where no core was pinned, `spawn` just runs.
 pub fn unpinned<T>(spawn: impl FnOnce() -> T) -> T {
+    spawn_on(None, spawn)
+}
+
+/// Runs `spawn` (which starts a child process) with the calling thread's affinity set to `cpu`
+/// alone, or, with `None` or a CPU the cores could not use, to every CPU they could
+/// ([`unpinned`]); then pins the thread again. The child keeps that affinity, and so do its
+/// children. Where no core was pinned, `spawn` just runs.
+pub fn spawn_on<T>(cpu: Option<usize>, spawn: impl FnOnce() -> T) -> T {
     let Some(&wide) = UNPINNED.get() else {
         return spawn();
     };
+    let target = match cpu.filter(|&c| c < rustix::thread::CpuSet::MAX_CPU && wide.is_set(c)) {
+        Some(c) => {
+            let mut one = rustix::thread::CpuSet::new();
+            one.set(c);
+            one
+        }
+        None => wide,
+    };
     let narrow = rustix::thread::sched_getaffinity(None).ok();
-    if let Err(e) = rustix::thread::sched_setaffinity(None, &wide) {
-        tracing::debug!(error = %e, "cannot widen the core's affinity for a child");
+    if let Err(e) = rustix::thread::sched_setaffinity(None, &target) {
+        tracing::debug!(error = %e, "cannot set the core's affinity for a child");
     }
     let spawned = spawn();
     if let Some(narrow) = narrow
@@ -1067,17 +1105,27 @@ mod tests {
         let all = allowed_cpus().unwrap();
         let everywhere = child_cpus();
         let first = all[0];
-        let (pinned, widened, after) = std::thread::spawn(move || {
+        let last = *all.last().unwrap();
+        let (pinned, widened, placed, after, home) = std::thread::spawn(move || {
             pin(first).unwrap();
             let pinned = child_cpus();
             let widened = unpinned(child_cpus);
-            (pinned, widened, allowed_cpus().unwrap())
+            let placed = spawn_on(Some(last), child_cpus);
+            (pinned, widened, placed, allowed_cpus().unwrap(), home_cpu())
         })
         .join()
         .unwrap();
         assert_eq!(widened, everywhere, "started unpinned");
         assert_eq!(pinned.trim_end(), format!("Cpus_allowed_list:\t{first}"));
+        assert_eq!(placed.trim_end(), format!("Cpus_allowed_list:\t{last}"));
         assert_eq!(after, vec![first], "the core is pinned again");
+        assert_eq!(home, Some(first));
+        assert_eq!(
+            home_cpu(),
+            None,
+            "a thread that never pinned has no home CPU"
+        );
+        assert_eq!(shared_cpus(), Some(all.clone()));
         if all.len() > 1 {
             assert_ne!(pinned, everywhere);
         }

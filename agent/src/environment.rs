@@ -30,6 +30,7 @@ use tokio::sync::Notify;
 use crate::code_cache::CodeCache;
 use crate::concurrency::{Concurrency, Permit};
 use crate::metrics::{Collect, EndReason, GaugeSet, InvokeRecord, Metrics, OutcomeKind};
+use crate::placement::{CpuLease, CpuPlacement, SandboxAffinity};
 use crate::proxy::protocol::{
     self, FunctionErrorKind, InvokeRequest, InvokeResult, LOG_TAIL, Outcome, Timings,
 };
@@ -45,6 +46,8 @@ pub struct EnvironmentConfig {
     pub max_lifetime: Duration,
     /// How often idle environments are checked.
     pub reap_interval: Duration,
+    /// Whether a core pins each new sandbox to one CPU ([`crate::placement`]).
+    pub sandbox_affinity: SandboxAffinity,
 }
 
 impl Default for EnvironmentConfig {
@@ -53,6 +56,7 @@ impl Default for EnvironmentConfig {
             idle_timeout: Duration::from_secs(300),
             max_lifetime: Duration::from_secs(2 * 3600),
             reap_interval: Duration::from_secs(1),
+            sandbox_affinity: SandboxAffinity::default(),
         }
     }
 }
@@ -74,6 +78,8 @@ struct Warm<S> {
     revision: String,
     created: Instant,
     last_used: Instant,
+    /// Its CPU, counted while it lives.
+    _cpu: Option<CpuLease>,
 }
 
 struct Pool<S> {
@@ -100,6 +106,7 @@ pub struct Environments<S: Sandbox + 'static> {
     started: AtomicU64,
     destroyed: AtomicU64,
     metrics: Arc<Metrics>,
+    placement: Arc<CpuPlacement>,
 }
 
 /// The target of the `REPORT` records.
@@ -210,6 +217,7 @@ where
         region: String,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
+        let placement = CpuPlacement::new(config.sandbox_affinity);
         let this = Arc::new(Environments {
             sandbox_config,
             code,
@@ -225,6 +233,7 @@ where
             started: AtomicU64::new(0),
             destroyed: AtomicU64::new(0),
             metrics,
+            placement,
         });
         let collector: Arc<dyn Collect> = this.clone();
         this.metrics.register(Arc::downgrade(&collector));
@@ -442,9 +451,11 @@ where
             )
         })?;
         stages.record.code = Some(fetch.elapsed());
+        let cpu = self.placement.choose();
         let spec = sandbox::FunctionSpec {
             bundle: self.bundle(request),
             code,
+            cpu: cpu.as_ref().map(CpuLease::cpu),
         };
         let init = Instant::now();
         let started = S::start(&self.sandbox_config, &spec).await;
@@ -460,6 +471,7 @@ where
                         revision: f.revision_id.clone(),
                         created: now,
                         last_used: now,
+                        _cpu: cpu,
                     },
                     Some(report),
                 ))

@@ -8,7 +8,8 @@
 //! The jail every `hearth vmm` can run in (`hearth jail`: namespaces, `pivot_root`, cgroup,
 //! rlimits, an unprivileged uid/gid) and its launcher ([`jail`]). The invoke path runs
 //! thread-per-core ([`cores`]): a pinned `current_thread` tokio runtime per CPU, functions sharded
-//! across them, each core owning its functions' environments. Next: the durable async queue and
+//! across them, each core owning its functions' environments and placing their container
+//! sandboxes on CPUs ([`placement`]). Next: the durable async queue and
 //! the pollers.
 //!
 //! Relies on: `hearth-vmm` and `hearth-snapshot` for microVMs, `hearth-guest` for the protocol
@@ -54,6 +55,7 @@ pub mod environment;
 pub mod host;
 pub mod jail;
 pub mod metrics;
+pub mod placement;
 pub mod pool;
 pub mod proxy;
 pub mod sandbox;

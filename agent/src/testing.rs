@@ -178,6 +178,7 @@ pub fn echo_function(
             code_len: 0,
         },
         code,
+        cpu: None,
     }
 }
 

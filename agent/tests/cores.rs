@@ -1,6 +1,7 @@
 //! The whole agent ([`Agent`]: thread-per-core, `hearth serve`'s agent) with real container
 //! sandboxes and the `lambda_runtime` echo function: a function's invokes reach the one core that
-//! owns its environments whichever connection (Unix or TCP) they come on; the account-wide
+//! owns its environments whichever connection (Unix or TCP) they come on; each core places its
+//! container sandboxes on CPUs (its own first, then the least used); the account-wide
 //! concurrency limit holds across cores; shutdown lets in-flight invokes finish and closes the
 //! listeners.
 //!
@@ -137,6 +138,62 @@ async fn one_core_owns_a_functions_environments_whatever_the_connection() {
     assert!(!socket.exists());
     assert!(ProxyClient::connect(&socket).is_err());
     assert!(ProxyClient::connect_tcp(tcp).await.is_err());
+}
+
+/// The CPUs a function's process may run on, as its /proc/self/status lists them.
+async fn cpus_of(client: &ProxyClient, s: &Setup, function: &str) -> String {
+    let r = client
+        .invoke(request(s, function, json!({"op": "cpus"})))
+        .await
+        .unwrap();
+    success(&r)["cpus"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_sandboxes_run_on_their_cores_cpu_first_then_spread() {
+    let s = setup();
+    let cpus = hearth_agent::cores::allowed_cpus().unwrap();
+    assert!(
+        cpus.len() >= 2,
+        "placement needs two CPUs; this machine lets the test use {cpus:?}"
+    );
+    let agent = Agent::start(config(&s, ConcurrencyConfig::default()))
+        .await
+        .unwrap();
+    let client = ProxyClient::connect(agent.socket()).unwrap();
+    let [on0, on1] = one_per_core();
+    // Each function's first environment runs on the CPU of the core that owns it.
+    assert_eq!(cpus_of(&client, &s, &on0).await, cpus[0].to_string());
+    assert_eq!(cpus_of(&client, &s, &on1).await, cpus[1].to_string());
+    // While that one is busy, a second environment of the same function goes to the other CPU.
+    let busy = {
+        let (c, r) = (
+            client.clone(),
+            request(&s, &on0, json!({"op": "sleep", "ms": 1500})),
+        );
+        tokio::spawn(async move { c.invoke(r).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let other = ProxyClient::connect(agent.socket()).unwrap();
+    let second = cpus_of(&other, &s, &on0).await;
+    assert_eq!(second, cpus[1].to_string(), "the least used CPU");
+    assert_eq!(success(&busy.await.unwrap().unwrap())["slept"], 1500);
+    agent.shutdown().await;
+
+    // `any`: every CPU the agent may use.
+    let mut any = config(&s, ConcurrencyConfig::default());
+    any.socket = s.dir.path().join("agent-any.sock");
+    any.environments.sandbox_affinity = hearth_agent::placement::SandboxAffinity::Any;
+    let agent = Agent::start(any).await.unwrap();
+    let client = ProxyClient::connect(agent.socket()).unwrap();
+    let listed = cpus_of(&client, &s, &on0).await;
+    let first = cpus[0].to_string();
+    let last = cpus[cpus.len() - 1].to_string();
+    assert!(
+        listed == format!("{first}-{last}") || listed.split(',').count() == cpus.len(),
+        "{listed} against {cpus:?}"
+    );
+    agent.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -164,6 +164,7 @@ async fn idle_environments_are_reaped() {
             idle_timeout: Duration::from_millis(1000),
             max_lifetime: Duration::from_secs(3600),
             reap_interval: Duration::from_millis(100),
+            ..Default::default()
         },
         ConcurrencyConfig::default(),
     );
@@ -186,6 +187,7 @@ async fn environments_end_at_their_maximum_lifetime() {
             idle_timeout: Duration::from_secs(3600),
             max_lifetime: Duration::from_millis(2500),
             reap_interval: Duration::from_secs(3600),
+            ..Default::default()
         },
         ConcurrencyConfig::default(),
     );

@@ -64,6 +64,11 @@ pub struct ServeArgs {
     /// use).
     #[arg(long, default_value_t = 0)]
     pub agent_cores: usize,
+    /// Where a container sandbox's processes run: `core` pins each to one CPU, the CPU of the
+    /// agent core that owns its function first, then the least used (warm invokes then cross no
+    /// CPUs at low load); `any`: every CPU the agent may use.
+    #[arg(long, value_enum, default_value = "core")]
+    pub sandbox_affinity: hearth_agent::placement::SandboxAffinity,
     /// Memory sizes (MiB) of the pools of restored microVMs that microVM sandboxes are claimed
     /// from (the smallest that fits; a function larger than all of them boots its own VM).
     #[arg(long, value_delimiter = ',', default_values_t = hearth_agent::pool::DEFAULT_SIZES)]
@@ -196,6 +201,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<u8> {
             idle_timeout: Duration::from_secs(args.idle_timeout),
             max_lifetime: Duration::from_secs(args.max_lifetime),
             reap_interval: Duration::from_secs(1),
+            sandbox_affinity: args.sandbox_affinity,
         },
         concurrency: Default::default(),
         grace: Duration::from_secs(args.shutdown_grace),

@@ -115,8 +115,9 @@ impl Sandbox for ContainerSandbox {
             what: "encode the container spec".into(),
             source: std::io::Error::other(e),
         })?;
-        // Started with every CPU the agent may use, not just the calling core's.
-        let mut launcher = crate::cores::unpinned(|| {
+        // Started on the CPU placed for it, else with every CPU the agent may use (not just the
+        // calling core's).
+        let mut launcher = crate::cores::spawn_on(function.cpu, || {
             tokio::process::Command::new(&config.init_path)
                 .arg("container-launch")
                 .arg(spec)

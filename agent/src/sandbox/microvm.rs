@@ -648,6 +648,7 @@ mod tests {
                 code_len: 0,
             },
             code: b"zip".to_vec(),
+            cpu: None,
         }
     }
 

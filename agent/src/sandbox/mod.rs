@@ -25,6 +25,9 @@ pub struct FunctionSpec {
     pub bundle: Bundle,
     /// The code zip.
     pub code: Vec<u8>,
+    /// The one CPU the sandbox's processes run on ([`crate::placement`]); `None`: any CPU the
+    /// agent may use. Container sandboxes apply it; a microVM's VMM runs on any CPU.
+    pub cpu: Option<usize>,
 }
 
 impl FunctionSpec {

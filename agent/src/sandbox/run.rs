@@ -110,6 +110,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<u8> {
             code_len: 0,
         },
         code,
+        cpu: None,
     };
     let request = InvokeRequest {
         payload: args.event.into_bytes(),

@@ -52,6 +52,7 @@ async fn handle(event: LambdaEvent<Value>) -> Result<Value, Handled> {
             Ok(json!({"allocated_mb": v.len() >> 20}))
         }
         "probe" => Ok(probe()),
+        "cpus" => Ok(json!({"cpus": status_line("Cpus_allowed_list:")})),
         "whoami" => Ok(json!({
             "boot": BOOT.get().map(|b| b.to_string()),
             "pid": std::process::id(),
@@ -125,9 +126,14 @@ fn task_files() -> Vec<String> {
 }
 
 fn status_uid() -> String {
+    status_line("Uid:")
+}
+
+/// The line of /proc/self/status that starts with `key`, the key and blanks cut off.
+fn status_line(key: &str) -> String {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(str::to_string))
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string())))
         .unwrap_or_default()
 }
 
