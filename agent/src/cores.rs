@@ -955,7 +955,7 @@ async fn hand_over(
 }
 
 /// Runs invokes on the cores from any thread of the same process, without a socket: each goes
-/// straight to the core that owns its function ([`shard_of`]) as a [`Command::Invoke`]. This is
+/// straight to the core that owns its function ([`shard_of`]) as a `Command::Invoke`. This is
 /// how `hearth serve`'s frontend reaches the agent it embeds; a frontend in another process uses
 /// the invoke-proxy socket. Draining stays the cores' job ([`Cores::shutdown`]).
 #[derive(Clone)]

@@ -81,7 +81,7 @@ impl Counter {
     }
 }
 
-/// A latency histogram with fixed buckets ([`BOUNDS_NS`]).
+/// A latency histogram with fixed buckets (`BOUNDS_NS`).
 #[derive(Debug)]
 pub struct Histogram {
     /// Observations per bucket (not cumulative); the last one is `+Inf`.

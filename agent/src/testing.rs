@@ -1,7 +1,7 @@
 //! Test support (cargo feature `testing`), shared by the agent's integration tests and
 //! `hearth-perf`: the echo function (a real Lambda function, the `lambda_runtime` crate, in
 //! `agent/tests/functions/echo`, on a `current_thread` tokio runtime as lean Rust functions run)
-//! built as a static `bootstrap` and zipped, its [`FunctionSpec`],
+//! built as a static `bootstrap` and zipped, its [`FunctionSpec`](crate::sandbox::FunctionSpec),
 //! and helpers for tests that run inside the QEMU test host.
 //!
 //! Building needs `cargo` (`$CARGO`, else on `PATH`) and the `x86_64-unknown-linux-gnu` target.

@@ -1,7 +1,7 @@
 //! `hearth-benches`: micro-benchmarks of Hearth's hot paths (virtqueue and vsock packet handling,
 //! wire protocol encoding, concurrency counting). Run with `cargo bench -p hearth-benches`.
 //!
-//! Owns: only benchmarks and the small timing harness they share ([`bench`]): many samples, each
+//! Owns: only benchmarks and the small timing harness they share ([`bench()`]): many samples, each
 //! a batch of iterations, reported as the median and tail per iteration (no plots, no baselines:
 //! compare A/B by running both in one invocation).
 //!

@@ -171,7 +171,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StateFileError> {
 }
 
 /// Writes `state` to `path` (mode [`crate::access::FILE_MODE`], replaced whole: see
-/// [`replace_with`]); returns the file's size.
+/// `replace_with`); returns the file's size.
 pub fn write<T: Serialize>(path: &Path, state: &T) -> Result<u64, StateFileError> {
     let bytes = encode(state)?;
     replace_with(path, |file| file.write_all(&bytes))

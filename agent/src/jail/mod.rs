@@ -1,4 +1,4 @@
-//! The jail for `hearth vmm` processes, after Firecracker's jailer: `hearth jail` ([`run`]) runs
+//! The jail for `hearth vmm` processes, after Firecracker's jailer: `hearth jail` ([`run()`]) runs
 //! as root, checks the files it is given ([`paths`]), puts the VMM in a per-VM cgroup limiting
 //! memory and CPU ([`cgroup`]), in new mount, pid, network, IPC and UTS namespaces, `pivot_root`ed
 //! into `<jail_base>/<id>/root` holding only its files, the shared libraries of `hearth`

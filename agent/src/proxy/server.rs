@@ -1,11 +1,11 @@
 //! [`ProxyServer`]: the agent's end of the invoke-proxy socket.
 //!
-//! Per connection the `Hello`s are exchanged ([`answer_hello`]), then one task reads frames
-//! ([`serve_invokes`]) and spawns a task per invoke, whose result goes back
+//! Per connection the `Hello`s are exchanged (`answer_hello`), then one task reads frames
+//! (`serve_invokes`) and spawns a task per invoke, whose result goes back
 //! through the connection's writer as soon as it is ready, so results leave in the order invokes
 //! finish. [`ProxyServer::run`] serves one Unix socket on the current runtime (tests, embedding);
 //! the agent serves it thread-per-core through [`crate::cores`], with the same connection code
-//! ([`serve_connection`]) over Unix or TCP streams. Shutdown stops accepting and stops reading
+//! (`serve_connection`) over Unix or TCP streams. Shutdown stops accepting and stops reading
 //! new invokes, lets those in flight finish within a grace period, then hands the rest of the
 //! grace to the handler to end its sandboxes.
 

@@ -1,5 +1,5 @@
 //! Invoke: resolves the function and qualifier (an alias picks its version by weight), checks
-//! the payload and throttles, answers DryRun itself and hands the rest to the [`Invoker`].
+//! the payload and throttles, answers DryRun itself and hands the rest to the [`Invoker`](crate::invoker::Invoker).
 
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};

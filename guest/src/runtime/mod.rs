@@ -14,7 +14,7 @@
 //! profile ([`seccomp`]); it cannot see, signal or trace the init. Natively (tests) it runs as a
 //! plain child in its own process group.
 //!
-//! The Runtime API's hot requests are served without hyper ([`connection`]); the container's host
+//! The Runtime API's hot requests are served without hyper (`connection`); the container's host
 //! link is a [`quiet_unix::QuietUnixStream`] (the agent's end is one too).
 //!
 //! The container sandbox's two roles of `hearth-init` live in [`container`];
@@ -53,7 +53,7 @@ pub struct RuntimeConfig {
     /// seccomp): needs this binary to be `hearth-init` and root; off natively in tests.
     pub isolate: bool,
     /// Set the clock from each invoke's `host_time_ms` when it is off by more than
-    /// [`session::CLOCK_TOLERANCE_MS`]: in a microVM (whose clock may lag, and after a snapshot
+    /// `session::CLOCK_TOLERANCE_MS`: in a microVM (whose clock may lag, and after a snapshot
     /// restore is stale); never in a container, which shares the host's clock.
     pub set_clock: bool,
     /// Read the runtime's peak memory (`/proc/<pid>/status`, VmHWM) after each invoke for its

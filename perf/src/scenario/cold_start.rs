@@ -2,7 +2,7 @@
 //! agent's invoke-proxy socket.
 //!
 //! The agent is a `hearth serve` child process with container sandboxes
-//! ([`super::warm_invoke::AgentProcess`]), idle environments reaped after a second. Each timed
+//! (`warm_invoke::AgentProcess`), idle environments reaped after a second. Each timed
 //! invoke names a function that has never run (`cold-<n>`, the echo function's code), one after
 //! the other, so each claims a new environment: the concurrency check, the code from the cache
 //! (filled once, by an untimed first invoke), the sandbox's start and the runtime's init, then the

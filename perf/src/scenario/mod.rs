@@ -6,6 +6,7 @@
 pub mod api;
 pub mod boot;
 pub mod cold_start;
+pub mod handoff;
 pub mod lean_client;
 pub mod restore;
 pub mod run_cold;

@@ -3,7 +3,7 @@
 //! agent's hot path timed in process: the concurrency check and the metrics recording.
 //!
 //! The agent is a `hearth serve` child process with container sandboxes
-//! ([`super::warm_invoke::AgentProcess`]); `--callers` loops (one connection each) keep the echo
+//! (`warm_invoke::AgentProcess`); `--callers` loops (one connection each) keep the echo
 //! function busy. After an untimed window (the environments start), each one-second window
 //! counts the invokes finished and the CPU time (user and system) that the agent process and every
 //! process under it (the sandboxes' init and runtime) used, read from `/proc`: in all

@@ -9,9 +9,11 @@
 //! for the log tail, whose `REPORT` record gives the function's own duration as the agent measured
 //! it; the platform overhead of an invoke is its latency at the caller minus that duration (the
 //! tail's formatting included, so the overhead is an upper bound). One more run at one caller
-//! without the tail gives the plain latency.
+//! without the tail gives the plain latency. Before the levels, while the agent idles, the
+//! machine's floor for one hop between processes ([`super::handoff`]: a round trip across CPUs and
+//! on one CPU) is measured, so the overhead can be read against it.
 //!
-//! The agent process helper here ([`AgentProcess`]) is shared by `throughput` and `cold-start`.
+//! The agent process helper here (`AgentProcess`) is shared by `throughput` and `cold-start`.
 
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
@@ -314,6 +316,8 @@ pub fn run(args: &WarmInvokeArgs) -> anyhow::Result<Report> {
         "echo (lambda_runtime, static), 256 MB, container sandbox",
     );
     report.parameter("path", "invoke-proxy socket, one connection per caller");
+    // The machine's floor, measured now: the agent idles (its cores wait in epoll).
+    super::handoff::measure(&mut report).context("the round-trip floor")?;
     let socket = agent.socket();
     let measured = runtime.block_on(async {
         let mut levels = Vec::new();

@@ -276,7 +276,7 @@ impl VcpuKvmState {
     }
 
     /// Puts the state into a new vCPU whose CPUID is already set. `tsc_shift` (see
-    /// [`super::vm_state::TscSync`]): what to add to the saved TSC offset so that the guest TSC
+    /// [`super::vm_state::tsc_shift`]): what to add to the saved TSC offset so that the guest TSC
     /// keeps its relation to the (already restored) kvmclock; without it, or where the TSC is
     /// scaled here, the TSC is restored from the saved MSR value.
     pub fn restore(&self, fd: &VcpuFd, tsc_shift: Option<i64>) -> Result<(), VcpuStateError> {
