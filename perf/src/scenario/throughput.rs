@@ -3,8 +3,11 @@
 //! agent's hot path timed in process: the concurrency check and the metrics recording.
 //!
 //! The agent is a `hearth serve` child process with container sandboxes
-//! (`warm_invoke::AgentProcess`); `--callers` loops (one connection each) keep the echo
-//! function busy. After an untimed window (the environments start), each one-second window
+//! (`warm_invoke::AgentProcess`); at each level of `--callers`, that many loops (one connection
+//! each) keep the echo function busy, one environment each. Each level's figures carry its
+//! number (`throughput_c8`); the plain names (`throughput`, `agent_cpu_per_invoke`, ...) are
+//! those of the level with the highest median rate, the machine's saturation point, which the
+//! report names (`peak_callers`). After an untimed window (the environments start), each one-second window
 //! counts the invokes finished and the CPU time (user and system) that the agent process and every
 //! process under it (the sandboxes' init and runtime) used, read from `/proc`: in all
 //! (`agent_cpu_per_invoke`), the agent process alone (`agent_process_cpu_per_invoke`), the
@@ -34,9 +37,10 @@ const USER_HZ: f64 = 100.0;
 /// `hearth-perf throughput` options.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ThroughputArgs {
-    /// Invokes in flight at once (one connection each).
-    #[arg(long, default_value_t = 64)]
-    pub callers: usize,
+    /// Invokes in flight at once (one connection each), one level after the other
+    /// (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [8, 64])]
+    pub callers: Vec<usize>,
     /// Timed one-second windows.
     #[arg(long, default_value_t = 10)]
     pub windows: usize,
@@ -114,11 +118,14 @@ fn cpu_of(pids: &[u32]) -> std::collections::HashMap<u32, f64> {
 
 /// Runs the scenario.
 pub fn run(args: &ThroughputArgs) -> anyhow::Result<Report> {
-    ensure!(args.callers > 0, "--callers must be at least 1");
+    ensure!(
+        !args.callers.is_empty() && args.callers.iter().all(|&c| c > 0),
+        "--callers must be positive"
+    );
     ensure!(args.windows > 0, "--windows must be at least 1");
     ensure!(args.batches > 0, "--batches must be at least 1");
     let mut report = Report::new("throughput", super::machine());
-    report.parameter("callers", args.callers);
+    report.parameter("callers", args.callers.clone());
     report.parameter("windows", args.windows);
     report.parameter("agent_log", args.agent_log.clone());
     report.parameter(
@@ -156,42 +163,102 @@ pub fn run(args: &ThroughputArgs) -> anyhow::Result<Report> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let measured = runtime.block_on(saturate(args, &agent, &code_hex));
-    let windows = measured.with_context(|| format!("the agent's log: {}", agent.log_tail()))?;
+    let mut peak: Option<(f64, usize)> = None;
+    for &callers in &args.callers {
+        let measured = runtime.block_on(saturate(args, callers, &agent, &code_hex));
+        let windows = measured
+            .with_context(|| format!("{callers} callers; the agent's log: {}", agent.log_tail()))?;
+        let level = Level::of(&windows);
+        let median =
+            crate::report::Metric::from_samples(&level.rate, "inv/s").map_or(0.0, |m| m.p50);
+        level.add_to(&mut report, &format!("_c{callers}"));
+        if peak.is_none_or(|(best, _)| median > best) {
+            peak = Some((median, callers));
+        }
+    }
     drop(agent);
-    let rate: Vec<f64> = windows.iter().map(|w| w.invokes / w.seconds).collect();
-    let cpu: Vec<f64> = windows
-        .iter()
-        .map(|w| w.agent_cpu * 1e6 / w.invokes.max(1.0))
-        .collect();
-    let process_cpu: Vec<f64> = windows
-        .iter()
-        .map(|w| w.agent_process_cpu * 1e6 / w.invokes.max(1.0))
-        .collect();
-    let client_cpu: Vec<f64> = windows
-        .iter()
-        .map(|w| w.client_cpu * 1e6 / w.invokes.max(1.0))
-        .collect();
-    let runtime_cpu: Vec<f64> = windows
-        .iter()
-        .map(|w| w.runtime_cpu * 1e6 / w.invokes.max(1.0))
-        .collect();
-    let init_cpu: Vec<f64> = windows
-        .iter()
-        .map(|w| (w.agent_cpu - w.agent_process_cpu - w.runtime_cpu) * 1e6 / w.invokes.max(1.0))
-        .collect();
-    let utilisation: Vec<f64> = windows
-        .iter()
-        .map(|w| (w.agent_cpu + w.client_cpu) / w.seconds)
-        .collect();
-    report.add("throughput", &rate, "inv/s");
-    report.add("agent_cpu_per_invoke", &cpu, "us");
-    report.add("agent_process_cpu_per_invoke", &process_cpu, "us");
-    report.add("init_cpu_per_invoke", &init_cpu, "us");
-    report.add("runtime_cpu_per_invoke", &runtime_cpu, "us");
-    report.add("client_cpu_per_invoke", &client_cpu, "us");
-    report.add("cpus_busy", &utilisation, "cpus");
+    if let Some((_, callers)) = peak {
+        report.parameter("peak_callers", callers);
+        for name in Level::NAMES {
+            if let Some(m) = report.metrics.get(&format!("{name}_c{callers}")).cloned() {
+                report.metrics.insert(name.to_string(), m);
+            }
+        }
+    }
     Ok(report)
+}
+
+/// One level's figures, per window.
+struct Level {
+    rate: Vec<f64>,
+    cpu: Vec<f64>,
+    process_cpu: Vec<f64>,
+    init_cpu: Vec<f64>,
+    runtime_cpu: Vec<f64>,
+    client_cpu: Vec<f64>,
+    utilisation: Vec<f64>,
+}
+
+impl Level {
+    /// The metric names, without the level's suffix.
+    const NAMES: [&'static str; 7] = [
+        "throughput",
+        "agent_cpu_per_invoke",
+        "agent_process_cpu_per_invoke",
+        "init_cpu_per_invoke",
+        "runtime_cpu_per_invoke",
+        "client_cpu_per_invoke",
+        "cpus_busy",
+    ];
+
+    fn of(windows: &[Window]) -> Level {
+        let rate: Vec<f64> = windows.iter().map(|w| w.invokes / w.seconds).collect();
+        let cpu: Vec<f64> = windows
+            .iter()
+            .map(|w| w.agent_cpu * 1e6 / w.invokes.max(1.0))
+            .collect();
+        let process_cpu: Vec<f64> = windows
+            .iter()
+            .map(|w| w.agent_process_cpu * 1e6 / w.invokes.max(1.0))
+            .collect();
+        let client_cpu: Vec<f64> = windows
+            .iter()
+            .map(|w| w.client_cpu * 1e6 / w.invokes.max(1.0))
+            .collect();
+        let runtime_cpu: Vec<f64> = windows
+            .iter()
+            .map(|w| w.runtime_cpu * 1e6 / w.invokes.max(1.0))
+            .collect();
+        let init_cpu: Vec<f64> = windows
+            .iter()
+            .map(|w| (w.agent_cpu - w.agent_process_cpu - w.runtime_cpu) * 1e6 / w.invokes.max(1.0))
+            .collect();
+        let utilisation: Vec<f64> = windows
+            .iter()
+            .map(|w| (w.agent_cpu + w.client_cpu) / w.seconds)
+            .collect();
+        Level {
+            rate,
+            cpu,
+            process_cpu,
+            init_cpu,
+            runtime_cpu,
+            client_cpu,
+            utilisation,
+        }
+    }
+
+    /// Adds the figures to `report`, each name followed by `suffix`.
+    fn add_to(&self, report: &mut Report, suffix: &str) {
+        let [rate, cpu, process, init, runtime, client, busy] = Self::NAMES;
+        report.add(&format!("{rate}{suffix}"), &self.rate, "inv/s");
+        report.add(&format!("{cpu}{suffix}"), &self.cpu, "us");
+        report.add(&format!("{process}{suffix}"), &self.process_cpu, "us");
+        report.add(&format!("{init}{suffix}"), &self.init_cpu, "us");
+        report.add(&format!("{runtime}{suffix}"), &self.runtime_cpu, "us");
+        report.add(&format!("{client}{suffix}"), &self.client_cpu, "us");
+        report.add(&format!("{busy}{suffix}"), &self.utilisation, "cpus");
+    }
 }
 
 /// Nanoseconds per call of `op` in each batch of 100,000 (on `threads` threads at once).
@@ -229,6 +296,7 @@ struct Window {
 
 async fn saturate(
     args: &ThroughputArgs,
+    callers: usize,
     agent: &AgentProcess,
     code_hex: &str,
 ) -> anyhow::Result<Vec<Window>> {
@@ -236,7 +304,7 @@ async fn saturate(
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = tokio::task::JoinSet::new();
-    for caller in 0..args.callers {
+    for caller in 0..callers {
         let client = ProxyClient::connect(&socket)?;
         let (done, stop, code_hex) = (done.clone(), stop.clone(), code_hex.to_owned());
         tasks.spawn(async move {
