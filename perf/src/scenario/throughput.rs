@@ -16,7 +16,9 @@
 //! caller's own CPU time is reported apart.
 //!
 //! In process: [`Concurrency::acquire`] and the permit's release, and [`Metrics::invoke`] with a
-//! warm invoke's record, each timed over batches of 100,000, on one thread and on two at once.
+//! warm invoke's record, each timed over batches of 100,000, on one thread and on two at once
+//! (for the check: each thread its own function, as the cores shard them, and also both on one
+//! function, `concurrency_check_t2_one_function`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -136,11 +138,26 @@ pub fn run(args: &ThroughputArgs) -> anyhow::Result<Report> {
     // The in-process figures first, on a quiet machine.
     for threads in [1, 2] {
         let limits = Concurrency::new(ConcurrencyConfig::default());
-        let check = per_op_ns(args.batches, threads, || {
-            let permit = limits.acquire("bench-function", None);
+        // Each thread its own function, as the cores shard functions: only the account-wide count
+        // is shared.
+        let functions = ["bench-function-0", "bench-function-1"];
+        let check = per_op_ns(args.batches, threads, |thread| {
+            let permit = limits.acquire(functions[thread % 2], None);
             std::hint::black_box(&permit);
         });
         report.add(&format!("concurrency_check_t{threads}"), &check, "ns");
+        if threads > 1 {
+            // The worst case: both threads on one function's counters.
+            let check = per_op_ns(args.batches, threads, |_| {
+                let permit = limits.acquire(functions[0], None);
+                std::hint::black_box(&permit);
+            });
+            report.add(
+                &format!("concurrency_check_t{threads}_one_function"),
+                &check,
+                "ns",
+            );
+        }
         let metrics = Metrics::new();
         let record = InvokeRecord {
             claim: Some(Duration::from_micros(2)),
@@ -150,7 +167,7 @@ pub fn run(args: &ThroughputArgs) -> anyhow::Result<Report> {
             total: Duration::from_micros(70),
             ..Default::default()
         };
-        let record_ns = per_op_ns(args.batches, threads, || {
+        let record_ns = per_op_ns(args.batches, threads, |_| {
             metrics.invoke(OutcomeKind::Success, std::hint::black_box(&record));
         });
         report.add(&format!("metrics_record_t{threads}"), &record_ns, "ns");
@@ -261,17 +278,19 @@ impl Level {
     }
 }
 
-/// Nanoseconds per call of `op` in each batch of 100,000 (on `threads` threads at once).
-fn per_op_ns(batches: usize, threads: usize, op: impl Fn() + Sync) -> Vec<f64> {
+/// Nanoseconds per call of `op` in each batch of 100,000 (on `threads` threads at once, each
+/// passing its index).
+fn per_op_ns(batches: usize, threads: usize, op: impl Fn(usize) + Sync) -> Vec<f64> {
     const N: u32 = 100_000;
     (0..batches)
         .map(|_| {
             let started = Instant::now();
             std::thread::scope(|s| {
-                for _ in 0..threads {
-                    s.spawn(|| {
+                for thread in 0..threads {
+                    let op = &op;
+                    s.spawn(move || {
                         for _ in 0..N {
-                            op();
+                            op(thread);
                         }
                     });
                 }
