@@ -439,10 +439,16 @@ fn a_drained_pool_makes_claimants_wait_or_fail_and_leaks_nothing() {
                     Ok(_) => panic!("a 4096 MiB claim was served from 128 MiB VMs"),
                 }
 
-                let a = pools
-                    .claim(100, Duration::from_secs(30))
-                    .await
-                    .unwrap_or_else(|e| panic!("the first claim: {e}"));
+                // Drained faster than it refills: three claims at once on a pool of one idle VM.
+                // The first takes it at once (when first polled); the pool then refills one at a
+                // time, so a claimant that waits only 1 ms gets a clear error and a patient one
+                // waits for the refill. (Claims one after the other would race the refill: a
+                // restore into the VMM spawned ahead can finish while the first claim activates.)
+                let first = pools.claim(100, Duration::from_secs(30));
+                let impatient = pools.claim(128, Duration::from_millis(1));
+                let patient = pools.claim(128, FILL);
+                let (a, c, b) = tokio::join!(first, impatient, patient);
+                let a = a.unwrap_or_else(|e| panic!("the first claim: {e}"));
                 assert_eq!(a.mem_mib, 128, "the smallest size that fits");
                 assert!(!a.waited, "a full pool serves at once");
                 eprintln!(
@@ -450,12 +456,6 @@ fn a_drained_pool_makes_claimants_wait_or_fail_and_leaks_nothing() {
                     ms(a.latency),
                     a.activated
                 );
-
-                // The pool is empty now and refills one at a time: a patient claimant waits for
-                // the refill, an impatient one gets a clear error.
-                let patient = pools.claim(128, FILL);
-                let impatient = pools.claim(128, Duration::from_millis(300));
-                let (b, c) = tokio::join!(patient, impatient);
                 let b = b.unwrap_or_else(|e| panic!("the patient claim: {e}"));
                 assert!(b.waited, "the patient claim waited for the refill");
                 eprintln!("claim that waited for the refill: {:.0} ms", ms(b.latency));
