@@ -156,6 +156,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StateFileError> {
         });
     }
     let expected = u64_at(bytes, 24);
+    let started = std::time::Instant::now();
     let mut digest = CRC64.digest();
     digest.update(&bytes[..24]);
     digest.update(payload);
@@ -163,7 +164,14 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StateFileError> {
     if found != expected {
         return Err(StateFileError::Checksum { found, expected });
     }
+    let checked = started.elapsed();
     let (state, rest) = postcard::take_from_bytes(payload).map_err(StateFileError::Decode)?;
+    tracing::debug!(
+        bytes = bytes.len(),
+        checksum_us = checked.as_micros() as u64,
+        decode_us = (started.elapsed() - checked).as_micros() as u64,
+        "state file decoded"
+    );
     if !rest.is_empty() {
         return Err(StateFileError::TrailingBytes(rest.len()));
     }

@@ -270,6 +270,7 @@ pub fn run(args: VmmArgs) -> anyhow::Result<u8> {
         .name("vmm".into())
         .stack_size(1024 * 1024)
         .spawn(move || -> Result<StopReason, String> {
+            tracing::debug!(ms = ms_since(started), "VMM thread started");
             if !no_seccomp {
                 seccomp::install(ThreadKind::Vmm).map_err(|e| e.to_string())?;
             }
