@@ -305,9 +305,14 @@ pub struct Cores {
 pub fn allowed_cpus() -> Result<Vec<usize>, CoresError> {
     let set = rustix::thread::sched_getaffinity(None)
         .map_err(|e| CoresError::Affinity(std::io::Error::from(e)))?;
-    Ok((0..rustix::thread::CpuSet::MAX_CPU)
+    Ok(cpu_list(&set))
+}
+
+/// The CPUs in `set`, in ascending order.
+fn cpu_list(set: &rustix::thread::CpuSet) -> Vec<usize> {
+    (0..rustix::thread::CpuSet::MAX_CPU)
         .filter(|&cpu| set.is_set(cpu))
-        .collect())
+        .collect()
 }
 
 /// The core that owns invokes of the function `function_arn` (any version) among `cores`: FNV-1a
@@ -374,12 +379,7 @@ pub fn home_cpu() -> Option<usize> {
 /// The CPUs the cores could use before they pinned themselves, in ascending order; `None` where
 /// no core was pinned.
 pub fn shared_cpus() -> Option<Vec<usize>> {
-    let wide = UNPINNED.get()?;
-    Some(
-        (0..rustix::thread::CpuSet::MAX_CPU)
-            .filter(|&cpu| wide.is_set(cpu))
-            .collect(),
-    )
+    UNPINNED.get().map(cpu_list)
 }
 
 /// Runs `spawn`, which starts a child process, with the calling thread's CPU affinity widened

@@ -63,10 +63,7 @@ fn round_trips(a: usize, b: usize) -> anyhow::Result<Vec<f64>> {
 /// Adds `floor_round_trip_cross_cpu` and `floor_round_trip_same_cpu` (µs) to `report`; on a
 /// machine with one CPU only the latter.
 pub fn measure(report: &mut Report) -> anyhow::Result<()> {
-    let set = rustix::thread::sched_getaffinity(None).context("cannot read this thread's CPUs")?;
-    let cpus: Vec<usize> = (0..rustix::thread::CpuSet::MAX_CPU)
-        .filter(|&c| set.is_set(c))
-        .collect();
+    let cpus = hearth_agent::cores::allowed_cpus().context("cannot read this thread's CPUs")?;
     let first = *cpus.first().context("no CPU to run on")?;
     if let Some(&second) = cpus.get(1) {
         report.add(
@@ -94,7 +91,7 @@ mod tests {
         let same = &report.metrics["floor_round_trip_same_cpu"];
         assert!(same.p50 > 0.0, "{same:?}");
         assert_eq!(same.unit, "us");
-        let cpus = rustix::thread::sched_getaffinity(None).unwrap().count() as usize;
+        let cpus = hearth_agent::cores::allowed_cpus().unwrap().len();
         assert_eq!(
             report.metrics.contains_key("floor_round_trip_cross_cpu"),
             cpus > 1

@@ -196,7 +196,7 @@ pub fn run(args: &ThroughputArgs) -> anyhow::Result<Report> {
     drop(agent);
     if let Some((_, callers)) = peak {
         report.parameter("peak_callers", callers);
-        for name in Level::NAMES {
+        for (name, _) in Level::NAMES {
             if let Some(m) = report.metrics.get(&format!("{name}_c{callers}")).cloned() {
                 report.metrics.insert(name.to_string(), m);
             }
@@ -217,40 +217,45 @@ struct Level {
 }
 
 impl Level {
-    /// The metric names, without the level's suffix.
-    const NAMES: [&'static str; 7] = [
-        "throughput",
-        "agent_cpu_per_invoke",
-        "agent_process_cpu_per_invoke",
-        "init_cpu_per_invoke",
-        "runtime_cpu_per_invoke",
-        "client_cpu_per_invoke",
-        "cpus_busy",
+    /// The metric names, without the level's suffix, and their units, in [`Level::values`]' order.
+    const NAMES: [(&'static str, &'static str); 7] = [
+        ("throughput", "inv/s"),
+        ("agent_cpu_per_invoke", "us"),
+        ("agent_process_cpu_per_invoke", "us"),
+        ("init_cpu_per_invoke", "us"),
+        ("runtime_cpu_per_invoke", "us"),
+        ("client_cpu_per_invoke", "us"),
+        ("cpus_busy", "cpus"),
     ];
 
+    /// The samples of each of [`Level::NAMES`].
+    fn values(&self) -> [&[f64]; 7] {
+        [
+            &self.rate,
+            &self.cpu,
+            &self.process_cpu,
+            &self.init_cpu,
+            &self.runtime_cpu,
+            &self.client_cpu,
+            &self.utilisation,
+        ]
+    }
+
     fn of(windows: &[Window]) -> Level {
-        let rate: Vec<f64> = windows.iter().map(|w| w.invokes / w.seconds).collect();
-        let cpu: Vec<f64> = windows
-            .iter()
-            .map(|w| w.agent_cpu * 1e6 / w.invokes.max(1.0))
-            .collect();
-        let process_cpu: Vec<f64> = windows
-            .iter()
-            .map(|w| w.agent_process_cpu * 1e6 / w.invokes.max(1.0))
-            .collect();
-        let client_cpu: Vec<f64> = windows
-            .iter()
-            .map(|w| w.client_cpu * 1e6 / w.invokes.max(1.0))
-            .collect();
-        let runtime_cpu: Vec<f64> = windows
-            .iter()
-            .map(|w| w.runtime_cpu * 1e6 / w.invokes.max(1.0))
-            .collect();
-        let init_cpu: Vec<f64> = windows
-            .iter()
-            .map(|w| (w.agent_cpu - w.agent_process_cpu - w.runtime_cpu) * 1e6 / w.invokes.max(1.0))
-            .collect();
-        let utilisation: Vec<f64> = windows
+        // Microseconds of CPU per invoke in each window.
+        let per_invoke = |cpu: fn(&Window) -> f64| -> Vec<f64> {
+            windows
+                .iter()
+                .map(|w| cpu(w) * 1e6 / w.invokes.max(1.0))
+                .collect()
+        };
+        let rate = windows.iter().map(|w| w.invokes / w.seconds).collect();
+        let cpu = per_invoke(|w| w.agent_cpu);
+        let process_cpu = per_invoke(|w| w.agent_process_cpu);
+        let client_cpu = per_invoke(|w| w.client_cpu);
+        let runtime_cpu = per_invoke(|w| w.runtime_cpu);
+        let init_cpu = per_invoke(|w| w.agent_cpu - w.agent_process_cpu - w.runtime_cpu);
+        let utilisation = windows
             .iter()
             .map(|w| (w.agent_cpu + w.client_cpu) / w.seconds)
             .collect();
@@ -267,14 +272,9 @@ impl Level {
 
     /// Adds the figures to `report`, each name followed by `suffix`.
     fn add_to(&self, report: &mut Report, suffix: &str) {
-        let [rate, cpu, process, init, runtime, client, busy] = Self::NAMES;
-        report.add(&format!("{rate}{suffix}"), &self.rate, "inv/s");
-        report.add(&format!("{cpu}{suffix}"), &self.cpu, "us");
-        report.add(&format!("{process}{suffix}"), &self.process_cpu, "us");
-        report.add(&format!("{init}{suffix}"), &self.init_cpu, "us");
-        report.add(&format!("{runtime}{suffix}"), &self.runtime_cpu, "us");
-        report.add(&format!("{client}{suffix}"), &self.client_cpu, "us");
-        report.add(&format!("{busy}{suffix}"), &self.utilisation, "cpus");
+        for ((name, unit), samples) in Self::NAMES.iter().zip(self.values()) {
+            report.add(&format!("{name}{suffix}"), samples, unit);
+        }
     }
 }
 

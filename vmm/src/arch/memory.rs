@@ -141,15 +141,9 @@ pub fn hugetlb_free_bytes() -> Option<u64> {
     Some(field("HugePages_Free:")? * field("Hugepagesize:")? * 1024)
 }
 
-/// Maps `len` bytes (a multiple of 2 MiB) of hugetlbfs pages, 2 MiB-aligned by the kernel.
+/// Maps `len` bytes of hugetlbfs pages, 2 MiB-aligned by the kernel (which rounds `len` up to
+/// whole pages; the configuration's validation already makes guest RAM whole 2 MiB pages).
 fn map_hugetlb(len: usize) -> Result<*mut u8, MemoryError> {
-    if !len.is_multiple_of(HUGE_PAGE) {
-        return Err(MemoryError::Hugetlb(
-            len,
-            hugetlb_free_bytes(),
-            std::io::Error::from(std::io::ErrorKind::InvalidInput),
-        ));
-    }
     // SAFETY: a new anonymous mapping at an address the kernel picks; no existing memory is
     // affected.
     let raw = unsafe {
