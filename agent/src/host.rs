@@ -75,8 +75,8 @@ pub struct AgentConfig {
     pub pools: Vec<crate::pool::PoolSize>,
     /// Where the pools' templates (snapshots of a booted guest) are kept.
     pub template_dir: PathBuf,
-    /// How microVM sandboxes' VMMs are jailed (`None`: not jailed), booted and pooled (restored)
-    /// alike; the pools' template VMs boot unjailed (see `crate::pool::template`).
+    /// How microVM sandboxes' VMMs are jailed (`None`: not jailed): booted, pooled (restored) and
+    /// the pools' template VMs alike (see `crate::pool::template`).
     pub jail: Option<crate::jail::JailConfig>,
 }
 

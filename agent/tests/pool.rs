@@ -3,10 +3,11 @@
 //! built, reused and rebuilt when an input changes; a claim returns a working VM (the echo
 //! function runs in it); a drained pool makes claimants wait or fail with a clear error and
 //! leaks no VMM process (a refill restores into the VMM spawned ahead for it), and a changed
-//! initramfs retires its idle VMs for a new template; jailed pools (as `hearth serve` runs them) restore every VM in its jail, checked from `/proc` (its
-//! uid, namespaces, root, mounts, devices and cgroup), and a pooled VM whose jailer was killed is
-//! replaced, never handed out, and leaves no process, cgroup or jail folder. The memory of idle
-//! pooled VMs and the claim latency are printed.
+//! initramfs retires its idle VMs for a new template; jailed pools (as `hearth serve` runs them)
+//! build their templates in jails (the snapshot files belong to a jail uid) and restore every VM
+//! in its jail, checked from `/proc` (its uid, namespaces, root, mounts, devices and cgroup), and
+//! a pooled VM whose jailer was killed is replaced, never handed out, and leaves no process,
+//! cgroup or jail folder. The memory of idle pooled VMs and the claim latency are printed.
 //!
 //! Needs the `hearth` binary (`cargo build --bins`), the static `hearth-init` and the cached guest
 //! kernel (`hearth image`); missing any fails loudly.
@@ -227,6 +228,57 @@ fn check_jailed(vm: &IdleVm, jail_base: &Path) -> Vec<PathBuf> {
 }
 
 /// Page faults and CPU time of process `pid` so far, from `/proc/<pid>/stat`.
+/// Checks the templates under `root`, made by jailed VMMs: their snapshot files belong to root
+/// (handed over by the agent) and are readable by all, their folders are root's alone again, the
+/// templates' folder is a tmpfs, and no template VM's jail is left in
+/// `jail_base`; each manifest names the jail uid its VMM ran under.
+fn check_templates_made_jailed(root: &Path, jail_base: &Path) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let templates: Vec<PathBuf> = std::fs::read_dir(root)
+        .expect("list the templates")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("template.json").is_file())
+        .collect();
+    assert_eq!(templates.len(), 2, "one template per pool: {templates:?}");
+    // A tmpfs (the pools mount one there unless it is one already, as in the test host), so
+    // each template VM's RAM file, on huge pages, was its memory file.
+    let fs = nix::sys::statfs::statfs(root).expect("statfs the templates' folder");
+    assert_eq!(
+        fs.filesystem_type(),
+        nix::sys::statfs::TMPFS_MAGIC,
+        "the templates' folder {root:?} is no tmpfs"
+    );
+    for t in &templates {
+        let folder = std::fs::metadata(t).expect("the template folder");
+        assert_eq!(
+            (folder.uid(), folder.permissions().mode() & 0o777),
+            (0, 0o700),
+            "{t:?} is root's alone"
+        );
+        for name in ["vm.state", "vm.mem"] {
+            let meta = std::fs::metadata(t.join(name)).expect("a snapshot file");
+            assert_eq!(meta.uid(), 0, "{name} of {t:?} is root's");
+            assert_eq!(meta.permissions().mode() & 0o777, 0o644, "{name} readable");
+        }
+        let manifest = std::fs::read_to_string(t.join("template.json")).expect("the manifest");
+        let manifest: serde_json::Value = serde_json::from_str(&manifest).expect("JSON");
+        let uid = manifest["jail_uid"].as_u64().unwrap_or(0);
+        assert!(
+            uid >= u64::from(hearth_agent::jail::UID_BASE),
+            "the template VM of {t:?} ran jailed: {manifest}"
+        );
+        eprintln!("template {t:?} made by a VMM jailed as uid {uid}");
+    }
+    let left: Vec<_> = std::fs::read_dir(jail_base)
+        .expect("list the jails")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("hearth-template-"))
+        .collect();
+    assert!(left.is_empty(), "template VM jails left: {left:?}");
+}
+
 fn vmm_counters(pid: u32) -> String {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // After "pid (comm)": state is field 3; minflt 10, majflt 12, utime 14, stime 15.
@@ -296,7 +348,7 @@ fn a_template_is_built_reused_and_rebuilt_when_an_input_changes() {
             let cancel = AtomicBool::new(false);
 
             let t = Instant::now();
-            let (first, built) = Template::ensure(&root, &spec, BOOT, &cancel)
+            let (first, built) = Template::ensure(&root, &spec, BOOT, &cancel, None)
                 .unwrap_or_else(|e| panic!("build the template: {e:?}"));
             assert!(built, "the first ensure builds the template");
             let mem = std::fs::metadata(&first.files.mem).expect("the memory file");
@@ -315,7 +367,7 @@ fn a_template_is_built_reused_and_rebuilt_when_an_input_changes() {
 
             let t = Instant::now();
             let (again, built) =
-                Template::ensure(&root, &spec, BOOT, &cancel).expect("find the template");
+                Template::ensure(&root, &spec, BOOT, &cancel, None).expect("find the template");
             assert!(!built, "an unchanged template is reused");
             assert_eq!(again.dir, first.dir);
             eprintln!("template reused in {:.1} ms", ms(t.elapsed()));
@@ -324,7 +376,7 @@ fn a_template_is_built_reused_and_rebuilt_when_an_input_changes() {
             let mut bytes = std::fs::read(&initrd).expect("read the initramfs");
             bytes.extend_from_slice(&[0u8; 4096]);
             std::fs::write(&initrd, bytes).expect("rewrite the initramfs");
-            let (rebuilt, built) = Template::ensure(&root, &spec, BOOT, &cancel)
+            let (rebuilt, built) = Template::ensure(&root, &spec, BOOT, &cancel, None)
                 .unwrap_or_else(|e| panic!("rebuild the template: {e:?}"));
             assert!(built, "a changed initramfs rebuilds the template");
             assert_ne!(rebuilt.digest, first.digest);
@@ -606,6 +658,7 @@ fn a_jailed_pool_runs_the_echo_function_and_replaces_a_vm_whose_jailer_was_kille
                 );
                 print_idle_memory(&pools, 128);
                 print_idle_memory(&pools, 256);
+                check_templates_made_jailed(&dir.path().join("templates"), &jail_base);
                 // The per-VM cgroups sit under this parent; it must hold none once all is over.
                 let mut cgroup_parents = Vec::new();
                 for size in [128, 256] {

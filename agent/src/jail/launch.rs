@@ -1,10 +1,12 @@
 //! The agent's side of the jail: a uid/gid and limits per VM, the `hearth jail` command line, and
 //! the jailed VMM spawned through [`VmmProcess::spawn_jailed`].
 //!
-//! The configuration handed to [`JailConfig::spawn`] (a boot) or [`JailConfig::spawn_awaiting_restore`] (a restore) names the kernel, initrd and snapshot files
-//! by their host paths (the jail checks them and mounts them at `/kernel`, `/initrd`,
-//! `/snapshot.state`, `/snapshot.mem`) and every socket or log by its path inside the jail (the
-//! root is writable by the VM's uid; [`VmJail::host_path`] tells where such a path lies on this
+//! The configuration handed to [`JailConfig::spawn`] (a boot), [`JailConfig::spawn_writing_to`] (a
+//! boot that writes a snapshot: a template) or [`JailConfig::spawn_awaiting_restore`] (a restore)
+//! names the kernel, initrd and snapshot files by their host paths (the jail checks them and mounts
+//! them at `/kernel`, `/initrd`, `/snapshot.state`, `/snapshot.mem`; a folder to write into at
+//! `/out`, [`output_inside`]) and every socket or log by its path inside the jail (the root is
+//! writable by the VM's uid; [`VmJail::host_path`] tells where such a path lies on this
 //! host). A socket the agent itself listens on in the jail (the vsock `<uds>_<port>` ones) must be
 //! handed to the VM's uid with [`VmJail::give`], or the VMM cannot connect to it.
 //!
@@ -119,6 +121,7 @@ impl JailConfig {
         kernel: Option<&Path>,
         initrd: Option<&Path>,
         snapshot: Option<&SnapshotFiles>,
+        output_dir: Option<&Path>,
     ) -> Vec<OsString> {
         let mut args: Vec<OsString> = vec!["jail".into()];
         let mut flag = |name: &str, value: OsString| {
@@ -138,6 +141,9 @@ impl JailConfig {
         if let Some(s) = snapshot {
             flag("snapshot-state", s.state.clone().into());
             flag("snapshot-mem", s.mem.clone().into());
+        }
+        if let Some(o) = output_dir {
+            flag("output-dir", o.into());
         }
         flag(
             "exec-file",
@@ -184,7 +190,20 @@ impl JailConfig {
     /// serial log paths are inside the jail. The jail removes its folder and cgroup when the VMM
     /// exits. Restores go through [`JailConfig::spawn_awaiting_restore`].
     pub fn spawn(&self, jail: &VmJail, config: &VmConfig) -> Result<VmmProcess, LaunchError> {
-        self.spawn_with(jail, config, None, &[])
+        self.spawn_with(jail, config, None, None, &[])
+    }
+
+    /// Spawns `hearth vmm` for `config` in `jail` (a fresh boot, as [`JailConfig::spawn`]) with
+    /// the host folder `output_dir` mounted read-write at [`output_inside`], where the VMM writes
+    /// what it is asked to (a template's snapshot). `output_dir` must already belong to the VM's
+    /// uid ([`VmJail::give`]); the jail refuses it otherwise.
+    pub fn spawn_writing_to(
+        &self,
+        jail: &VmJail,
+        config: &VmConfig,
+        output_dir: &Path,
+    ) -> Result<VmmProcess, LaunchError> {
+        self.spawn_with(jail, config, None, Some(output_dir), &[])
     }
 
     /// Spawns `hearth vmm --await-restore` for `config` in `jail`, with the snapshot `files`
@@ -196,7 +215,7 @@ impl JailConfig {
         config: &VmConfig,
         files: &SnapshotFiles,
     ) -> Result<VmmProcess, LaunchError> {
-        self.spawn_with(jail, config, Some(files), &["--await-restore".into()])
+        self.spawn_with(jail, config, Some(files), None, &["--await-restore".into()])
     }
 
     fn spawn_with(
@@ -204,6 +223,7 @@ impl JailConfig {
         jail: &VmJail,
         config: &VmConfig,
         snapshot: Option<&SnapshotFiles>,
+        output_dir: Option<&Path>,
         extra: &[OsString],
     ) -> Result<VmmProcess, LaunchError> {
         let args = self.jail_args(
@@ -211,6 +231,7 @@ impl JailConfig {
             Some(&config.kernel),
             config.initrd.as_deref(),
             snapshot,
+            output_dir,
         );
         let mut inside = config.clone();
         inside.kernel = PathBuf::from("/kernel");
@@ -225,6 +246,11 @@ impl JailConfig {
 const SNAPSHOT_STATE_INSIDE: &str = "/snapshot.state";
 /// Where a jail mounts a snapshot's memory file.
 const SNAPSHOT_MEM_INSIDE: &str = "/snapshot.mem";
+
+/// Where [`JailConfig::spawn_writing_to`] mounts its folder, as the jailed VMM sees it.
+pub fn output_inside() -> PathBuf {
+    PathBuf::from(super::run::OUTPUT_INSIDE)
+}
 
 /// A snapshot's files as a jailed VMM sees them (where [`JailConfig::spawn_awaiting_restore`]
 /// mounts them).
@@ -315,7 +341,13 @@ mod tests {
             Path::new("/srv/hearth/jail/vm-1/root/control.sock")
         );
         let args: Vec<String> = jc
-            .jail_args(&jail, Some(Path::new("/k/vmlinux")), None, None)
+            .jail_args(
+                &jail,
+                Some(Path::new("/k/vmlinux")),
+                None,
+                None,
+                Some(Path::new("/t/.build-x")),
+            )
             .into_iter()
             .map(|a| a.into_string().unwrap())
             .collect();
@@ -328,6 +360,7 @@ mod tests {
             "--cpu-quota-us 200000",
             "--rlimit-nofile 2048",
             "--keep-fd 7",
+            "--output-dir /t/.build-x",
         ] {
             assert!(joined.contains(needle), "{needle:?} not in {joined}");
         }

@@ -1,7 +1,7 @@
 //! The jail's file system, built in the jailed process's own mount namespace: the mount tree made
 //! private, the jail root bind-mounted onto itself, each checked file bind-mounted read-only into
-//! it, a small tmpfs `/dev` holding only the device nodes the VMM needs, then `pivot_root` into the
-//! root and the old root detached.
+//! it, a folder the VMM writes into (if any) bind-mounted read-write, a small tmpfs `/dev` holding
+//! only the device nodes the VMM needs, then `pivot_root` into the root and the old root detached.
 //!
 //! Where the current root cannot be pivoted (an initramfs `rootfs`, as inside the QEMU test host),
 //! the root is moved over `/` and entered with `chroot` instead; the old root is then shadowed,
@@ -178,41 +178,61 @@ pub fn bind_file(root: &Path, file: &CheckedFile, exec: bool) -> Result<(), Moun
             .open(&target)
             .map_err(io("create the mount point", &target))?;
     }
+    let mut flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    if !exec {
+        flags |= MsFlags::MS_NOEXEC;
+    }
+    bind_with(file, &target, flags, "remount read-only")
+}
+
+/// Bind-mounts the checked `source` on `target`, then remounts the bind with `flags`.
+fn bind_with(
+    source: &CheckedFile,
+    target: &Path,
+    flags: MsFlags,
+    remount: &'static str,
+) -> Result<(), MountError> {
     mount(
-        Some(&file.fd_path()),
-        &target,
+        Some(&source.fd_path()),
+        target,
         None::<&str>,
         MsFlags::MS_BIND,
         None::<&str>,
     )
-    .map_err(sys("bind-mount", &target))?;
-    let mut flags = MsFlags::MS_BIND
-        | MsFlags::MS_REMOUNT
-        | MsFlags::MS_RDONLY
-        | MsFlags::MS_NOSUID
-        | MsFlags::MS_NODEV;
-    if !exec {
-        flags |= MsFlags::MS_NOEXEC;
+    .map_err(sys("bind-mount", target))?;
+    let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags;
+    mount(None::<&str>, target, None::<&str>, flags, None::<&str>).map_err(sys(remount, target))
+}
+
+/// Makes the folder `dir`, or takes the one there if it is a real folder (not a symlink).
+fn make_dir(dir: &Path) -> Result<(), MountError> {
+    match std::fs::create_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => super::paths::check_dir(dir)
+            .map_err(|e| MountError::Io {
+                what: "use",
+                path: dir.to_path_buf(),
+                source: std::io::Error::other(e),
+            }),
+        Err(e) => Err(io("create", dir)(e)),
     }
-    mount(None::<&str>, &target, None::<&str>, flags, None::<&str>)
-        .map_err(sys("remount read-only", &target))
+}
+
+/// Bind-mounts the checked folder `folder` read-write (but `nosuid`, `nodev`, `noexec`) at its
+/// place inside the jail root: the one place outside its root where the VMM may write (a
+/// template's snapshot).
+pub fn bind_output_folder(root: &Path, folder: &CheckedFile) -> Result<(), MountError> {
+    let target = make_parents(root, &folder.inside)?;
+    make_dir(&target)?;
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    bind_with(folder, &target, flags, "remount nosuid,nodev,noexec")
 }
 
 /// Mounts a small tmpfs on `<root>/dev` holding `nodes`, then makes it read-only (the nodes stay
 /// usable: a read-only file system does not stop writes to devices).
 pub fn make_dev(root: &Path, nodes: &[DeviceNode], uid: Uid, gid: Gid) -> Result<(), MountError> {
     let dev = root.join("dev");
-    match std::fs::create_dir(&dev) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            super::paths::check_dir(&dev).map_err(|e| MountError::Io {
-                what: "use",
-                path: dev.clone(),
-                source: std::io::Error::other(e),
-            })?;
-        }
-        Err(e) => return Err(io("create", &dev)(e)),
-    }
+    make_dir(&dev)?;
     let fs_flags = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
     mount(
         Some("tmpfs"),

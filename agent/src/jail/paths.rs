@@ -6,6 +6,10 @@
 //! again in its own namespace ([`CheckedFile::reopen`]), checks it is the same file (device and
 //! inode) and passes the checks again, and bind-mounts that descriptor (`/proc/self/fd/N`): the
 //! path cannot be swapped between the check and the mount.
+//!
+//! A folder the VMM may write into ([`check_output_folder`]) is checked the same way, and must
+//! already belong to the VM's uid: the jail never hands a VM write access to anything its uid
+//! did not own before.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -53,6 +57,14 @@ pub enum PathError {
     /// A folder the jail uses is a symlink or not a folder.
     #[error("{0:?} is not a folder (or is a symlink)")]
     NotDir(PathBuf),
+    /// A folder the VMM would write into belongs to another uid than the VM's.
+    #[error("{what} {path:?} belongs to uid {owner}, not to the VM's uid {uid}")]
+    NotOwned {
+        what: &'static str,
+        path: PathBuf,
+        owner: u32,
+        uid: u32,
+    },
 }
 
 /// Checks a VM id: it names folders and cgroups, so it is kept to `[A-Za-z0-9-]`.
@@ -75,6 +87,8 @@ enum Kind {
     Given,
     /// A program or library: symlinks followed, any number of names.
     Program,
+    /// A folder the VMM writes into: no symlink, owned by this uid.
+    OutputFolder(u32),
 }
 
 /// A file that passed the checks, held open (`O_PATH`) until it is mounted.
@@ -102,6 +116,9 @@ impl CheckedFile {
         let again = match self.kind {
             Kind::Program => check_program(self.what, &self.source, &self.inside)?,
             Kind::Given => check_file(self.what, &self.inside, &self.source)?,
+            Kind::OutputFolder(uid) => {
+                check_output_folder(self.what, &self.inside, &self.source, uid)?
+            }
         };
         let (a, b) = (metadata(self)?, metadata(&again)?);
         if (a.dev(), a.ino()) != (b.dev(), b.ino()) {
@@ -141,6 +158,26 @@ fn open_path(what: &'static str, path: &Path, follow: bool) -> Result<File, Path
         })
 }
 
+/// Opens `path` itself (`O_PATH | O_NOFOLLOW`) with its metadata, refusing a symlink.
+fn open_no_symlink(
+    what: &'static str,
+    path: &Path,
+) -> Result<(File, std::fs::Metadata), PathError> {
+    let fd = open_path(what, path, false)?;
+    let meta = fd.metadata().map_err(|source| PathError::Open {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if meta.file_type().is_symlink() {
+        return Err(PathError::Symlink {
+            what,
+            path: path.to_path_buf(),
+        });
+    }
+    Ok((fd, meta))
+}
+
 /// Checks a file the VMM reads (kernel, initrd, snapshot files), to appear at `inside` in the
 /// jail: the path itself must be a regular file with exactly one name.
 pub fn check_file(
@@ -148,18 +185,9 @@ pub fn check_file(
     inside: &Path,
     path: &Path,
 ) -> Result<CheckedFile, PathError> {
-    let fd = open_path(what, path, false)?;
-    let meta = fd.metadata().map_err(|source| PathError::Open {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let (fd, meta) = open_no_symlink(what, path)?;
     let path = path.to_path_buf();
-    let kind = meta.file_type();
-    if kind.is_symlink() {
-        return Err(PathError::Symlink { what, path });
-    }
-    if !kind.is_file() {
+    if !meta.file_type().is_file() {
         return Err(PathError::NotFile { what, path });
     }
     if meta.nlink() > 1 {
@@ -202,6 +230,36 @@ pub fn check_program(
         source: path.to_path_buf(),
         inside: inside.to_path_buf(),
         kind: Kind::Program,
+        fd,
+    })
+}
+
+/// Checks a folder the VMM writes into (a template's snapshot), to appear at `inside` in the jail:
+/// the path itself must be a folder (not a symlink to one) that belongs to `uid`, the VM's.
+pub fn check_output_folder(
+    what: &'static str,
+    inside: &Path,
+    path: &Path,
+    uid: u32,
+) -> Result<CheckedFile, PathError> {
+    let (fd, meta) = open_no_symlink(what, path)?;
+    let path = path.to_path_buf();
+    if !meta.file_type().is_dir() {
+        return Err(PathError::NotDir(path));
+    }
+    if meta.uid() != uid {
+        return Err(PathError::NotOwned {
+            what,
+            path,
+            owner: meta.uid(),
+            uid,
+        });
+    }
+    Ok(CheckedFile {
+        what,
+        source: path,
+        inside: inside.to_path_buf(),
+        kind: Kind::OutputFolder(uid),
         fd,
     })
 }
@@ -261,6 +319,34 @@ mod tests {
         let err =
             check_file("initrd", Path::new("/initrd"), &dir.path().join("missing")).unwrap_err();
         assert!(matches!(err, PathError::Open { .. }), "{err}");
+    }
+
+    #[test]
+    fn an_output_folder_must_be_a_real_folder_of_the_vms_uid() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let uid = std::fs::metadata(&out).unwrap().uid();
+        let checked = check_output_folder("output folder", Path::new("/out"), &out, uid).unwrap();
+        assert_eq!(checked.inside, Path::new("/out"));
+        checked.reopen().unwrap();
+        let err =
+            check_output_folder("output folder", Path::new("/out"), &out, uid + 1).unwrap_err();
+        assert!(matches!(err, PathError::NotOwned { .. }), "{err}");
+        assert!(err.to_string().contains("belongs to uid"), "{err}");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&out, &link).unwrap();
+        let err = check_output_folder("output folder", Path::new("/out"), &link, uid).unwrap_err();
+        assert!(matches!(err, PathError::Symlink { .. }), "{err}");
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"f").unwrap();
+        let err = check_output_folder("output folder", Path::new("/out"), &file, uid).unwrap_err();
+        assert!(matches!(err, PathError::NotDir(_)), "{err}");
+        // Replaced by another folder of the same name between the check and the mount.
+        std::fs::rename(&out, dir.path().join("old")).unwrap();
+        std::fs::create_dir(&out).unwrap();
+        let err = checked.reopen().unwrap_err();
+        assert!(matches!(err, PathError::Replaced { .. }), "{err}");
     }
 
     #[test]

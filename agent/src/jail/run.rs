@@ -8,9 +8,10 @@
 //!    stays outside, forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT to it, waits, removes the cgroup and
 //!    the jail folder, and exits with the child's status (128 + N for signal N);
 //! 3. the child joins the cgroup, enters new mount, network, IPC and UTS namespaces, builds the
-//!    jail's file system and pivots into it ([`super::mounts`]), sets the rlimits, leaves open
-//!    only fds 0-2 and the ones passed with `--keep-fd`, drops to the VM's uid/gid
-//!    ([`super::limits`]) and execs `/hearth vmm ...` with an empty environment.
+//!    jail's file system (the files read-only, an `--output-dir` read-write at `/out`) and pivots
+//!    into it ([`super::mounts`]), sets the rlimits, leaves open only fds 0-2 and the ones passed
+//!    with `--keep-fd`, drops to the VM's uid/gid ([`super::limits`]) and execs `/hearth vmm ...`
+//!    with an empty environment.
 //!
 //! The jailer must be single-threaded when it forks (it checks): `hearth jail` starts no threads.
 
@@ -37,6 +38,8 @@ use super::paths::{self, CheckedFile};
 pub const DEFAULT_JAIL_BASE: &str = "/srv/hearth/jail";
 /// The cgroup, under the jailer's own, that holds the per-VM cgroups.
 pub const DEFAULT_CGROUP_PARENT: &str = "hearth-jail";
+/// Where `--output-dir` appears in the jail.
+pub const OUTPUT_INSIDE: &str = "/out";
 /// Exit status of the jailed child when building the jail failed (its error is on stderr).
 pub const JAIL_FAILED: i32 = 125;
 
@@ -67,6 +70,10 @@ pub struct JailArgs {
     /// A snapshot's memory file: appears as `/snapshot.mem`.
     #[arg(long, requires = "snapshot_state")]
     pub snapshot_mem: Option<PathBuf>,
+    /// A folder the VMM writes into (a template's snapshot): appears as `/out`, read-write. It
+    /// must be a real folder that already belongs to `--uid`.
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
     /// The `hearth` binary to run in the jail (as `/hearth`); default: this program.
     #[arg(long)]
     pub exec_file: Option<PathBuf>,
@@ -103,6 +110,7 @@ pub struct JailArgs {
 struct Plan {
     root: PathBuf,
     files: Vec<CheckedFile>,
+    output: Option<CheckedFile>,
     program: CheckedFile,
     libs: Vec<CheckedFile>,
     uid: Uid,
@@ -140,6 +148,13 @@ pub fn run(args: JailArgs) -> anyhow::Result<u8> {
             files.push(paths::check_file(what, Path::new(inside), path)?);
         }
     }
+    let output = args
+        .output_dir
+        .as_deref()
+        .map(|dir| {
+            paths::check_output_folder("output folder", Path::new(OUTPUT_INSIDE), dir, args.uid)
+        })
+        .transpose()?;
     // A path, not `/proc/self/exe`: a magic link leads to this namespace's mount of the file,
     // which the jail's mount namespace cannot bind from.
     let exec_file = match &args.exec_file {
@@ -155,7 +170,7 @@ pub fn run(args: JailArgs) -> anyhow::Result<u8> {
         .context("an argument holds a NUL byte")?;
 
     let (jail_dir, lock) = make_jail_dir(&args.jail_base, &args.id, args.uid, args.gid)?;
-    let result = jail(&args, &jail_dir, files, program, libs, argv);
+    let result = jail(&args, &jail_dir, files, output, program, libs, argv);
     if let Err(e) = std::fs::remove_dir_all(&jail_dir) {
         tracing::warn!(dir = %jail_dir.display(), error = %e, "cannot remove the jail folder");
     }
@@ -201,6 +216,7 @@ fn jail(
     args: &JailArgs,
     jail_dir: &Path,
     files: Vec<CheckedFile>,
+    output: Option<CheckedFile>,
     program: CheckedFile,
     libs: Vec<CheckedFile>,
     argv: Vec<CString>,
@@ -220,6 +236,7 @@ fn jail(
     let plan = Plan {
         root: jail_dir.join("root"),
         files,
+        output,
         program,
         libs,
         uid: Uid::from_raw(args.uid),
@@ -323,6 +340,11 @@ fn child_main(
         let file = file.reopen()?;
         mounts::bind_file(&plan.root, &file, false)
             .with_context(|| format!("cannot place the {} {:?}", file.what, file.source))?;
+    }
+    if let Some(folder) = &plan.output {
+        let folder = folder.reopen()?;
+        mounts::bind_output_folder(&plan.root, &folder)
+            .with_context(|| format!("cannot place the {} {:?}", folder.what, folder.source))?;
     }
     for file in std::iter::once(&plan.program).chain(&plan.libs) {
         let file = file.reopen()?;

@@ -109,8 +109,9 @@ pub struct PoolConfig {
     pub check_interval: Duration,
     /// Pause before a pool tries again after a failed restore.
     pub retry_pause: Duration,
-    /// How the restored VMs' VMMs are jailed (`None`: plain children of the agent, with their
-    /// folders in `vm_dir`). Templates are booted unjailed either way (see [`super::template`]).
+    /// How the VMMs of the templates and of the restored VMs are jailed (`None`: plain children
+    /// of the agent, with their folders in `vm_dir`, and templates booted in their build folder;
+    /// see [`super::template`]).
     pub jail: Option<crate::jail::JailConfig>,
 }
 
@@ -819,9 +820,11 @@ async fn restore_one(inner: &Arc<Inner>, index: usize) -> Option<Template> {
         let root = inner.config.template_dir.clone();
         let timeout = inner.config.boot_timeout;
         let cancel = inner.shut.clone();
-        let built =
-            tokio::task::spawn_blocking(move || Template::ensure(&root, &spec, timeout, &cancel))
-                .await;
+        let jails = inner.config.jail.clone();
+        let built = tokio::task::spawn_blocking(move || {
+            Template::ensure(&root, &spec, timeout, &cancel, jails.as_ref())
+        })
+        .await;
         match built {
             Ok(Ok((t, fresh))) => {
                 if fresh {

@@ -17,10 +17,17 @@
 //! whole file). A template holds a freshly booted guest with no function code and nothing
 //! secret in it.
 //!
-//! The template VM itself boots unjailed, as a child of the agent: its snapshot must be written
-//! by root into the root-only folder (a jailed VMM, under its own uid, could write only inside its
-//! jail, and a file handed over to root afterwards would need a `chown`, which moves the change
-//! time as a `chmod` does). It runs the guest kernel and init only, never function code.
+//! Where the pools jail their VMs, the template VM runs jailed too
+//! ([`JailConfig::spawn_writing_to`]): its own uid, namespaces, cgroup and limits, as any pooled
+//! VM. The build folder is handed to its uid and mounted read-write in its jail at `/out`, the one
+//! place outside its jail root where it can write. Its guest RAM is always a file there (on any
+//! file system), which becomes the memory file. A restore accepts only files of its own uid or
+//! root's (`hearth_snapshot::access`), so the agent hands the RAM file to root while the VM is
+//! paused and before the snapshot records the file's identity (a `chown` afterwards would move
+//! its change time, as a `chmod` would); the VMM goes on writing it through its descriptor. The
+//! state file goes to root once written, and the folder once the VMM has ended (mode 0700).
+//! Without a jail configuration (tests, a development host) the template VM is a plain child of
+//! the agent. It runs the guest kernel and init only, never function code.
 //!
 //! Where the templates' folder is a tmpfs (the pools mount one, with huge pages, unless it is
 //! one already: [`mount_tmpfs`]), the template VM's guest RAM is its memory file itself
@@ -28,8 +35,9 @@
 //! writes no copy, all-zero 2 MiB pages are punched out of it (`Punch::HugePages`), and clones
 //! map its huge pages. The template VM is killed right after its snapshot (its VMM refuses to
 //! resume it anyway). A tmpfs is emptied by a reboot: the manifest goes with the files, so the
-//! next [`Template::ensure`] builds the template again. Elsewhere the template boots in anonymous
-//! memory and its snapshot writes the memory file.
+//! next [`Template::ensure`] builds the template again. Elsewhere a jailed template VM's RAM is a
+//! file too (all-zero 4 KiB pages punched, `Punch::Pages`), and an unjailed one boots in
+//! anonymous memory and its snapshot writes the memory file.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -45,6 +53,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::guest::{bind_ready, ping, ready_socket, serial_tail, wait_ready};
+use crate::jail::{JailConfig, LaunchError, VmJail, output_inside};
 use crate::sandbox::microvm::GUEST_CID;
 
 /// Bumped when the way a template is made changes (what the digest covers, the folder layout,
@@ -65,6 +74,8 @@ pub enum TemplateError {
     },
     #[error("the template VM could not be run")]
     Vmm(#[source] hearth_vmm::ProcessError),
+    #[error("the template VM could not be jailed")]
+    Jail(#[source] LaunchError),
     #[error(
         "the template VM did not come up: {why}; VMM stderr: {stderr}; guest console: {serial}"
     )]
@@ -114,6 +125,9 @@ struct Manifest {
     /// Boot to `Ready`, and the snapshot itself, ms.
     boot_ms: u64,
     snapshot_ms: u64,
+    /// The uid the template VM's VMM ran under in its jail (`None`: not jailed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    jail_uid: Option<u32>,
 }
 
 /// A template on disk, ready to be restored from.
@@ -226,12 +240,14 @@ impl TemplateSpec {
 impl Template {
     /// The template for `spec` under `root`: the one there when its digest matches, else a new
     /// one (booted, snapshotted, renamed into place; stale templates of the same shape removed).
-    /// Blocking: a build boots a VM; setting `cancel` ends it early. Returns whether it was built.
+    /// Blocking: a build boots a VM (jailed by `jails` where given); setting `cancel` ends it
+    /// early. Returns whether it was built.
     pub fn ensure(
         root: &Path,
         spec: &TemplateSpec,
         boot_timeout: Duration,
         cancel: &AtomicBool,
+        jails: Option<&JailConfig>,
     ) -> Result<(Template, bool), TemplateError> {
         let digest = spec.digest()?;
         let dir = root.join(format!("{}{}", spec.shape(), &digest[..24]));
@@ -244,7 +260,7 @@ impl Template {
             spec.shape(),
             &crate::sandbox::new_request_id()[..13]
         ));
-        let built = build_in(&build, spec, &digest, boot_timeout, cancel);
+        let built = build_in(&build, spec, &digest, boot_timeout, cancel, jails);
         if let Err(e) = built {
             let _ = std::fs::remove_dir_all(&build);
             return Err(e);
@@ -368,43 +384,145 @@ fn settle(cancel: &AtomicBool) -> Result<(), String> {
     }
 }
 
-/// Boots the template VM in `dir`, waits for its init, lets it settle ([`TEMPLATE_SETTLE`]),
-/// pauses it and snapshots it there.
+/// Where the template VM runs while it is built.
+struct TemplateHome {
+    /// Its sockets and serial log, on this host: the build folder, or its jail root.
+    host_dir: PathBuf,
+    /// The same folder as its VMM sees it.
+    inside_dir: PathBuf,
+    /// The build folder as its VMM sees it: where it writes the snapshot.
+    out_inside: PathBuf,
+    /// Its jail, where it has one.
+    jail: Option<(JailConfig, VmJail)>,
+}
+
+/// Distinguishes the jails of template VMs built by one agent.
+static NEXT_TEMPLATE_VM: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Boots the template VM for `dir` (jailed by `jails` where given), waits for its init, lets it
+/// settle ([`TEMPLATE_SETTLE`]), pauses it and snapshots it into `dir`.
 fn build_in(
     dir: &Path,
     spec: &TemplateSpec,
     digest: &str,
     boot_timeout: Duration,
     cancel: &AtomicBool,
+    jails: Option<&JailConfig>,
 ) -> Result<(), TemplateError> {
     std::fs::create_dir_all(dir).map_err(io("create", dir))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .map_err(io("restrict", dir))?;
-    let mut config = spec.vm_config(dir);
-    let files = snapshot_files(dir);
-    if on_tmpfs(dir) {
-        // The RAM file is the memory file: the snapshot takes it where it is.
+    let Some(jails) = jails else {
+        let home = TemplateHome {
+            host_dir: dir.to_path_buf(),
+            inside_dir: dir.to_path_buf(),
+            out_inside: dir.to_path_buf(),
+            jail: None,
+        };
+        let snapshot = boot_and_snapshot(dir, &home, spec, boot_timeout, cancel)?;
+        for name in ["vsock.sock", "control.sock"] {
+            let _ = std::fs::remove_file(dir.join(name));
+        }
+        let _ = std::fs::remove_file(ready_socket(&dir.join("vsock.sock")));
+        return write_manifest(dir, spec, digest, snapshot);
+    };
+    let id = format!(
+        "hearth-template-{}-{}-{}",
+        spec.mem_mib,
+        std::process::id(),
+        NEXT_TEMPLATE_VM.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let jail = jails
+        .jail_for(&id, &spec.vm_config(Path::new("/")))
+        .map_err(TemplateError::Jail)?;
+    let home = TemplateHome {
+        host_dir: jail.root.clone(),
+        inside_dir: PathBuf::from("/"),
+        out_inside: output_inside(),
+        jail: Some((jails.clone(), jail.clone())),
+    };
+    let snapshot = jails
+        .prepare(&jail)
+        .and_then(|()| jail.give(dir))
+        .map_err(TemplateError::Jail)
+        .and_then(|()| boot_and_snapshot(dir, &home, spec, boot_timeout, cancel));
+    // The VMM has ended (killed, and its jailer waited for): remove what a jailer that did not
+    // clean up left, and take the folder back (its files stay the template VM's uid's: see the
+    // module documentation).
+    if let Err(e) = jails.clean_up(&jail) {
+        tracing::warn!(id = %jail.id, error = %e, "cannot clean up the template VM's jail");
+    }
+    give_to_agent(dir).map_err(io("take back", dir))?;
+    write_manifest(dir, spec, digest, snapshot?)
+}
+
+/// Gives `path` to the agent's own user and group (root, where it jails).
+fn give_to_agent(path: &Path) -> std::io::Result<()> {
+    let (uid, gid) = (nix::unistd::geteuid(), nix::unistd::getegid());
+    std::os::unix::fs::chown(path, Some(uid.as_raw()), Some(gid.as_raw()))
+}
+
+/// What a template build measured.
+struct Snapshotted {
+    ready: hearth_guest::protocol::Ready,
+    boot_ms: u64,
+    snapshot_ms: u64,
+    ram_file: bool,
+    jail_uid: Option<u32>,
+}
+
+/// Boots the template VM at `home`, waits for its init, lets it settle, pauses it and writes its
+/// snapshot into the build folder (`dir` on this host, `home.out_inside` to the VMM). The VMM has
+/// ended when this returns.
+fn boot_and_snapshot(
+    dir: &Path,
+    home: &TemplateHome,
+    spec: &TemplateSpec,
+    boot_timeout: Duration,
+    cancel: &AtomicBool,
+) -> Result<Snapshotted, TemplateError> {
+    let mut config = spec.vm_config(&home.inside_dir);
+    let files = snapshot_files(&home.out_inside);
+    let tmpfs = on_tmpfs(dir);
+    if tmpfs || home.jail.is_some() {
+        // The RAM file is the memory file: the snapshot takes it where it is. A jailed VMM always
+        // has one, so that the file can be handed to root before its identity is recorded.
         config.ram_file = Some(RamFileConfig {
             path: files.mem.clone(),
-            punch: Punch::HugePages,
+            punch: if tmpfs {
+                Punch::HugePages
+            } else {
+                Punch::Pages
+            },
         });
     }
-    let uds = dir.join("vsock.sock");
+    let uds = home.host_dir.join("vsock.sock");
     let listener = bind_ready(&uds).map_err(io("listen for the init beside", &uds))?;
     let started = Instant::now();
     tracing::info!(
         mem_mib = spec.mem_mib,
         vcpus = spec.vcpus,
+        jailed = home.jail.is_some(),
         "building a VM template"
     );
-    let mut vmm = crate::cores::unpinned(|| VmmProcess::spawn(&spec.hearth_binary, &config))
-        .map_err(TemplateError::Vmm)?;
+    let mut vmm = match &home.jail {
+        Some((jails, jail)) => {
+            // The VMM, under the jail's uid, connects to the agent's ready socket.
+            jail.give(&ready_socket(&uds))
+                .and_then(|()| jails.spawn_writing_to(jail, &config, dir))
+                .map_err(TemplateError::Jail)?
+        }
+        None => crate::cores::unpinned(|| VmmProcess::spawn(&spec.hearth_binary, &config))
+            .map_err(TemplateError::Vmm)?,
+    };
     let boot_failed = |vmm: &mut VmmProcess, why: String| {
+        // Read first: a jailer removes the jail root, with the console log, when its VMM ends.
+        let serial = serial_tail(&home.host_dir);
         let _ = vmm.kill();
         TemplateError::Boot {
             why,
             stderr: vmm.stderr_tail().trim().to_string(),
-            serial: serial_tail(dir),
+            serial,
         }
     };
     if let Err(e) = vmm.start() {
@@ -425,31 +543,57 @@ fn build_in(
     if let Err(e) = vmm.pause() {
         return Err(boot_failed(&mut vmm, format!("pause: {e}")));
     }
+    // A restore accepts only files of its own uid or root's: the RAM file, made by the jailed
+    // VMM under its uid, goes to root now, before the snapshot records its identity (which a
+    // `chown` afterwards would move); the VMM keeps writing it through its descriptor.
+    let to_agent = |name: &str| match home.jail {
+        Some(_) => give_to_agent(&dir.join(name)).map_err(|e| format!("hand {name} to root: {e}")),
+        None => Ok(()),
+    };
+    if let Err(why) = to_agent("vm.mem") {
+        return Err(boot_failed(&mut vmm, why));
+    }
     let t = Instant::now();
     if let Err(e) = vmm.snapshot(&files) {
         return Err(boot_failed(&mut vmm, format!("snapshot: {e}")));
     }
     let snapshot_ms = t.elapsed().as_millis() as u64;
+    if let Err(why) = to_agent("vm.state") {
+        return Err(boot_failed(&mut vmm, why));
+    }
     // Killed before its connections close (their resets would be written into guest memory;
     // after a snapshot that took its RAM file those writes are private to it, never the file's).
     let _ = vmm.kill();
     drop(client);
     drop(ready_conn);
     drop(vmm);
-    for name in ["vsock.sock", "control.sock"] {
-        let _ = std::fs::remove_file(dir.join(name));
-    }
-    let _ = std::fs::remove_file(ready_socket(&uds));
+    Ok(Snapshotted {
+        ready,
+        boot_ms,
+        snapshot_ms,
+        ram_file: config.ram_file.is_some(),
+        jail_uid: home.jail.as_ref().map(|(_, jail)| jail.uid),
+    })
+}
+
+/// Writes the manifest into the built template folder `dir` (last: it makes the template usable).
+fn write_manifest(
+    dir: &Path,
+    spec: &TemplateSpec,
+    digest: &str,
+    built: Snapshotted,
+) -> Result<(), TemplateError> {
     let manifest = Manifest {
         digest: digest.to_string(),
         mem_mib: spec.mem_mib,
         vcpus: spec.vcpus,
         kernel: spec.kernel.clone(),
         initrd: spec.initrd.clone(),
-        ready_ms: ready.ready_ms,
-        kernel_release: ready.kernel_release,
-        boot_ms,
-        snapshot_ms,
+        ready_ms: built.ready.ready_ms,
+        kernel_release: built.ready.kernel_release,
+        boot_ms: built.boot_ms,
+        snapshot_ms: built.snapshot_ms,
+        jail_uid: built.jail_uid,
     };
     let text = serde_json::to_string_pretty(&manifest).map_err(|e| TemplateError::Io {
         what: "encode the manifest for",
@@ -460,9 +604,10 @@ fn build_in(
     std::fs::write(&path, text).map_err(io("write", &path))?;
     tracing::info!(
         mem_mib = spec.mem_mib,
-        boot_ms,
-        snapshot_ms,
-        ram_file = config.ram_file.is_some(),
+        boot_ms = built.boot_ms,
+        snapshot_ms = built.snapshot_ms,
+        ram_file = built.ram_file,
+        jail_uid = built.jail_uid,
         "VM template built"
     );
     Ok(())
@@ -547,6 +692,7 @@ mod tests {
             kernel_release: "k".into(),
             boot_ms: 1,
             snapshot_ms: 1,
+            jail_uid: None,
         };
         std::fs::write(t.join(MANIFEST), serde_json::to_string(&manifest).unwrap()).unwrap();
         assert!(
