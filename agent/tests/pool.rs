@@ -28,8 +28,18 @@ use hearth_vmm::kvm_test::{hearth_binary, in_kvm, in_kvm_with};
 /// Generous: the nested guest runs under QEMU TCG.
 const BOOT: Duration = Duration::from_secs(240);
 const RESTORE: Duration = Duration::from_secs(120);
-/// Long enough for every template build and restore a test asks for.
-const FILL: Duration = Duration::from_secs(600);
+/// Long enough for every template build and restore a test asks for, and shorter than nextest's
+/// limit for these tests (8 minutes), so that a pool that never fills fails with [`fill_report`].
+const FILL: Duration = Duration::from_secs(420);
+
+/// The pools' counters and why each last failed, for a pool that did not fill.
+fn fill_report(pools: &PoolSet) -> String {
+    format!(
+        "{:?}; last failures: {:?}",
+        pools.stats(),
+        pools.last_failures()
+    )
+}
 
 fn kernel() -> PathBuf {
     match hearth_guest::image::KernelImage::locate() {
@@ -476,8 +486,8 @@ fn a_drained_pool_makes_claimants_wait_or_fail_and_leaks_nothing() {
                     .expect("pools");
                 assert!(
                     pools.wait_full(FILL).await,
-                    "the pool filled: {:?}",
-                    pools.stats()
+                    "the pool filled: {}",
+                    fill_report(&pools)
                 );
                 print_idle_memory(&pools, 128);
 
@@ -524,7 +534,11 @@ fn a_drained_pool_makes_claimants_wait_or_fail_and_leaks_nothing() {
                 // Every VMM process is accounted for: the two claimed, plus what the pool holds
                 // once refilled (its idle VM and the VMM spawned ahead for the next refill).
                 let (pa, pb) = (a.vm.pid().expect("pid"), b.vm.pid().expect("pid"));
-                assert!(pools.wait_full(FILL).await, "refilled: {:?}", pools.stats());
+                assert!(
+                    pools.wait_full(FILL).await,
+                    "refilled: {}",
+                    fill_report(&pools)
+                );
                 let t = Instant::now();
                 loop {
                     let stats = pools.stats()[0];
@@ -653,8 +667,8 @@ fn a_jailed_pool_runs_the_echo_function_and_replaces_a_vm_whose_jailer_was_kille
                 let pools: Arc<PoolSet> = config.pool.clone().expect("the pools");
                 assert!(
                     pools.wait_full(FILL).await,
-                    "the pools filled: {:?}",
-                    pools.stats()
+                    "the pools filled: {}",
+                    fill_report(&pools)
                 );
                 print_idle_memory(&pools, 128);
                 print_idle_memory(&pools, 256);
@@ -728,7 +742,11 @@ fn a_jailed_pool_runs_the_echo_function_and_replaces_a_vm_whose_jailer_was_kille
 
                 // Claim latency from a full pool, a few times.
                 for round in 0..3 {
-                    assert!(pools.wait_full(FILL).await, "refilled: {:?}", pools.stats());
+                    assert!(
+                        pools.wait_full(FILL).await,
+                        "refilled: {}",
+                        fill_report(&pools)
+                    );
                     let c = pools.claim(128, FILL).await.expect("claim");
                     assert!(!c.waited);
                     eprintln!(
@@ -739,7 +757,11 @@ fn a_jailed_pool_runs_the_echo_function_and_replaces_a_vm_whose_jailer_was_kille
                 }
 
                 // The echo function runs in a claimed 256 MiB VM (its memory size), not a booted one.
-                assert!(pools.wait_full(FILL).await, "refilled: {:?}", pools.stats());
+                assert!(
+                    pools.wait_full(FILL).await,
+                    "refilled: {}",
+                    fill_report(&pools)
+                );
                 let pooled = idle_pids(&pools, 256);
                 let zip_bytes = std::fs::read(&zip).expect("read the zip");
                 let function = testing::echo_function(zip_bytes, 60_000, 1, &[("GREETING", "hi")]);

@@ -537,6 +537,19 @@ impl PoolSet {
         self.inner.pools.iter().map(SizePool::stats).collect()
     }
 
+    /// Why the last restore (or template build) of each pool failed, smallest first (`None`:
+    /// none failed).
+    pub fn last_failures(&self) -> Vec<(u32, Option<String>)> {
+        self.inner
+            .pools
+            .iter()
+            .map(|p| {
+                let last = p.last_failure.lock().unwrap_or_else(|e| e.into_inner());
+                (p.mem_mib, last.clone())
+            })
+            .collect()
+    }
+
     /// The idle VMs of the `mem_mib` pool: their processes and memory, in one walk.
     pub fn idle_vms(&self, mem_mib: u32) -> Vec<IdleVm> {
         let Some(pool) = self.inner.pools.iter().find(|p| p.mem_mib == mem_mib) else {
