@@ -447,8 +447,7 @@ fn build_in(
         .map_err(TemplateError::Jail)
         .and_then(|()| boot_and_snapshot(dir, &home, spec, boot_timeout, cancel));
     // The VMM has ended (killed, and its jailer waited for): remove what a jailer that did not
-    // clean up left, and take the folder back (its files stay the template VM's uid's: see the
-    // module documentation).
+    // clean up left, and take the folder back (its files are root's already).
     if let Err(e) = jails.clean_up(&jail) {
         tracing::warn!(id = %jail.id, error = %e, "cannot clean up the template VM's jail");
     }
@@ -546,11 +545,12 @@ fn boot_and_snapshot(
     // A restore accepts only files of its own uid or root's: the RAM file, made by the jailed
     // VMM under its uid, goes to root now, before the snapshot records its identity (which a
     // `chown` afterwards would move); the VMM keeps writing it through its descriptor.
-    let to_agent = |name: &str| match home.jail {
-        Some(_) => give_to_agent(&dir.join(name)).map_err(|e| format!("hand {name} to root: {e}")),
+    let here = snapshot_files(dir);
+    let to_agent = |path: &Path| match home.jail {
+        Some(_) => give_to_agent(path).map_err(|e| format!("hand {} to root: {e}", path.display())),
         None => Ok(()),
     };
-    if let Err(why) = to_agent("vm.mem") {
+    if let Err(why) = to_agent(&here.mem) {
         return Err(boot_failed(&mut vmm, why));
     }
     let t = Instant::now();
@@ -558,7 +558,7 @@ fn boot_and_snapshot(
         return Err(boot_failed(&mut vmm, format!("snapshot: {e}")));
     }
     let snapshot_ms = t.elapsed().as_millis() as u64;
-    if let Err(why) = to_agent("vm.state") {
+    if let Err(why) = to_agent(&here.state) {
         return Err(boot_failed(&mut vmm, why));
     }
     // Killed before its connections close (their resets would be written into guest memory;
