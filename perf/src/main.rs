@@ -43,6 +43,26 @@ enum Scenario {
     Throughput(scenario::throughput::ThroughputArgs),
     /// Invokes that start a new execution environment, through the invoke-proxy socket.
     ColdStart(scenario::cold_start::ColdStartArgs),
+    /// This machine's floor for the hops of an invoke: a byte's round trip between two threads and
+    /// through chains of three and four processes, on one CPU and across two (`warm-invoke`
+    /// measures the same in its run).
+    Floor,
+    /// One relay of a `floor` chain (started by `hearth-perf` itself).
+    #[command(name = "hop-relay", hide = true)]
+    HopRelay(HopRelayArgs),
+}
+
+#[derive(clap::Args)]
+struct HopRelayArgs {
+    /// The Unix socket to listen on.
+    #[arg(long)]
+    listen: std::path::PathBuf,
+    /// The next relay's socket; without it the relay answers each byte itself.
+    #[arg(long)]
+    next: Option<std::path::PathBuf>,
+    /// The CPU to run on.
+    #[arg(long)]
+    cpu: usize,
 }
 
 fn main() -> ExitCode {
@@ -64,6 +84,16 @@ fn main() -> ExitCode {
         Scenario::WarmInvoke(args) => scenario::warm_invoke::run(args),
         Scenario::Throughput(args) => scenario::throughput::run(args),
         Scenario::ColdStart(args) => scenario::cold_start::run(args),
+        Scenario::Floor => scenario::handoff::run(),
+        Scenario::HopRelay(args) => {
+            return match scenario::handoff::relay(&args.listen, args.next.as_deref(), args.cpu) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("hearth-perf hop-relay: error: {err:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
     };
     match report.and_then(|report| scenario::finish(&report, &cli.common)) {
         Ok(()) => ExitCode::SUCCESS,

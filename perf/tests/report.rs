@@ -51,3 +51,50 @@ fn the_testhost_scenario_writes_the_json_report() {
     assert_eq!(metric["unit"], "ms");
     assert_eq!(metric["n"], 1);
 }
+
+#[test]
+fn the_floor_scenario_measures_threads_and_process_chains() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("floor.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_hearth-perf"))
+        .args(["floor", "--json"])
+        .arg(&json)
+        .output()
+        .expect("run hearth-perf");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!(
+        "--- stdout\n{stdout}--- stderr\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "hearth-perf floor failed: {}",
+        out.status
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("the JSON file")).expect("valid JSON");
+    assert_eq!(report["scenario"], "floor");
+    let cpus = report["machine"]["cores"].as_u64().expect("machine.cores");
+    let mut expected = vec![
+        "floor_round_trip_same_cpu",
+        "floor_chain3_same_cpu",
+        "floor_chain4_same_cpu",
+    ];
+    if cpus > 1 {
+        expected.extend([
+            "floor_round_trip_cross_cpu",
+            "floor_chain3_cross_cpu",
+            "floor_chain4_cross_cpu",
+        ]);
+    }
+    for name in expected {
+        let metric = &report["metrics"][name];
+        assert!(
+            metric["p50"].as_f64().is_some_and(|v| v > 0.0),
+            "{name}.p50 = {}",
+            metric["p50"]
+        );
+        assert_eq!(metric["unit"], "us", "{name}");
+        assert_eq!(metric["n"], 2000, "{name}");
+    }
+}

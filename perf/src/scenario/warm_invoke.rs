@@ -10,8 +10,10 @@
 //! it; the platform overhead of an invoke is its latency at the caller minus that duration (the
 //! tail's formatting included, so the overhead is an upper bound). One more run at one caller
 //! without the tail gives the plain latency. Before the levels, while the agent idles, the
-//! machine's floor for one hop between processes ([`super::handoff`]: a round trip across CPUs and
-//! on one CPU) is measured, so the overhead can be read against it.
+//! machine's floor is measured ([`super::handoff`]): a round trip between two threads across CPUs
+//! and on one CPU, and a byte through chains of three and four bare processes (the hops of the
+//! overhead, and of the whole invoke) with the caller on the relays' CPU and on another, so the
+//! overhead can be read against what any platform with those hops reaches here.
 //!
 //! The agent process helper here (`AgentProcess`) is shared by `throughput` and `cold-start`.
 
@@ -318,6 +320,8 @@ pub fn run(args: &WarmInvokeArgs) -> anyhow::Result<Report> {
     report.parameter("path", "invoke-proxy socket, one connection per caller");
     // The machine's floor, measured now: the agent idles (its cores wait in epoll).
     super::handoff::measure(&mut report).context("the round-trip floor")?;
+    let exe = std::env::current_exe().context("cannot find this executable to run the relays")?;
+    super::handoff::measure_chains(&mut report, &exe).context("the chain floor")?;
     let socket = agent.socket();
     let measured = runtime.block_on(async {
         let mut levels = Vec::new();
