@@ -5,35 +5,43 @@
 
 use std::process::Command;
 
-#[test]
-fn the_testhost_scenario_writes_the_json_report() {
-    if let Err(err) = hearth_perf::testhost::find_hearth() {
-        panic!("{err}: this test runs the real `hearth` binary; run `cargo build --bins` first");
-    }
+/// Runs `hearth-perf ARGS --json FILE`, fails unless it succeeds, and returns its stdout and its
+/// JSON report.
+fn run_scenario(args: &[&str]) -> (String, serde_json::Value) {
     let dir = tempfile::tempdir().expect("tempdir");
     let json = dir.path().join("report.json");
     let out = Command::new(env!("CARGO_BIN_EXE_hearth-perf"))
-        .args(["testhost", "--runs", "1", "--json"])
+        .args(args)
+        .arg("--json")
         .arg(&json)
         .output()
         .expect("run hearth-perf");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     println!(
         "--- stdout\n{stdout}--- stderr\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
         out.status.success(),
-        "hearth-perf testhost failed: {}",
+        "hearth-perf {} failed: {}",
+        args.join(" "),
         out.status
     );
+    let report =
+        serde_json::from_slice(&std::fs::read(&json).expect("the JSON file")).expect("valid JSON");
+    (stdout, report)
+}
+
+#[test]
+fn the_testhost_scenario_writes_the_json_report() {
+    if let Err(err) = hearth_perf::testhost::find_hearth() {
+        panic!("{err}: this test runs the real `hearth` binary; run `cargo build --bins` first");
+    }
+    let (stdout, report) = run_scenario(&["testhost", "--runs", "1"]);
     assert!(
         stdout.contains("end_to_end") && stdout.contains("p99"),
         "a table is printed"
     );
-
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json).expect("the JSON file")).expect("valid JSON");
     assert_eq!(report["scenario"], "testhost");
     for field in ["cpu_model", "kernel", "kvm"] {
         assert!(report["machine"][field].is_string(), "machine.{field}");
@@ -54,25 +62,7 @@ fn the_testhost_scenario_writes_the_json_report() {
 
 #[test]
 fn the_floor_scenario_measures_threads_and_process_chains() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let json = dir.path().join("floor.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_hearth-perf"))
-        .args(["floor", "--json"])
-        .arg(&json)
-        .output()
-        .expect("run hearth-perf");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!(
-        "--- stdout\n{stdout}--- stderr\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "hearth-perf floor failed: {}",
-        out.status
-    );
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json).expect("the JSON file")).expect("valid JSON");
+    let (_, report) = run_scenario(&["floor"]);
     assert_eq!(report["scenario"], "floor");
     let cpus = report["machine"]["cores"].as_u64().expect("machine.cores");
     let mut expected = vec![

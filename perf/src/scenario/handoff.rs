@@ -37,6 +37,22 @@ fn pin(cpu: usize) -> anyhow::Result<()> {
         .with_context(|| format!("cannot pin a thread to CPU {cpu}"))
 }
 
+/// Sends a byte on `stream` and reads the answer `2 * ROUND_TRIPS` times; returns the last
+/// `ROUND_TRIPS` round trips, µs each (the first ones warm the path up).
+fn time_round_trips(stream: &mut UnixStream) -> anyhow::Result<Vec<f64>> {
+    let mut byte = [7u8; 1];
+    let mut samples = Vec::with_capacity(ROUND_TRIPS);
+    for i in 0..2 * ROUND_TRIPS {
+        let t = Instant::now();
+        stream.write_all(&byte)?;
+        stream.read_exact(&mut byte)?;
+        if i >= ROUND_TRIPS {
+            samples.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    Ok(samples)
+}
+
 /// `ROUND_TRIPS` round trips (µs each) between a thread on `a` and one on `b`.
 fn round_trips(a: usize, b: usize) -> anyhow::Result<Vec<f64>> {
     let (mut near, mut far) = UnixStream::pair().context("cannot make a socket pair")?;
@@ -51,17 +67,7 @@ fn round_trips(a: usize, b: usize) -> anyhow::Result<Vec<f64>> {
     });
     let timed = std::thread::spawn(move || -> anyhow::Result<Vec<f64>> {
         pin(a)?;
-        let mut byte = [7u8; 1];
-        let mut samples = Vec::with_capacity(ROUND_TRIPS);
-        for i in 0..2 * ROUND_TRIPS {
-            let t = Instant::now();
-            near.write_all(&byte)?;
-            near.read_exact(&mut byte)?;
-            if i >= ROUND_TRIPS {
-                samples.push(t.elapsed().as_secs_f64() * 1e6);
-            }
-        }
-        Ok(samples)
+        time_round_trips(&mut near)
     });
     let samples = timed
         .join()
@@ -207,17 +213,7 @@ fn chain_round_trips(
         pin(caller_cpu)?;
         let mut stream = UnixStream::connect(&first)
             .with_context(|| format!("cannot connect to {}", first.display()))?;
-        let mut byte = [7u8; 1];
-        let mut samples = Vec::with_capacity(ROUND_TRIPS);
-        for i in 0..2 * ROUND_TRIPS {
-            let t = Instant::now();
-            stream.write_all(&byte)?;
-            stream.read_exact(&mut byte)?;
-            if i >= ROUND_TRIPS {
-                samples.push(t.elapsed().as_secs_f64() * 1e6);
-            }
-        }
-        Ok(samples)
+        time_round_trips(&mut stream)
     });
     let samples = timed
         .join()
