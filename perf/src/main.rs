@@ -48,7 +48,7 @@ enum Scenario {
     /// measures the same in its run).
     Floor,
     /// One relay of a `floor` chain (started by `hearth-perf` itself).
-    #[command(name = "hop-relay", hide = true)]
+    #[command(name = scenario::handoff::RELAY_COMMAND, hide = true)]
     HopRelay(HopRelayArgs),
 }
 
