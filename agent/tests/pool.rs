@@ -29,16 +29,18 @@ use hearth_vmm::kvm_test::{hearth_binary, in_kvm, in_kvm_with};
 const BOOT: Duration = Duration::from_secs(240);
 const RESTORE: Duration = Duration::from_secs(120);
 /// Long enough for every template build and restore a test asks for, and shorter than nextest's
-/// limit for these tests (8 minutes), so that a pool that never fills fails with [`fill_report`].
+/// limit for these tests (8 minutes), so that a pool that never fills fails in [`assert_filled`].
 const FILL: Duration = Duration::from_secs(420);
 
-/// The pools' counters and why each last failed, for a pool that did not fill.
-fn fill_report(pools: &PoolSet) -> String {
-    format!(
-        "{:?}; last failures: {:?}",
+/// Waits until every pool is full; fails within [`FILL`], with the pools' counters and why each
+/// last failed, when one does not fill.
+async fn assert_filled(pools: &PoolSet, what: &str) {
+    assert!(
+        pools.wait_full(FILL).await,
+        "{what}: {:?}; last failures: {:?}",
         pools.stats(),
         pools.last_failures()
-    )
+    );
 }
 
 fn kernel() -> PathBuf {
@@ -237,7 +239,6 @@ fn check_jailed(vm: &IdleVm, jail_base: &Path) -> Vec<PathBuf> {
     cgroups
 }
 
-/// Page faults and CPU time of process `pid` so far, from `/proc/<pid>/stat`.
 /// Checks the templates under `root`, made by jailed VMMs: their snapshot files belong to root
 /// (handed over by the agent) and are readable by all, their folders are root's alone again, the
 /// templates' folder is a tmpfs, and no template VM's jail is left in
@@ -289,6 +290,7 @@ fn check_templates_made_jailed(root: &Path, jail_base: &Path) {
     assert!(left.is_empty(), "template VM jails left: {left:?}");
 }
 
+/// Page faults and CPU time of process `pid` so far, from `/proc/<pid>/stat`.
 fn vmm_counters(pid: u32) -> String {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // After "pid (comm)": state is field 3; minflt 10, majflt 12, utime 14, stime 15.
@@ -484,11 +486,7 @@ fn a_drained_pool_makes_claimants_wait_or_fail_and_leaks_nothing() {
                 write_initrd(&initrd);
                 let pools = PoolSet::start(pool_config(dir.path(), initrd.clone(), &[(128, 1)]))
                     .expect("pools");
-                assert!(
-                    pools.wait_full(FILL).await,
-                    "the pool filled: {}",
-                    fill_report(&pools)
-                );
+                assert_filled(&pools, "the pool filled").await;
                 print_idle_memory(&pools, 128);
 
                 // Claims for more than the largest size fail at once.
@@ -534,11 +532,7 @@ fn a_drained_pool_makes_claimants_wait_or_fail_and_leaks_nothing() {
                 // Every VMM process is accounted for: the two claimed, plus what the pool holds
                 // once refilled (its idle VM and the VMM spawned ahead for the next refill).
                 let (pa, pb) = (a.vm.pid().expect("pid"), b.vm.pid().expect("pid"));
-                assert!(
-                    pools.wait_full(FILL).await,
-                    "refilled: {}",
-                    fill_report(&pools)
-                );
+                assert_filled(&pools, "refilled").await;
                 let t = Instant::now();
                 loop {
                     let stats = pools.stats()[0];
@@ -665,11 +659,7 @@ fn a_jailed_pool_runs_the_echo_function_and_replaces_a_vm_whose_jailer_was_kille
                     )
                     .expect("pools");
                 let pools: Arc<PoolSet> = config.pool.clone().expect("the pools");
-                assert!(
-                    pools.wait_full(FILL).await,
-                    "the pools filled: {}",
-                    fill_report(&pools)
-                );
+                assert_filled(&pools, "the pools filled").await;
                 print_idle_memory(&pools, 128);
                 print_idle_memory(&pools, 256);
                 check_templates_made_jailed(&dir.path().join("templates"), &jail_base);
@@ -742,11 +732,7 @@ fn a_jailed_pool_runs_the_echo_function_and_replaces_a_vm_whose_jailer_was_kille
 
                 // Claim latency from a full pool, a few times.
                 for round in 0..3 {
-                    assert!(
-                        pools.wait_full(FILL).await,
-                        "refilled: {}",
-                        fill_report(&pools)
-                    );
+                    assert_filled(&pools, "refilled").await;
                     let c = pools.claim(128, FILL).await.expect("claim");
                     assert!(!c.waited);
                     eprintln!(
@@ -757,11 +743,7 @@ fn a_jailed_pool_runs_the_echo_function_and_replaces_a_vm_whose_jailer_was_kille
                 }
 
                 // The echo function runs in a claimed 256 MiB VM (its memory size), not a booted one.
-                assert!(
-                    pools.wait_full(FILL).await,
-                    "refilled: {}",
-                    fill_report(&pools)
-                );
+                assert_filled(&pools, "refilled").await;
                 let pooled = idle_pids(&pools, 256);
                 let zip_bytes = std::fs::read(&zip).expect("read the zip");
                 let function = testing::echo_function(zip_bytes, 60_000, 1, &[("GREETING", "hi")]);

@@ -89,7 +89,10 @@ fn main() -> ExitCode {
             return match scenario::handoff::relay(&args.listen, args.next.as_deref(), args.cpu) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
-                    eprintln!("hearth-perf hop-relay: error: {err:#}");
+                    eprintln!(
+                        "hearth-perf {}: error: {err:#}",
+                        scenario::handoff::RELAY_COMMAND
+                    );
                     ExitCode::FAILURE
                 }
             };

@@ -294,6 +294,14 @@ impl SizePool {
         self.failures.fetch_add(1, Ordering::SeqCst);
         *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(what);
     }
+
+    /// Why its last restore or template build failed (`None`: none failed).
+    fn last_failure(&self) -> Option<String> {
+        self.last_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 struct Inner {
@@ -517,11 +525,7 @@ impl PoolSet {
                     size: pool.mem_mib,
                     waited: started.elapsed(),
                     in_flight: self.inner.config.max_restores_in_flight,
-                    last_failure: pool
-                        .last_failure
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .clone(),
+                    last_failure: pool.last_failure(),
                 });
             }
             waited = true;
@@ -543,10 +547,7 @@ impl PoolSet {
         self.inner
             .pools
             .iter()
-            .map(|p| {
-                let last = p.last_failure.lock().unwrap_or_else(|e| e.into_inner());
-                (p.mem_mib, last.clone())
-            })
+            .map(|p| (p.mem_mib, p.last_failure()))
             .collect()
     }
 

@@ -451,8 +451,11 @@ fn build_in(
     if let Err(e) = jails.clean_up(&jail) {
         tracing::warn!(id = %jail.id, error = %e, "cannot clean up the template VM's jail");
     }
-    give_to_agent(dir).map_err(io("take back", dir))?;
-    write_manifest(dir, spec, digest, snapshot?)
+    // A failed build's own error first: it says more than a failed take-back would.
+    let taken_back = give_to_agent(dir);
+    let snapshot = snapshot?;
+    taken_back.map_err(io("take back", dir))?;
+    write_manifest(dir, spec, digest, snapshot)
 }
 
 /// Gives `path` to the agent's own user and group (root, where it jails).

@@ -103,8 +103,7 @@ pub fn run() -> anyhow::Result<Report> {
     let mut report = Report::new("floor", super::machine());
     report.parameter("round_trips", ROUND_TRIPS);
     measure(&mut report)?;
-    let exe = std::env::current_exe().context("cannot find this executable to run the relays")?;
-    measure_chains(&mut report, &exe)?;
+    measure_chains(&mut report)?;
     Ok(report)
 }
 
@@ -224,21 +223,22 @@ fn chain_round_trips(
 
 /// Adds the chain floors (µs) to `report`: `floor_chain3_same_cpu` and `floor_chain4_same_cpu`
 /// (a caller and two or three relays, all on one CPU) and, on a machine with a second CPU,
-/// `floor_chain3_cross_cpu` and `floor_chain4_cross_cpu` (the caller on the other CPU). `exe`
-/// is `hearth-perf` itself, which runs the relays.
-pub fn measure_chains(report: &mut Report, exe: &Path) -> anyhow::Result<()> {
+/// `floor_chain3_cross_cpu` and `floor_chain4_cross_cpu` (the caller on the other CPU). The
+/// relays are this executable (`hearth-perf`) run with [`RELAY_COMMAND`].
+pub fn measure_chains(report: &mut Report) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("cannot find this executable to run the relays")?;
     let cpus = hearth_agent::cores::allowed_cpus().context("cannot read this thread's CPUs")?;
     let first = *cpus.first().context("no CPU to run on")?;
     for processes in [3, 4] {
         report.add(
             &format!("floor_chain{processes}_same_cpu"),
-            &chain_round_trips(exe, processes, first, first)?,
+            &chain_round_trips(&exe, processes, first, first)?,
             "us",
         );
         if let Some(&second) = cpus.get(1) {
             report.add(
                 &format!("floor_chain{processes}_cross_cpu"),
-                &chain_round_trips(exe, processes, second, first)?,
+                &chain_round_trips(&exe, processes, second, first)?,
                 "us",
             );
         }

@@ -320,8 +320,7 @@ pub fn run(args: &WarmInvokeArgs) -> anyhow::Result<Report> {
     report.parameter("path", "invoke-proxy socket, one connection per caller");
     // The machine's floor, measured now: the agent idles (its cores wait in epoll).
     super::handoff::measure(&mut report).context("the round-trip floor")?;
-    let exe = std::env::current_exe().context("cannot find this executable to run the relays")?;
-    super::handoff::measure_chains(&mut report, &exe).context("the chain floor")?;
+    super::handoff::measure_chains(&mut report).context("the chain floor")?;
     let socket = agent.socket();
     let measured = runtime.block_on(async {
         let mut levels = Vec::new();
