@@ -724,3 +724,178 @@ fn a_file_backed_template_snapshot_restores_and_never_resumes() {
         },
     );
 }
+
+/// Whether the files at `a` and `b` hold the same bytes (read in 1 MiB pieces).
+fn same_contents(a: &Path, b: &Path) -> bool {
+    let (fa, fb) = (
+        std::fs::File::open(a).expect("open"),
+        std::fs::File::open(b).expect("open"),
+    );
+    let len = fa.metadata().expect("metadata").len();
+    if fb.metadata().expect("metadata").len() != len {
+        return false;
+    }
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let mut at = 0u64;
+    while at < len {
+        let n = (len - at).min(ba.len() as u64) as usize;
+        fa.read_exact_at(&mut ba[..n], at).expect("read");
+        fb.read_exact_at(&mut bb[..n], at).expect("read");
+        if ba[..n] != bb[..n] {
+            return false;
+        }
+        at += n as u64;
+    }
+    true
+}
+
+/// A template whose guest RAM is a file on a huge-page tmpfs, snapshotted into a folder on another
+/// file system: the RAM file cannot be renamed there, so the snapshot writes a sparse copy of guest
+/// RAM as a new memory file, the RAM file stays the template's (which may run again, and does,
+/// without changing the snapshot), and a restore of the copy answers.
+#[test]
+fn a_file_backed_template_snapshot_on_another_file_system_writes_a_copy() {
+    in_kvm(
+        "a_file_backed_template_snapshot_on_another_file_system_writes_a_copy",
+        || {
+            let dir = VmDir::new();
+            let initrd = guest_initrd(&dir);
+            let listener = ready_listener(&dir);
+            let tmpfs = HugeTmpfs::mount(dir.path("ram"));
+            let ram_path = tmpfs.0.join("guest.ram");
+            // Else the test would take the in-place path it does not mean to test.
+            let dev = |p: &Path| std::fs::metadata(p).expect("metadata").dev();
+            assert_ne!(
+                dev(&tmpfs.0),
+                dev(dir.dir.path()),
+                "the RAM file's and the snapshot's folders are on one file system"
+            );
+            let mut config = config(&dir, &initrd, 128, 1, TEMPLATE_CMDLINE);
+            config.ram_file = Some(hearth_vmm::config::RamFileConfig {
+                path: ram_path.clone(),
+                punch: hearth_snapshot::backing::Punch::Pages,
+            });
+            let (mut vmm, ready_conn, _) = boot_template(&dir, &config, &listener);
+            let ram_meta = std::fs::metadata(&ram_path).expect("the RAM file");
+            let mut client = ControlClient::connect_uds(&dir.uds()).expect("control port");
+            assert_eq!(
+                client.ping(b"template".to_vec()).expect("ping"),
+                b"template"
+            );
+            {
+                let r = vmm.pause();
+                ok(&mut vmm, "pause", r);
+            }
+            let files = SnapshotFiles {
+                state: dir.path("vm.state"),
+                mem: dir.path("vm.mem"),
+            };
+            let t = Instant::now();
+            let r = vmm.snapshot(&files);
+            let snapshot_ms = ms(t.elapsed());
+            assert_eq!(ok(&mut vmm, "snapshot", r), VmState::Paused);
+            let mem_meta = std::fs::metadata(&files.mem).expect("the memory file");
+            eprintln!(
+                "snapshot written as a copy: {snapshot_ms:.1} ms; memory file {} bytes, {} allocated",
+                mem_meta.len(),
+                mem_meta.blocks() * 512
+            );
+            let log = vmm.stderr_tail();
+            for line in log.lines().filter(|l| l.contains("snapshot written")) {
+                eprintln!("VMM: {line}");
+            }
+            assert!(
+                log.contains("on another file system than the RAM file: writing a copy"),
+                "no warning of the copy in the VMM log:\n{log}"
+            );
+            assert_ne!(
+                (mem_meta.dev(), mem_meta.ino()),
+                (ram_meta.dev(), ram_meta.ino()),
+                "a new file, not the RAM file"
+            );
+            let ram_now = std::fs::metadata(&ram_path).expect("the RAM file stays at its path");
+            assert_eq!(ram_now.ino(), ram_meta.ino(), "the same RAM file");
+            assert_eq!(ram_now.len(), mem_meta.len(), "guest RAM's size");
+            assert_eq!(mem_meta.mode() & 0o7777, hearth_snapshot::FILE_MODE);
+            assert!(
+                mem_meta.blocks() * 512 < mem_meta.len(),
+                "the memory file is not sparse"
+            );
+            // Paused, with no host traffic: guest RAM is what the snapshot saw.
+            assert!(
+                same_contents(&files.mem, &ram_path),
+                "the memory file is not a copy of guest RAM"
+            );
+            // The RAM file was not given to the snapshot: the template may run again, and what
+            // it writes goes to its RAM file, not to the memory file.
+            {
+                let r = vmm.resume();
+                assert_eq!(ok(&mut vmm, "resume after the copy", r), VmState::Running);
+            }
+            assert_eq!(
+                client.ping(b"again".to_vec()).expect("ping after resume"),
+                b"again"
+            );
+            drop(client);
+            drop(ready_conn);
+            {
+                let r = vmm.stop();
+                ok(&mut vmm, "stop the template", r);
+            }
+            match vmm.wait(Duration::from_secs(30)) {
+                Ok(Some(status)) => assert!(status.success(), "{status}: {}", vmm.stderr_tail()),
+                other => panic!(
+                    "the template did not exit: {other:?}\n{}",
+                    vmm.stderr_tail()
+                ),
+            }
+            drop(vmm);
+            assert!(ram_path.exists(), "the RAM file stays where it was");
+            let after = std::fs::metadata(&files.mem).expect("the memory file");
+            assert_eq!(
+                (after.ino(), after.len(), after.mtime(), after.mtime_nsec()),
+                (
+                    mem_meta.ino(),
+                    mem_meta.len(),
+                    mem_meta.mtime(),
+                    mem_meta.mtime_nsec()
+                ),
+                "the template's run changed the memory file"
+            );
+
+            let restored_config = {
+                let mut c = config.clone();
+                c.ram_file = None;
+                c
+            };
+            let (mut restored, _conn, to_ready, to_ping) = restore_and_ping(
+                &restored_config,
+                &files,
+                RestoreMode::File,
+                &listener,
+                &dir.uds(),
+                "restore of the copy",
+            );
+            eprintln!(
+                "restore: guest Ready {:.1} ms, ping answered {:.1} ms",
+                ms(to_ready),
+                ms(to_ping)
+            );
+            let r = restored.stop();
+            ok(&mut restored, "stop", r);
+            // A copy is checked by its digest, read back in full: the digest the fallback wrote
+            // is its memory file's.
+            let copy = copy_files(&files, &dir, "copy");
+            let (mut again, _conn, _, _) = restore_and_ping(
+                &restored_config,
+                &copy,
+                RestoreMode::File,
+                &listener,
+                &dir.uds(),
+                "restore of a copy of the copy",
+            );
+            let r = again.stop();
+            ok(&mut again, "stop", r);
+        },
+    );
+}
