@@ -45,24 +45,12 @@ enum Scenario {
     ColdStart(scenario::cold_start::ColdStartArgs),
     /// This machine's floor for the hops of an invoke: a byte's round trip between two threads and
     /// through chains of three and four processes, on one CPU and across two (`warm-invoke`
-    /// measures the same in its run).
-    Floor,
+    /// measures the same in its run), and the invokes per second of invoke-shaped chains of bare
+    /// processes side by side (`throughput` measures the same at its levels).
+    Floor(scenario::handoff::FloorArgs),
     /// One relay of a `floor` chain (started by `hearth-perf` itself).
     #[command(name = scenario::handoff::RELAY_COMMAND, hide = true)]
-    HopRelay(HopRelayArgs),
-}
-
-#[derive(clap::Args)]
-struct HopRelayArgs {
-    /// The Unix socket to listen on.
-    #[arg(long)]
-    listen: std::path::PathBuf,
-    /// The next relay's socket; without it the relay answers each byte itself.
-    #[arg(long)]
-    next: Option<std::path::PathBuf>,
-    /// The CPU to run on.
-    #[arg(long)]
-    cpu: usize,
+    HopRelay(scenario::handoff::RelayArgs),
 }
 
 fn main() -> ExitCode {
@@ -84,9 +72,9 @@ fn main() -> ExitCode {
         Scenario::WarmInvoke(args) => scenario::warm_invoke::run(args),
         Scenario::Throughput(args) => scenario::throughput::run(args),
         Scenario::ColdStart(args) => scenario::cold_start::run(args),
-        Scenario::Floor => scenario::handoff::run(),
+        Scenario::Floor(args) => scenario::handoff::run(args),
         Scenario::HopRelay(args) => {
-            return match scenario::handoff::relay(&args.listen, args.next.as_deref(), args.cpu) {
+            return match scenario::handoff::relay(args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     eprintln!(

@@ -62,7 +62,7 @@ fn the_testhost_scenario_writes_the_json_report() {
 
 #[test]
 fn the_floor_scenario_measures_threads_and_process_chains() {
-    let (_, report) = run_scenario(&["floor"]);
+    let (_, report) = run_scenario(&["floor", "--callers", "1,8", "--windows", "2"]);
     assert_eq!(report["scenario"], "floor");
     let cpus = report["machine"]["cores"].as_u64().expect("machine.cores");
     let mut expected = vec![
@@ -87,4 +87,16 @@ fn the_floor_scenario_measures_threads_and_process_chains() {
         assert_eq!(metric["unit"], "us", "{name}");
         assert_eq!(metric["n"], 2000, "{name}");
     }
+    // Invoke-shaped chains side by side, one figure per window at each level.
+    for name in ["floor_invoke_rate_c1", "floor_invoke_rate_c8"] {
+        let metric = &report["metrics"][name];
+        assert!(
+            metric["min"].as_f64().is_some_and(|v| v > 0.0),
+            "{name}.min = {}",
+            metric["min"]
+        );
+        assert_eq!(metric["unit"], "inv/s", "{name}");
+        assert_eq!(metric["n"], 2, "{name}");
+    }
+    assert_eq!(report["parameters"]["rate_message_bytes"], 256);
 }

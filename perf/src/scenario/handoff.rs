@@ -10,16 +10,27 @@
 //!   ([`RELAY_COMMAND`]), so each is its own process with its own address space, as the real
 //!   hops are, but does nothing else: no event loop, no parsing, no allocation.
 //!
-//! `warm-invoke` reports them beside its own figures, measured in the same run: they bound what
-//! any platform with those hops can reach on this machine.
+//! - The rate at which chains shaped like a warm invoke can run side by side, at saturation
+//!   ([`measure_rates`]): a caller thread, an agent relay, an init relay and a runtime relay. The
+//!   init relay starts the runtime relay as its child and serves it over loopback TCP as an init
+//!   serves the Lambda Runtime API: the runtime's `GET /next` waits for the event, then the runtime
+//!   posts the response and the init answers `202` before it passes the result back, and the
+//!   runtime asks for the next event. Every message is [`RATE_MESSAGE`] bytes; nothing is pinned.
+//!
+//! `warm-invoke` reports the round trips beside its own figures, and `throughput` the rates at its
+//! own levels, measured in the same run: they bound what any platform with those hops can reach on
+//! this machine.
 //!
 //! On a virtual machine whose idle vCPUs halt, waking a thread on another, idle CPU costs a trip
 //! through the hypervisor; on one CPU it is a plain switch between threads.
 
 use std::io::{Read as _, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -97,13 +108,33 @@ pub fn measure(report: &mut Report) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `hearth-perf floor`: the thread floor ([`measure`]) and the chain floor ([`measure_chains`])
-/// alone, the relays run by this executable.
-pub fn run() -> anyhow::Result<Report> {
+/// `hearth-perf floor` options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FloorArgs {
+    /// Invoke-shaped chains running side by side, one level after the other (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 4, 8, 64])]
+    pub callers: Vec<usize>,
+    /// Timed one-second windows at each level of `--callers`.
+    #[arg(long, default_value_t = 5)]
+    pub windows: usize,
+}
+
+/// `hearth-perf floor`: the thread floor ([`measure`]), the chain floor ([`measure_chains`]) and
+/// the rate floor ([`measure_rates`]) alone, the relays run by this executable.
+pub fn run(args: &FloorArgs) -> anyhow::Result<Report> {
+    anyhow::ensure!(
+        !args.callers.is_empty() && args.callers.iter().all(|&c| c > 0),
+        "--callers must be positive"
+    );
+    anyhow::ensure!(args.windows > 0, "--windows must be at least 1");
     let mut report = Report::new("floor", super::machine());
     report.parameter("round_trips", ROUND_TRIPS);
+    report.parameter("callers", args.callers.clone());
+    report.parameter("windows", args.windows);
+    report.parameter("rate_message_bytes", RATE_MESSAGE);
     measure(&mut report)?;
     measure_chains(&mut report)?;
+    measure_rates(&mut report, &args.callers, args.windows)?;
     Ok(report)
 }
 
@@ -113,43 +144,212 @@ pub const RELAY_COMMAND: &str = "hop-relay";
 /// How long a relay may take to start listening.
 const RELAY_START: Duration = Duration::from_secs(10);
 
-/// One relay of a chain, pinned to `cpu`: listens on `listen`, takes one connection, then for
-/// each byte it reads passes it to `next` and the answer back (with no `next`, answers at once),
-/// until its caller closes the connection.
-pub fn relay(listen: &Path, next: Option<&Path>, cpu: usize) -> anyhow::Result<()> {
+/// Bytes in each message of an invoke-shaped chain: about a small invoke's frame or Runtime API
+/// exchange.
+pub const RATE_MESSAGE: usize = 256;
+
+/// What a relay does with what it reads (`hearth-perf hop-relay --role`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RelayRole {
+    /// Passes each message to the next relay and the answer back; with no next relay, answers
+    /// at once.
+    Pass,
+    /// Starts a [`RelayRole::Runtime`] relay as its child and serves it over loopback TCP as an
+    /// init serves the Runtime API, passing each message from its caller to it as an event.
+    Init,
+    /// Connects to its init relay over TCP and runs the Runtime API's loop against it.
+    Runtime,
+}
+
+/// How one relay runs (`hearth-perf hop-relay`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct RelayArgs {
+    /// What the relay does.
+    #[arg(long, value_enum, default_value_t = RelayRole::Pass)]
+    pub role: RelayRole,
+    /// The Unix socket to listen on (`pass`, `init`).
+    #[arg(long)]
+    pub listen: Option<PathBuf>,
+    /// The next relay's socket (`pass`).
+    #[arg(long)]
+    pub next: Option<PathBuf>,
+    /// The init relay's TCP address (`runtime`).
+    #[arg(long)]
+    pub connect: Option<SocketAddr>,
+    /// The CPU to run on; by default wherever the scheduler puts it.
+    #[arg(long)]
+    pub cpu: Option<usize>,
+    /// Bytes in each message.
+    #[arg(long, default_value_t = 1)]
+    pub size: usize,
+}
+
+/// Reads exactly `buf.len()` bytes; `false` where the peer closed the stream before the first.
+fn read_message(stream: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<bool> {
+    let mut at = 0;
+    while at < buf.len() {
+        match stream.read(&mut buf[at..]) {
+            Ok(0) if at == 0 => return Ok(false),
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => at += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// One relay of a chain ([`RelayArgs`]): runs until its caller closes the connection.
+pub fn relay(args: &RelayArgs) -> anyhow::Result<()> {
     // A relay ends with the thread that started it, should that end without closing the chain
     // (the chains are measured on the thread that starts their relays).
     rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
         .context("cannot ask to end with the parent")?;
-    pin(cpu)?;
-    let listener = UnixListener::bind(listen)
-        .with_context(|| format!("cannot listen on {}", listen.display()))?;
-    let (mut upstream, _) = listener.accept().context("accepting the caller")?;
-    let mut downstream = next
-        .map(|path| {
-            UnixStream::connect(path)
-                .with_context(|| format!("cannot connect to the next relay {}", path.display()))
-        })
-        .transpose()?;
-    let mut byte = [0u8; 1];
-    loop {
-        match upstream.read(&mut byte) {
-            Ok(0) => return Ok(()),
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e).context("reading from the caller"),
-        }
-        if let Some(next) = downstream.as_mut() {
-            next.write_all(&byte).context("writing to the next relay")?;
-            next.read_exact(&mut byte)
-                .context("reading from the next relay")?;
-        }
-        upstream.write_all(&byte).context("answering the caller")?;
+    if let Some(cpu) = args.cpu {
+        pin(cpu)?;
     }
+    anyhow::ensure!(args.size > 0, "--size must be positive");
+    let mut message = vec![0u8; args.size];
+    let listen = || -> anyhow::Result<UnixStream> {
+        let path = args.listen.as_deref().context("this role needs --listen")?;
+        // The socket appears at `path` only once it listens: its file exists from the bind, a
+        // moment before the listen, and a caller that came in between would be refused.
+        let binding = path.with_extension("binding");
+        let listener = UnixListener::bind(&binding)
+            .with_context(|| format!("cannot listen on {}", binding.display()))?;
+        std::fs::rename(&binding, path)
+            .with_context(|| format!("cannot move the socket to {}", path.display()))?;
+        Ok(listener.accept().context("accepting the caller")?.0)
+    };
+    match args.role {
+        RelayRole::Pass => {
+            let mut upstream = listen()?;
+            let mut downstream = args
+                .next
+                .as_deref()
+                .map(|path| {
+                    UnixStream::connect(path).with_context(|| {
+                        format!("cannot connect to the next relay {}", path.display())
+                    })
+                })
+                .transpose()?;
+            while read_message(&mut upstream, &mut message).context("reading from the caller")? {
+                if let Some(next) = downstream.as_mut() {
+                    next.write_all(&message)
+                        .context("writing to the next relay")?;
+                    next.read_exact(&mut message)
+                        .context("reading from the next relay")?;
+                }
+                upstream
+                    .write_all(&message)
+                    .context("answering the caller")?;
+            }
+            Ok(())
+        }
+        RelayRole::Init => init_relay(args, listen, &mut message),
+        RelayRole::Runtime => {
+            let at = args.connect.context("the runtime role needs --connect")?;
+            let mut api = TcpStream::connect(at)
+                .with_context(|| format!("cannot connect to the init relay at {at}"))?;
+            api.set_nodelay(true).context("TCP_NODELAY")?;
+            // GET /next; the event; POST the response; its 202; GET /next again.
+            api.write_all(&message)
+                .context("asking for the first event")?;
+            while read_message(&mut api, &mut message).context("reading an event")? {
+                api.write_all(&message).context("posting the response")?;
+                api.read_exact(&mut message).context("reading the 202")?;
+                api.write_all(&message)
+                    .context("asking for the next event")?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The [`RelayRole::Init`] relay: starts its runtime relay, takes its first `GET /next`, and only
+/// then listens for its caller (so a listening socket means a ready chain).
+fn init_relay(
+    args: &RelayArgs,
+    listen: impl FnOnce() -> anyhow::Result<UnixStream>,
+    message: &mut [u8],
+) -> anyhow::Result<()> {
+    let api = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("cannot listen on loopback")?;
+    let at = api.local_addr().context("the Runtime API's address")?;
+    let exe = std::env::current_exe().context("cannot find this executable")?;
+    let mut runtime = Command::new(&exe);
+    runtime
+        .arg(RELAY_COMMAND)
+        .arg("--role")
+        .arg("runtime")
+        .arg("--connect")
+        .arg(at.to_string())
+        .arg("--size")
+        .arg(message.len().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    if let Some(cpu) = args.cpu {
+        runtime.arg("--cpu").arg(cpu.to_string());
+    }
+    let _runtime = Relays(vec![runtime.spawn().with_context(|| {
+        format!("cannot start the runtime relay ({})", exe.display())
+    })?]);
+    let (mut runtime, _) = api.accept().context("accepting the runtime relay")?;
+    runtime.set_nodelay(true).context("TCP_NODELAY")?;
+    anyhow::ensure!(
+        read_message(&mut runtime, message).context("reading the first GET /next")?,
+        "the runtime relay closed before its first GET /next"
+    );
+    let mut upstream = listen()?;
+    while read_message(&mut upstream, message).context("reading from the caller")? {
+        runtime.write_all(message).context("sending the event")?;
+        runtime
+            .read_exact(message)
+            .context("reading the response")?;
+        runtime.write_all(message).context("answering 202")?;
+        upstream
+            .write_all(message)
+            .context("answering the caller")?;
+        anyhow::ensure!(
+            read_message(&mut runtime, message).context("reading GET /next")?,
+            "the runtime relay closed instead of asking for the next event"
+        );
+    }
+    Ok(())
 }
 
 /// Relay processes that end when dropped.
 struct Relays(Vec<Child>);
+
+impl Relays {
+    /// Starts `exe` [`RELAY_COMMAND`] `--listen listen ARGS` and waits until it listens.
+    fn start(
+        &mut self,
+        exe: &Path,
+        args: &[&std::ffi::OsStr],
+        listen: &Path,
+    ) -> anyhow::Result<()> {
+        let child = Command::new(exe)
+            .arg(RELAY_COMMAND)
+            .arg("--listen")
+            .arg(listen)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start a relay ({})", exe.display()))?;
+        self.0.push(child);
+        let since = Instant::now();
+        while !listen.exists() {
+            anyhow::ensure!(
+                since.elapsed() < RELAY_START,
+                "a relay did not listen on {} within {RELAY_START:?}",
+                listen.display()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
+    }
+}
 
 impl Drop for Relays {
     fn drop(&mut self) {
@@ -180,32 +380,13 @@ fn chain_round_trips(
     let mut relays = Relays(Vec::new());
     // The last relay first, so that each finds its next one listening.
     for i in (0..processes - 1).rev() {
-        let mut command = Command::new(exe);
-        command
-            .arg(RELAY_COMMAND)
-            .arg("--listen")
-            .arg(socket(i))
-            .arg("--cpu")
-            .arg(relay_cpu.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
+        let cpu = relay_cpu.to_string();
+        let next = socket(i + 1);
+        let mut args = vec!["--cpu".as_ref(), cpu.as_ref()];
         if i + 2 < processes {
-            command.arg("--next").arg(socket(i + 1));
+            args.extend(["--next".as_ref(), next.as_os_str()]);
         }
-        relays.0.push(
-            command
-                .spawn()
-                .with_context(|| format!("cannot start a relay ({})", exe.display()))?,
-        );
-        let since = Instant::now();
-        while !socket(i).exists() {
-            anyhow::ensure!(
-                since.elapsed() < RELAY_START,
-                "relay {i} did not listen on {} within {RELAY_START:?}",
-                socket(i).display()
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        relays.start(exe, &args, &socket(i))?;
     }
     let first = socket(0);
     let timed = std::thread::spawn(move || -> anyhow::Result<Vec<f64>> {
@@ -242,6 +423,99 @@ pub fn measure_chains(report: &mut Report) -> anyhow::Result<()> {
                 "us",
             );
         }
+    }
+    Ok(())
+}
+
+/// How long a rate level runs untimed first (the chains' first invokes, the caches).
+const RATE_WARM_UP: Duration = Duration::from_millis(500);
+
+/// Invokes per second (one figure per one-second window, `windows` of them) of `callers`
+/// invoke-shaped chains side by side ([`RelayRole`]: a caller thread here, then `pass`, `init` and
+/// its `runtime`), each caller sending its next message as soon as the last came back.
+fn chain_rates(exe: &Path, callers: usize, windows: usize) -> anyhow::Result<Vec<f64>> {
+    let dir = tempfile::Builder::new()
+        .prefix("hearth-perf-rate-")
+        .tempdir()
+        .context("cannot make a folder for the relays' sockets")?;
+    let size = RATE_MESSAGE.to_string();
+    let mut relays = Relays(Vec::new());
+    let mut streams = Vec::with_capacity(callers);
+    for chain in 0..callers {
+        let agent = dir.path().join(format!("agent-{chain}"));
+        let init = dir.path().join(format!("init-{chain}"));
+        relays.start(
+            exe,
+            &[
+                "--role".as_ref(),
+                "init".as_ref(),
+                "--size".as_ref(),
+                size.as_ref(),
+            ],
+            &init,
+        )?;
+        relays.start(
+            exe,
+            &[
+                "--next".as_ref(),
+                init.as_os_str(),
+                "--size".as_ref(),
+                size.as_ref(),
+            ],
+            &agent,
+        )?;
+        streams.push(
+            UnixStream::connect(&agent)
+                .with_context(|| format!("cannot connect to {}", agent.display()))?,
+        );
+    }
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let loops: Vec<_> = streams
+        .into_iter()
+        .map(|mut stream| {
+            let (done, stop) = (done.clone(), stop.clone());
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                let mut message = [7u8; RATE_MESSAGE];
+                while !stop.load(Ordering::Relaxed) {
+                    stream.write_all(&message)?;
+                    stream.read_exact(&mut message)?;
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    std::thread::sleep(RATE_WARM_UP);
+    let mut rates = Vec::with_capacity(windows);
+    for _ in 0..windows {
+        let (before, since) = (done.load(Ordering::Relaxed), Instant::now());
+        std::thread::sleep(Duration::from_secs(1));
+        let invokes = done.load(Ordering::Relaxed) - before;
+        rates.push(invokes as f64 / since.elapsed().as_secs_f64());
+    }
+    stop.store(true, Ordering::Relaxed);
+    for caller in loops {
+        caller
+            .join()
+            .map_err(|_| anyhow::anyhow!("a caller thread panicked"))?
+            .context("a chain broke")?;
+    }
+    drop(relays);
+    Ok(rates)
+}
+
+/// Adds `floor_invoke_rate_c{N}` (invokes/s, one figure per window) for each `N` of `callers` to
+/// `report`: `N` invoke-shaped chains of bare processes side by side ([`chain_rates`]), the relays
+/// this executable (`hearth-perf`) run with [`RELAY_COMMAND`].
+pub fn measure_rates(report: &mut Report, callers: &[usize], windows: usize) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("cannot find this executable to run the relays")?;
+    for &n in callers {
+        report.add(
+            &format!("floor_invoke_rate_c{n}"),
+            &chain_rates(&exe, n, windows).with_context(|| format!("{n} invoke-shaped chains"))?,
+            "inv/s",
+        );
     }
     Ok(())
 }

@@ -15,6 +15,11 @@
 //! rest under the agent, the sandboxes' `hearth-init` processes (`init_cpu_per_invoke`); the
 //! caller's own CPU time is reported apart.
 //!
+//! After the agent has ended, the machine's floor at each level: `floor_invoke_rate_c8` is the
+//! invokes per second of 8 invoke-shaped chains of bare processes side by side (caller, agent,
+//! init and runtime relays, the last hop a Runtime API exchange over loopback TCP; see
+//! [`super::handoff`]), the most any platform with those four processes can reach here.
+//!
 //! In process: [`Concurrency::acquire`] and the permit's release, and [`Metrics::invoke`] with a
 //! warm invoke's record, each timed over batches of 100,000, on one thread and on two at once
 //! (for the check: each thread its own function, as the cores shard them, and also both on one
@@ -194,9 +199,13 @@ pub fn run(args: &ThroughputArgs) -> anyhow::Result<Report> {
         }
     }
     drop(agent);
+    // The machine's floor at the same levels, with the agent gone.
+    super::handoff::measure_rates(&mut report, &args.callers, args.windows)
+        .context("the rate floor")?;
     if let Some((_, callers)) = peak {
         report.parameter("peak_callers", callers);
-        for (name, _) in Level::NAMES {
+        let names = Level::NAMES.iter().map(|(name, _)| *name);
+        for name in names.chain(["floor_invoke_rate"]) {
             if let Some(m) = report.metrics.get(&format!("{name}_c{callers}")).cloned() {
                 report.metrics.insert(name.to_string(), m);
             }
