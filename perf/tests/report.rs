@@ -100,3 +100,40 @@ fn the_floor_scenario_measures_threads_and_process_chains() {
     }
     assert_eq!(report["parameters"]["rate_message_bytes"], 256);
 }
+
+/// `boot --floor` times the `kvm_floor` example (built static by `.ci/setup`) in the test host, or
+/// on hardware KVM here: spawn to its `main` and to its guest's first exit, and each KVM step.
+#[test]
+fn the_boot_floor_scenario_times_the_least_a_vmm_can_do() {
+    let built = std::path::Path::new(env!("CARGO_BIN_EXE_hearth-perf"))
+        .parent()
+        .and_then(|debug| debug.parent())
+        .expect("the target folder")
+        .join(hearth_vmm::process::STATIC_VMM_SUBDIR)
+        .join("examples/kvm_floor");
+    assert!(
+        built.is_file(),
+        "{} is missing: run .ci/setup (it builds `kvm_floor` static next to `hearth-vmm`)",
+        built.display()
+    );
+    let floor = std::path::absolute(&built).expect("an absolute path");
+    let floor = floor.to_str().expect("a UTF-8 path");
+    let (stdout, report) = run_scenario(&["boot", "--floor", floor, "--runs", "2"]);
+    assert!(stdout.contains("floor 2: exec"), "each run is printed");
+    assert_eq!(report["scenario"], "boot_floor");
+    for name in [
+        "spawn_to_exec",
+        "spawn_to_first_exit",
+        "kvm_open_to_vm",
+        "vcpu_to_first_exit",
+    ] {
+        let metric = &report["metrics"][name];
+        assert!(
+            metric["min"].as_f64().is_some_and(|v| v > 0.0),
+            "{name}.min = {}",
+            metric["min"]
+        );
+        assert_eq!(metric["unit"], "ms", "{name}");
+        assert_eq!(metric["n"], 2, "{name}");
+    }
+}
