@@ -32,6 +32,18 @@ fn run_scenario(args: &[&str]) -> (String, serde_json::Value) {
     (stdout, report)
 }
 
+/// The report's metric `name` has `n` samples in `unit`, all above zero.
+fn assert_measured(report: &serde_json::Value, name: &str, unit: &str, n: u64) {
+    let metric = &report["metrics"][name];
+    assert!(
+        metric["min"].as_f64().is_some_and(|v| v > 0.0),
+        "{name}.min = {}",
+        metric["min"]
+    );
+    assert_eq!(metric["unit"], unit, "{name}");
+    assert_eq!(metric["n"], n, "{name}");
+}
+
 #[test]
 fn the_testhost_scenario_writes_the_json_report() {
     if let Err(err) = hearth_perf::testhost::find_hearth() {
@@ -78,25 +90,11 @@ fn the_floor_scenario_measures_threads_and_process_chains() {
         ]);
     }
     for name in expected {
-        let metric = &report["metrics"][name];
-        assert!(
-            metric["p50"].as_f64().is_some_and(|v| v > 0.0),
-            "{name}.p50 = {}",
-            metric["p50"]
-        );
-        assert_eq!(metric["unit"], "us", "{name}");
-        assert_eq!(metric["n"], 2000, "{name}");
+        assert_measured(&report, name, "us", 2000);
     }
     // Invoke-shaped chains side by side, one figure per window at each level.
     for name in ["floor_invoke_rate_c1", "floor_invoke_rate_c8"] {
-        let metric = &report["metrics"][name];
-        assert!(
-            metric["min"].as_f64().is_some_and(|v| v > 0.0),
-            "{name}.min = {}",
-            metric["min"]
-        );
-        assert_eq!(metric["unit"], "inv/s", "{name}");
-        assert_eq!(metric["n"], 2, "{name}");
+        assert_measured(&report, name, "inv/s", 2);
     }
     assert_eq!(report["parameters"]["rate_message_bytes"], 256);
 }
@@ -127,13 +125,6 @@ fn the_boot_floor_scenario_times_the_least_a_vmm_can_do() {
         "kvm_open_to_vm",
         "vcpu_to_first_exit",
     ] {
-        let metric = &report["metrics"][name];
-        assert!(
-            metric["min"].as_f64().is_some_and(|v| v > 0.0),
-            "{name}.min = {}",
-            metric["min"]
-        );
-        assert_eq!(metric["unit"], "ms", "{name}");
-        assert_eq!(metric["n"], 2, "{name}");
+        assert_measured(&report, name, "ms", 2);
     }
 }

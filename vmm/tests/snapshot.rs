@@ -623,6 +623,79 @@ impl Drop for HugeTmpfs {
     }
 }
 
+/// Boots a template whose guest RAM is the file `ram_path` (zero pages punched when it becomes a
+/// memory file), checks that it answers a ping and pauses it; returns it, its `Ready` connection,
+/// a control client connected to it and its configuration.
+fn boot_file_backed_template(
+    dir: &VmDir,
+    initrd: &Path,
+    listener: &std::os::unix::net::UnixListener,
+    ram_path: &Path,
+) -> (
+    VmmProcess,
+    std::os::unix::net::UnixStream,
+    ControlClient<std::os::unix::net::UnixStream>,
+    VmConfig,
+) {
+    let mut config = config(dir, initrd, 128, 1, TEMPLATE_CMDLINE);
+    config.ram_file = Some(hearth_vmm::config::RamFileConfig {
+        path: ram_path.to_path_buf(),
+        punch: hearth_snapshot::backing::Punch::Pages,
+    });
+    let (mut vmm, ready_conn, _) = boot_template(dir, &config, listener);
+    let mut client = ControlClient::connect_uds(&dir.uds()).expect("control port");
+    assert_eq!(
+        client.ping(b"template".to_vec()).expect("ping"),
+        b"template"
+    );
+    let r = vmm.pause();
+    ok(&mut vmm, "pause", r);
+    (vmm, ready_conn, client, config)
+}
+
+/// Restores the snapshot `files` of a file-backed template (`config`, without its RAM file) in file
+/// mode, then a copy of them (checked through its digest, read back in full, as a file whose
+/// change time moved is); each must answer a ping, and is stopped.
+fn restore_it_and_a_copy(
+    config: &VmConfig,
+    files: &SnapshotFiles,
+    dir: &VmDir,
+    listener: &std::os::unix::net::UnixListener,
+    what: &str,
+) {
+    let restored_config = {
+        let mut c = config.clone();
+        c.ram_file = None;
+        c
+    };
+    let (mut restored, _conn, to_ready, to_ping) = restore_and_ping(
+        &restored_config,
+        files,
+        RestoreMode::File,
+        listener,
+        &dir.uds(),
+        &format!("restore of {what}"),
+    );
+    eprintln!(
+        "restore of {what}: guest Ready {:.1} ms, ping answered {:.1} ms",
+        ms(to_ready),
+        ms(to_ping)
+    );
+    let r = restored.stop();
+    ok(&mut restored, "stop", r);
+    let copy = copy_files(files, dir, "copy");
+    let (mut again, _conn, _, _) = restore_and_ping(
+        &restored_config,
+        &copy,
+        RestoreMode::File,
+        listener,
+        &dir.uds(),
+        &format!("restore of a copy of {what}"),
+    );
+    let r = again.stop();
+    ok(&mut again, "stop", r);
+}
+
 /// A template whose guest RAM is a file on a huge-page tmpfs: its snapshot takes that file as the
 /// memory file (the same inode, renamed; zero pages punched), the template may not resume after
 /// it, later device activity does not change the file, and a restore of it answers.
@@ -636,22 +709,9 @@ fn a_file_backed_template_snapshot_restores_and_never_resumes() {
             let listener = ready_listener(&dir);
             let tmpfs = HugeTmpfs::mount(dir.path("ram"));
             let ram_path = tmpfs.0.join("guest.ram");
-            let mut config = config(&dir, &initrd, 128, 1, TEMPLATE_CMDLINE);
-            config.ram_file = Some(hearth_vmm::config::RamFileConfig {
-                path: ram_path.clone(),
-                punch: hearth_snapshot::backing::Punch::Pages,
-            });
-            let (mut vmm, ready_conn, _) = boot_template(&dir, &config, &listener);
+            let (mut vmm, ready_conn, client, config) =
+                boot_file_backed_template(&dir, &initrd, &listener, &ram_path);
             let ram_ino = std::fs::metadata(&ram_path).expect("the RAM file").ino();
-            let mut client = ControlClient::connect_uds(&dir.uds()).expect("control port");
-            assert_eq!(
-                client.ping(b"template".to_vec()).expect("ping"),
-                b"template"
-            );
-            {
-                let r = vmm.pause();
-                ok(&mut vmm, "pause", r);
-            }
             let files = SnapshotFiles {
                 state: tmpfs.0.join("vm.state"),
                 mem: tmpfs.0.join("vm.mem"),
@@ -688,39 +748,9 @@ fn a_file_backed_template_snapshot_restores_and_never_resumes() {
             eprintln!("VMM log:\n{}", vmm.stderr_tail());
             drop(vmm);
 
-            let restored_config = {
-                let mut c = config.clone();
-                c.ram_file = None;
-                c
-            };
-            let (mut restored, _conn, to_ready, to_ping) = restore_and_ping(
-                &restored_config,
-                &files,
-                RestoreMode::File,
-                &listener,
-                &dir.uds(),
-                "restore of the file-backed template",
-            );
-            eprintln!(
-                "restore: guest Ready {:.1} ms, ping answered {:.1} ms",
-                ms(to_ready),
-                ms(to_ping)
-            );
-            let r = restored.stop();
-            ok(&mut restored, "stop", r);
-            // A copy is checked by its digest, read back in full: the digest taken in place is
-            // the file's, and nothing wrote the file after the snapshot.
-            let copy = copy_files(&files, &dir, "copy");
-            let (mut again, _conn, _, _) = restore_and_ping(
-                &restored_config,
-                &copy,
-                RestoreMode::File,
-                &listener,
-                &dir.uds(),
-                "second restore",
-            );
-            let r = again.stop();
-            ok(&mut again, "stop", r);
+            // The copy's digest, read back in full, shows that the digest taken in place is the
+            // file's and that nothing wrote the file after the snapshot.
+            restore_it_and_a_copy(&config, &files, &dir, &listener, "the file-backed template");
         },
     );
 }
@@ -770,22 +800,9 @@ fn a_file_backed_template_snapshot_on_another_file_system_writes_a_copy() {
                 dev(dir.dir.path()),
                 "the RAM file's and the snapshot's folders are on one file system"
             );
-            let mut config = config(&dir, &initrd, 128, 1, TEMPLATE_CMDLINE);
-            config.ram_file = Some(hearth_vmm::config::RamFileConfig {
-                path: ram_path.clone(),
-                punch: hearth_snapshot::backing::Punch::Pages,
-            });
-            let (mut vmm, ready_conn, _) = boot_template(&dir, &config, &listener);
+            let (mut vmm, ready_conn, mut client, config) =
+                boot_file_backed_template(&dir, &initrd, &listener, &ram_path);
             let ram_meta = std::fs::metadata(&ram_path).expect("the RAM file");
-            let mut client = ControlClient::connect_uds(&dir.uds()).expect("control port");
-            assert_eq!(
-                client.ping(b"template".to_vec()).expect("ping"),
-                b"template"
-            );
-            {
-                let r = vmm.pause();
-                ok(&mut vmm, "pause", r);
-            }
             let files = SnapshotFiles {
                 state: dir.path("vm.state"),
                 mem: dir.path("vm.mem"),
@@ -863,39 +880,9 @@ fn a_file_backed_template_snapshot_on_another_file_system_writes_a_copy() {
                 "the template's run changed the memory file"
             );
 
-            let restored_config = {
-                let mut c = config.clone();
-                c.ram_file = None;
-                c
-            };
-            let (mut restored, _conn, to_ready, to_ping) = restore_and_ping(
-                &restored_config,
-                &files,
-                RestoreMode::File,
-                &listener,
-                &dir.uds(),
-                "restore of the copy",
-            );
-            eprintln!(
-                "restore: guest Ready {:.1} ms, ping answered {:.1} ms",
-                ms(to_ready),
-                ms(to_ping)
-            );
-            let r = restored.stop();
-            ok(&mut restored, "stop", r);
-            // A copy is checked by its digest, read back in full: the digest the fallback wrote
-            // is its memory file's.
-            let copy = copy_files(&files, &dir, "copy");
-            let (mut again, _conn, _, _) = restore_and_ping(
-                &restored_config,
-                &copy,
-                RestoreMode::File,
-                &listener,
-                &dir.uds(),
-                "restore of a copy of the copy",
-            );
-            let r = again.stop();
-            ok(&mut again, "stop", r);
+            // The copy's digest, read back in full, shows that the digest the fallback wrote is its
+            // memory file's.
+            restore_it_and_a_copy(&config, &files, &dir, &listener, "the fallback's copy");
         },
     );
 }

@@ -506,7 +506,7 @@ fn chain_rates(exe: &Path, callers: usize, windows: usize) -> anyhow::Result<Vec
 }
 
 /// Adds `floor_invoke_rate_c{N}` (invokes/s, one figure per window) for each `N` of `callers` to
-/// `report`: `N` invoke-shaped chains of bare processes side by side ([`chain_rates`]), the relays
+/// `report`: `N` invoke-shaped chains of bare processes side by side (see [`RelayRole`]), the relays
 /// this executable (`hearth-perf`) run with [`RELAY_COMMAND`].
 pub fn measure_rates(report: &mut Report, callers: &[usize], windows: usize) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find this executable to run the relays")?;
