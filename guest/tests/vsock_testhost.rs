@@ -10,6 +10,8 @@ use common::{Qemu, add_with_libs, init, kernel, one_at_a_time};
 use hearth_guest::image::{base_initramfs, modules};
 use hearth_guest::init::{sys, vm};
 use hearth_guest::protocol::client::ControlClient;
+use hearth_guest::protocol::{Hello, Message, check_hello, encode_frame, expect_frame};
+use std::io::Write;
 
 const TEST: &str = "control_protocol_over_real_vsock";
 const PORT: u32 = 1025;
@@ -97,5 +99,35 @@ fn inside() {
         ControlClient::handshake(sys::vsock_connect(CID_LOCAL, PORT).unwrap()).unwrap();
     assert_eq!(second.ping(b"second".to_vec()).unwrap(), b"second");
     assert_eq!(client.ping(b"first".to_vec()).unwrap(), b"first");
+    // A host that sends its first request with its Hello, in one write, gets our Hello and then
+    // the answer (held back for one write: `sys::readable_now` below says that poll sees it).
+    let mut pipelined = sys::vsock_connect(CID_LOCAL, PORT).unwrap();
+    let ping = Message::Ping {
+        bytes: b"pipelined".to_vec(),
+    };
+    let mut out = encode_frame(&Message::Hello(Hello::ours("testhost"))).unwrap();
+    out.extend(encode_frame(&ping).unwrap());
+    pipelined.write_all(&out).unwrap();
+    check_hello(expect_frame(&mut pipelined).unwrap()).unwrap();
+    assert_eq!(
+        expect_frame::<_, Message>(&mut pipelined).unwrap(),
+        Message::Pong {
+            bytes: b"pipelined".to_vec()
+        }
+    );
+    // `readable_now` on an AF_VSOCK stream: nothing before the peer writes, then its bytes.
+    let listener = sys::vsock_listen(PORT + 1).expect("vsock listen");
+    let mut near = sys::vsock_connect(CID_LOCAL, PORT + 1).unwrap();
+    let far = sys::accept(&listener).unwrap();
+    assert!(!sys::readable_now(&far));
+    near.write_all(b"x").unwrap();
+    let began = std::time::Instant::now();
+    while !sys::readable_now(&far) {
+        assert!(
+            began.elapsed() < std::time::Duration::from_secs(5),
+            "poll never saw the byte"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     println!("vsock round trips ok");
 }

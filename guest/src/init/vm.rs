@@ -24,8 +24,8 @@
 //! guest's one vCPU and the vsock queues to that first answer.
 
 use std::fs::File;
-use std::io::Read;
-use std::os::fd::OwnedFd;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
@@ -425,12 +425,15 @@ pub fn serve(conn: File) -> Result<(), InitError> {
 /// Serves one control connection: the `Hello` exchange, then requests until the host closes. The
 /// first function message turns the connection into a function conversation
 /// ([`crate::runtime::serve_function`] with `cfg`) for the rest of its life.
+///
+/// A host that sends its first request with its `Hello` (as after a restore) gets our `Hello` in
+/// the same write as the answer.
 pub fn serve_with(mut conn: File, cfg: &RuntimeConfig) -> Result<(), InitError> {
     let Some(first) = read_frame::<_, Message>(&mut conn)? else {
         return Ok(());
     };
-    match check_hello(first) {
-        Ok(_) => write_frame(&mut conn, &Message::Hello(Hello::ours("hearth-init")))?,
+    let mut held = match check_hello(first) {
+        Ok(_) => send_or_hold_hello(&mut conn)?,
         Err(e) => {
             let code = if matches!(e, ProtocolError::Version { .. }) {
                 ErrorCode::UnsupportedVersion
@@ -440,23 +443,36 @@ pub fn serve_with(mut conn: File, cfg: &RuntimeConfig) -> Result<(), InitError> 
             write_frame(&mut conn, &error(code, e.to_string()))?;
             return Ok(());
         }
-    }
+    };
     loop {
         let req = match read_frame::<_, Message>(&mut conn) {
             Ok(Some(req)) => req,
-            Ok(None) => return Ok(()),
+            Ok(None) => {
+                // The host closed its end: our Hello may still reach it, or may not matter.
+                let _ = write_held(&mut conn, &mut held);
+                return Ok(());
+            }
             // The whole frame was read, so the stream is still in step: answer and go on.
             Err(e @ (ProtocolError::Decode(_) | ProtocolError::TrailingBytes(_))) => {
-                write_frame(&mut conn, &error(ErrorCode::BadRequest, chain(&e)))?;
+                write_after(
+                    &mut conn,
+                    &mut held,
+                    &error(ErrorCode::BadRequest, chain(&e)),
+                )?;
                 continue;
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                // The read's error is the one worth reporting.
+                let _ = write_held(&mut conn, &mut held);
+                return Err(e.into());
+            }
         };
         if matches!(req, Message::Function(_)) {
+            write_held(&mut conn, &mut held)?;
             return function_link(conn, &req, cfg);
         }
         let (resp, after) = handle(req);
-        write_frame(&mut conn, &resp)?;
+        write_after(&mut conn, &mut held, &resp)?;
         ANSWERED.bump();
         if after == After::Reboot {
             // Let the answer reach the host: close our half and wait (briefly) for the host to close.
@@ -470,21 +486,52 @@ pub fn serve_with(mut conn: File, cfg: &RuntimeConfig) -> Result<(), InitError> 
     }
 }
 
+/// Our `Hello`, written at once when nothing more from the host is waiting; else held back and
+/// returned (as a frame) for [`write_after`] to send with the answer to the request that waits.
+/// A host that pipelines its `Hello` and first request (as after a restore) then gets both in one
+/// write, one vsock packet and one guest transmit (a trap to the VMM) fewer; a host that waits
+/// for our `Hello` before it sends more gets it at once. An empty frame: nothing held.
+fn send_or_hold_hello(conn: &mut (impl Write + AsFd)) -> Result<Vec<u8>, ProtocolError> {
+    let hello = encode_frame(&Message::Hello(Hello::ours("hearth-init")))?;
+    if sys::readable_now(conn) {
+        return Ok(hello);
+    }
+    conn.write_all(&hello).map_err(ProtocolError::Io)?;
+    Ok(Vec::new())
+}
+
+/// Writes the frames `held` back (emptying it) and `msg` after them, in one write.
+fn write_after(w: &mut impl Write, held: &mut Vec<u8>, msg: &Message) -> Result<(), ProtocolError> {
+    let frame = encode_frame(msg)?;
+    if held.is_empty() {
+        return w.write_all(&frame).map_err(ProtocolError::Io);
+    }
+    held.extend_from_slice(&frame);
+    let out = std::mem::take(held);
+    w.write_all(&out).map_err(ProtocolError::Io)
+}
+
+/// Writes the frames `held` back, if any (emptying it).
+fn write_held(w: &mut impl Write, held: &mut Vec<u8>) -> Result<(), ProtocolError> {
+    if held.is_empty() {
+        return Ok(());
+    }
+    let out = std::mem::take(held);
+    w.write_all(&out).map_err(ProtocolError::Io)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::protocol::client::ControlClient;
-    use crate::protocol::{PROTOCOL_VERSION, expect_frame};
+    use crate::protocol::{PROTOCOL_VERSION, decode_frame, expect_frame};
     use std::io::Write;
     use std::os::fd::OwnedFd;
     use std::os::unix::net::UnixStream;
 
-    /// The real `serve` on one end of a socket pair.
+    /// The real `serve` on one end of a socket pair (see [`served_with`]).
     fn served() -> UnixStream {
-        let (host, guest) = UnixStream::pair().unwrap();
-        let guest = File::from(OwnedFd::from(guest));
-        std::thread::spawn(move || serve(guest));
-        host
+        served_with(RuntimeConfig::lambda())
     }
 
     #[test]
@@ -528,20 +575,184 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_function_message_hands_the_connection_to_the_runtime() {
-        let task = tempfile::tempdir().unwrap();
-        let cfg = RuntimeConfig {
-            task_dir: task.path().to_path_buf(),
-            opt_dir: task.path().join("no-opt"),
-            runtime_dir: task.path().join("no-runtime"),
+    /// A runtime layout in `dir` with no runtime in it.
+    fn function_cfg(dir: &std::path::Path) -> RuntimeConfig {
+        RuntimeConfig {
+            task_dir: dir.to_path_buf(),
+            opt_dir: dir.join("no-opt"),
+            runtime_dir: dir.join("no-runtime"),
             listen: ([127, 0, 0, 1], 0).into(),
             run_as: None,
             limits: crate::bundle::Limits::default(),
             isolate: false,
             set_clock: false,
             report_peak_memory: true,
+        }
+    }
+
+    /// The host's end of a connection served by `serve_with(cfg)`, with a read timeout so that
+    /// an answer that never comes (a deadlock) fails the test instead of hanging it.
+    fn served_with(cfg: RuntimeConfig) -> UnixStream {
+        let (host, guest) = UnixStream::pair().unwrap();
+        host.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let guest = File::from(OwnedFd::from(guest));
+        std::thread::spawn(move || serve_with(guest, &cfg));
+        host
+    }
+
+    /// Frames encoded back to back, as a host writes them in one write.
+    fn frames(msgs: &[Message]) -> Vec<u8> {
+        msgs.iter().flat_map(|m| encode_frame(m).unwrap()).collect()
+    }
+
+    fn host_hello() -> Message {
+        Message::Hello(Hello::ours("test-host"))
+    }
+
+    #[test]
+    fn a_request_sent_with_the_hello_gets_our_hello_then_its_answer() {
+        let mut host = served();
+        let ping = Message::Ping {
+            bytes: b"pipelined".to_vec(),
         };
+        host.write_all(&frames(&[host_hello(), ping])).unwrap();
+        let hello = check_hello(expect_frame(&mut host).unwrap()).unwrap();
+        assert!(hello.agent.starts_with("hearth-init"), "{hello:?}");
+        assert_eq!(
+            expect_frame::<_, Message>(&mut host).unwrap(),
+            Message::Pong {
+                bytes: b"pipelined".to_vec()
+            }
+        );
+        // Later requests are answered as before.
+        write_frame(&mut host, &Message::Status).unwrap();
+        let answer: Message = expect_frame(&mut host).unwrap();
+        assert!(matches!(answer, Message::StatusReply(_)), "{answer:?}");
+    }
+
+    #[test]
+    fn a_host_that_waits_for_our_hello_gets_it_at_once() {
+        let mut host = served();
+        write_frame(&mut host, &host_hello()).unwrap();
+        // Nothing more is sent until our Hello is in: a held Hello would time this read out.
+        let hello = check_hello(expect_frame(&mut host).unwrap()).unwrap();
+        assert!(hello.agent.starts_with("hearth-init"), "{hello:?}");
+        write_frame(&mut host, &Message::Ping { bytes: vec![1] }).unwrap();
+        assert_eq!(
+            expect_frame::<_, Message>(&mut host).unwrap(),
+            Message::Pong { bytes: vec![1] }
+        );
+    }
+
+    #[test]
+    fn a_host_that_closes_after_its_hello_still_gets_ours() {
+        let mut host = served();
+        write_frame(&mut host, &host_hello()).unwrap();
+        // The end of stream is readable at once, so the Hello is held: it goes out at the close.
+        host.shutdown(std::net::Shutdown::Write).unwrap();
+        check_hello(expect_frame(&mut host).unwrap()).unwrap();
+        assert!(read_frame::<_, Message>(&mut host).unwrap().is_none());
+    }
+
+    #[test]
+    fn an_undecodable_request_sent_with_the_hello_is_answered_after_our_hello() {
+        let mut host = served();
+        let mut out = frames(&[host_hello()]);
+        out.extend_from_slice(&[3, 0, 0, 0, 0xff, 0xff, 0xff]);
+        host.write_all(&out).unwrap();
+        check_hello(expect_frame(&mut host).unwrap()).unwrap();
+        let answer: Message = expect_frame(&mut host).unwrap();
+        assert!(
+            matches!(
+                answer,
+                Message::Error(ErrorReply {
+                    code: ErrorCode::BadRequest,
+                    ..
+                })
+            ),
+            "{answer:?}"
+        );
+    }
+
+    #[test]
+    fn a_function_message_sent_with_the_hello_comes_after_our_hello() {
+        let task = tempfile::tempdir().unwrap();
+        let mut host = served_with(function_cfg(task.path()));
+        let mut bundle = crate::runtime::env::tests_bundle(vec![]);
+        bundle.code_len = 4;
+        host.write_all(&frames(&[
+            host_hello(),
+            Message::Function(crate::protocol::function::Message::Load(bundle)),
+            Message::Function(crate::protocol::function::Message::CodeChunk(
+                b"junk".to_vec(),
+            )),
+        ]))
+        .unwrap();
+        check_hello(expect_frame(&mut host).unwrap()).unwrap();
+        let answer: Message = expect_frame(&mut host).unwrap();
+        assert!(
+            matches!(
+                answer,
+                Message::Function(crate::protocol::function::Message::InitFailed(_))
+            ),
+            "{answer:?}"
+        );
+    }
+
+    /// Records each `write` call apart.
+    #[derive(Default)]
+    struct Writes(Vec<Vec<u8>>);
+
+    impl Write for Writes {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.push(buf.to_vec());
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_hello_is_held_only_while_a_request_waits_and_then_shares_the_answers_write() {
+        let (mut host, mut guest) = UnixStream::pair().unwrap();
+        host.set_nonblocking(true).unwrap();
+        // Nothing waiting: our Hello goes out at once.
+        assert!(send_or_hold_hello(&mut guest).unwrap().is_empty());
+        check_hello(expect_frame(&mut host).unwrap()).unwrap();
+        // A request waiting: the Hello is held back, nothing written.
+        write_frame(&mut host, &Message::Ping { bytes: vec![2] }).unwrap();
+        let mut held = send_or_hold_hello(&mut guest).unwrap();
+        let (hello, used) = decode_frame::<Message>(&held).unwrap().unwrap();
+        assert_eq!(used, held.len());
+        check_hello(hello).unwrap();
+        let mut byte = [0u8; 1];
+        assert_eq!(
+            host.read(&mut byte).unwrap_err().kind(),
+            std::io::ErrorKind::WouldBlock
+        );
+        // The held Hello and the answer: one write, in that order; then nothing is held.
+        let pong = Message::Pong { bytes: vec![2] };
+        let mut writes = Writes::default();
+        write_after(&mut writes, &mut held, &pong).unwrap();
+        assert!(held.is_empty());
+        assert_eq!(writes.0.len(), 1);
+        let mut stream = writes.0[0].as_slice();
+        check_hello(expect_frame(&mut stream).unwrap()).unwrap();
+        assert_eq!(expect_frame::<_, Message>(&mut stream).unwrap(), pong);
+        assert!(stream.is_empty());
+        write_after(&mut writes, &mut held, &pong).unwrap();
+        assert_eq!(writes.0[1], encode_frame(&pong).unwrap());
+        write_held(&mut writes, &mut held).unwrap();
+        assert_eq!(writes.0.len(), 2, "nothing held, nothing written");
+    }
+
+    #[test]
+    fn a_function_message_hands_the_connection_to_the_runtime() {
+        let task = tempfile::tempdir().unwrap();
+        let cfg = function_cfg(task.path());
         let (host, guest) = UnixStream::pair().unwrap();
         host.set_read_timeout(Some(Duration::from_secs(20)))
             .unwrap();
