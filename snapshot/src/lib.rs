@@ -4,8 +4,8 @@
 //! CRC-64 over the postcard-encoded state), the memory file (`memory_file`: guest RAM, sparse,
 //! with a digest of its non-zero pages that is checked on the very descriptor the VMM then maps;
 //! written without faulting in pages never touched, using `pagemap`: this process's page table
-//! flags) and the working-set file (`working_set`: the pages a userfaultfd restore served, checked,
-//! to prefetch on the next restore). Who may read them and whose files a restore accepts is
+//! flags) and the working-set files (`working_set`: the pages a userfaultfd restore served, or a
+//! file-mapped restore's guest wrote, checked, to prefetch on the next restore). Who may read them and whose files a restore accepts is
 //! `access`: every file is created 0644 (restored by other users than its writer: the jailed
 //! VMMs' own uids), and only files of this user or root, writable by nobody else, are read.
 //! `backing`: guest RAM that is its own memory file (a template VM's RAM in a file on a tmpfs,
@@ -34,4 +34,4 @@ pub use memory_file::{
     Checked, FileIdentity, MemoryFile, MemoryFileError, MemoryFileInfo, Region, WriteStats,
 };
 pub use state_file::{FORMAT_VERSION, MAX_STATE_FILE, StateFileError};
-pub use working_set::{WorkingSet, WorkingSetError};
+pub use working_set::{SetKind, WorkingSet, WorkingSetError};

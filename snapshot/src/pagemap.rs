@@ -88,6 +88,29 @@ impl Pagemap {
         }
         Ok(())
     }
+
+    /// The pages of `regions` (each a page-aligned address and a length in bytes) that are this
+    /// process's own ([`PageKind::Private`]), numbered as if the regions lay one after the other
+    /// from page 0: the page indices of the file they map privately when it holds them in that
+    /// order, as a memory file holds guest RAM.
+    pub fn private_pages(&mut self, regions: &[(usize, usize)]) -> std::io::Result<Vec<u64>> {
+        let mut pages = Vec::new();
+        let mut kinds = Vec::new();
+        let mut first = 0u64;
+        for &(addr, len) in regions {
+            let count = len / PAGE_SIZE;
+            self.kinds(addr, count, &mut kinds)?;
+            pages.extend(
+                kinds
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, k)| **k == PageKind::Private)
+                    .map(|(i, _)| first + i as u64),
+            );
+            first += count as u64;
+        }
+        Ok(pages)
+    }
 }
 
 #[cfg(test)]
@@ -116,5 +139,25 @@ mod tests {
             .unwrap();
         assert_eq!(kinds.len(), 8);
         assert_eq!(kinds[1], PageKind::Private);
+    }
+
+    #[test]
+    fn private_pages_are_numbered_across_regions() {
+        let mut a = vec![0u8; 16 * PAGE_SIZE];
+        let mut b = vec![0u8; 16 * PAGE_SIZE];
+        let first_page = |v: &Vec<u8>| (v.as_ptr() as usize).next_multiple_of(PAGE_SIZE);
+        let (fa, fb) = (first_page(&a), first_page(&b));
+        let (oa, ob) = (fa - a.as_ptr() as usize, fb - b.as_ptr() as usize);
+        a[oa + 2 * PAGE_SIZE] = 1;
+        b[ob + 3 * PAGE_SIZE] = 1;
+        let pages = Pagemap::open()
+            .unwrap()
+            .private_pages(&[(fa, 8 * PAGE_SIZE), (fb, 8 * PAGE_SIZE)])
+            .unwrap();
+        // A vector's other pages may be private too (the allocator wrote them): the written
+        // ones are there, numbered across the two regions.
+        assert!(pages.contains(&2), "{pages:?}");
+        assert!(pages.contains(&(8 + 3)), "{pages:?}");
+        assert!(pages.iter().all(|&p| p < 16));
     }
 }

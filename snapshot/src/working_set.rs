@@ -1,12 +1,18 @@
-//! The working-set file (`<memory file>.ws`): the pages of a memory file that a userfaultfd
-//! restore had to serve, recorded so that a later restore of the same snapshot can copy them in
-//! before the guest runs instead of taking a fault for each.
+//! Working-set files: the pages of a memory file that a restored guest needed, recorded so that a
+//! later restore of the same snapshot can bring them in before the guest runs instead of taking a
+//! fault for each. Two kinds ([`SetKind`]):
+//! - `<memory file>.ws`, the pages a userfaultfd restore had to serve (read or written), which a
+//!   userfaultfd restore copies in ahead;
+//! - `<memory file>.written.ws`, the pages a file-mapped restore's guest wrote (the mapping's
+//!   private copies), which a file-mapped restore copies on write ahead: the guest's first write
+//!   to each then costs neither a read fault and a second, copying fault, nor an exit at all when
+//!   the first touch is the write.
 //!
-//! Layout (little-endian): magic `HEARTHWS`, format version (u32), zero (u32), the memory file's
-//! size and digest (u64 each: the set belongs to that memory file and no other), the page count
-//! (u64), that many page indices (u64, strictly increasing, inside the memory file), and a CRC-64
-//! over all of the above. It is untrusted input: the size is capped and every field is checked
-//! before a page index is used.
+//! Layout (little-endian): magic `HEARTHWS`, format version (u32), the kind (u32: 0 served,
+//! 1 written), the memory file's size and digest (u64 each: the set belongs to that memory file
+//! and no other), the page count (u64), that many page indices (u64, strictly increasing, inside
+//! the memory file), and a CRC-64 over all of the above. It is untrusted input: the size is capped
+//! and every field is checked before a page index is used.
 
 use crate::memory_file::{MemoryFileInfo, PAGE_SIZE};
 use crate::state_file::{CRC64, replace_with};
@@ -51,9 +57,56 @@ pub enum WorkingSetError {
     /// It was recorded for another memory file.
     #[error("the working-set file {0} belongs to another snapshot's memory file")]
     OtherSnapshot(PathBuf),
+    /// A set of the other kind (served pages where written ones were asked for, or the reverse).
+    #[error("the working-set file {path} holds {found}; {wanted} were asked for")]
+    Kind {
+        /// The file.
+        path: PathBuf,
+        /// What it holds.
+        found: &'static str,
+        /// What the reader wanted.
+        wanted: &'static str,
+    },
     /// A page index is out of order or outside the memory file.
     #[error("the working-set file {0} names page {1}, out of order or outside the memory file")]
     BadPage(PathBuf, u64),
+}
+
+/// What the pages of a working set are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetKind {
+    /// Pages a userfaultfd restore served: every page the guest touched.
+    Served,
+    /// Pages a file-mapped restore's guest wrote: its private copies.
+    Written,
+}
+
+impl SetKind {
+    fn code(self) -> u32 {
+        match self {
+            SetKind::Served => 0,
+            SetKind::Written => 1,
+        }
+    }
+
+    fn name(code: u32) -> &'static str {
+        match code {
+            0 => "served pages",
+            1 => "written pages",
+            _ => "pages of an unknown kind",
+        }
+    }
+
+    /// Where the set of this kind for the memory file `mem` is kept: `<mem>.ws` (served) or
+    /// `<mem>.written.ws` (written).
+    pub fn path_for(self, mem: &Path) -> PathBuf {
+        let mut name = mem.as_os_str().to_os_string();
+        name.push(match self {
+            SetKind::Served => ".ws",
+            SetKind::Written => ".written.ws",
+        });
+        PathBuf::from(name)
+    }
 }
 
 /// The pages of a memory file a restored guest used, in increasing order.
@@ -87,26 +140,25 @@ impl WorkingSet {
         runs
     }
 
-    /// Where the working set of the memory file `mem` is kept: `<mem>.ws`.
-    pub fn path_for(mem: &Path) -> PathBuf {
-        let mut name = mem.as_os_str().to_os_string();
-        name.push(".ws");
-        PathBuf::from(name)
-    }
-
-    /// Writes the set, for the memory file `memory`, to `path` (replaced whole, or left as it was).
-    pub fn write(&self, path: &Path, memory: &MemoryFileInfo) -> Result<(), WorkingSetError> {
-        let bytes = self.encode(memory);
+    /// Writes the set, of `kind`, for the memory file `memory`, to `path` (replaced whole, or
+    /// left as it was).
+    pub fn write(
+        &self,
+        path: &Path,
+        memory: &MemoryFileInfo,
+        kind: SetKind,
+    ) -> Result<(), WorkingSetError> {
+        let bytes = self.encode(memory, kind);
         replace_with(path, |f| f.write_all(&bytes))
             .map(drop)
             .map_err(|e| WorkingSetError::Write(path.to_path_buf(), e))
     }
 
-    fn encode(&self, memory: &MemoryFileInfo) -> Vec<u8> {
+    fn encode(&self, memory: &MemoryFileInfo, kind: SetKind) -> Vec<u8> {
         let mut b = Vec::with_capacity(HEADER + self.pages.len() * 8 + 8);
         b.extend_from_slice(MAGIC);
         b.extend_from_slice(&VERSION.to_le_bytes());
-        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&kind.code().to_le_bytes());
         b.extend_from_slice(&memory.size.to_le_bytes());
         b.extend_from_slice(&memory.digest.to_le_bytes());
         b.extend_from_slice(&(self.pages.len() as u64).to_le_bytes());
@@ -118,8 +170,13 @@ impl WorkingSet {
         b
     }
 
-    /// Reads and checks the set at `path`, which must belong to the memory file `memory`.
-    pub fn read(path: &Path, memory: &MemoryFileInfo) -> Result<Self, WorkingSetError> {
+    /// Reads and checks the set at `path`, which must be of `kind` and belong to the memory file
+    /// `memory`.
+    pub fn read(
+        path: &Path,
+        memory: &MemoryFileInfo,
+        kind: SetKind,
+    ) -> Result<Self, WorkingSetError> {
         use std::io::Read;
         let err = |e| WorkingSetError::Read(path.to_path_buf(), e);
         let file = std::fs::File::open(path).map_err(err)?;
@@ -129,10 +186,15 @@ impl WorkingSet {
         let cap = HEADER as u64 + MAX_PAGES * 8 + 8;
         let mut bytes = Vec::new();
         file.take(cap + 1).read_to_end(&mut bytes).map_err(err)?;
-        Self::decode(&bytes, path, memory)
+        Self::decode(&bytes, path, memory, kind)
     }
 
-    fn decode(bytes: &[u8], path: &Path, memory: &MemoryFileInfo) -> Result<Self, WorkingSetError> {
+    fn decode(
+        bytes: &[u8],
+        path: &Path,
+        memory: &MemoryFileInfo,
+        kind: SetKind,
+    ) -> Result<Self, WorkingSetError> {
         let p = || path.to_path_buf();
         let truncated = || WorkingSetError::Truncated(p(), bytes.len() as u64);
         let u64_at = |at: usize| -> u64 {
@@ -156,6 +218,15 @@ impl WorkingSet {
         let body = bytes.len() - 8;
         if CRC64.checksum(&bytes[..body]) != u64_at(body) {
             return Err(WorkingSetError::Checksum(p()));
+        }
+        v.copy_from_slice(&bytes[12..16]);
+        let found = u32::from_le_bytes(v);
+        if found != kind.code() {
+            return Err(WorkingSetError::Kind {
+                path: p(),
+                found: SetKind::name(found),
+                wanted: SetKind::name(kind.code()),
+            });
         }
         if u64_at(16) != memory.size || u64_at(24) != memory.digest {
             return Err(WorkingSetError::OtherSnapshot(p()));
@@ -189,26 +260,38 @@ mod tests {
     #[test]
     fn round_trip_and_runs() {
         let dir = tempfile::tempdir().unwrap();
-        let path = WorkingSet::path_for(&dir.path().join("vm.mem"));
+        let path = SetKind::Served.path_for(&dir.path().join("vm.mem"));
         assert!(path.ends_with("vm.mem.ws"));
+        let written = SetKind::Written.path_for(&dir.path().join("vm.mem"));
+        assert!(written.ends_with("vm.mem.written.ws"));
         let ws = WorkingSet::new(vec![7, 3, 4, 5, 3, 100]);
         assert_eq!(ws.pages(), &[3, 4, 5, 7, 100]);
         assert_eq!(ws.runs(), vec![(3, 3), (7, 1), (100, 1)]);
-        ws.write(&path, &info()).unwrap();
-        assert_eq!(WorkingSet::read(&path, &info()).unwrap(), ws);
+        ws.write(&path, &info(), SetKind::Served).unwrap();
+        assert_eq!(
+            WorkingSet::read(&path, &info(), SetKind::Served).unwrap(),
+            ws
+        );
+        ws.write(&written, &info(), SetKind::Written).unwrap();
+        assert_eq!(
+            WorkingSet::read(&written, &info(), SetKind::Written).unwrap(),
+            ws
+        );
     }
 
     #[test]
     fn the_file_is_readable_by_all_and_only_root_or_this_users_is_read() {
         use crate::access::TestRead;
         let dir = tempfile::tempdir().unwrap();
-        let path = WorkingSet::path_for(&dir.path().join("vm.mem"));
+        let path = SetKind::Served.path_for(&dir.path().join("vm.mem"));
         let ws = WorkingSet::new(vec![1, 2]);
-        ws.write(&path, &info()).unwrap();
-        crate::access::check_owner_and_mode_rules(&path, |p| match WorkingSet::read(p, &info()) {
-            Ok(read) if read == ws => TestRead::Read,
-            Err(WorkingSetError::Permissions(..)) => TestRead::Refused,
-            other => panic!("unexpected: {other:?}"),
+        ws.write(&path, &info(), SetKind::Served).unwrap();
+        crate::access::check_owner_and_mode_rules(&path, |p| {
+            match WorkingSet::read(p, &info(), SetKind::Served) {
+                Ok(read) if read == ws => TestRead::Read,
+                Err(WorkingSetError::Permissions(..)) => TestRead::Refused,
+                other => panic!("unexpected: {other:?}"),
+            }
         });
     }
 
@@ -216,37 +299,37 @@ mod tests {
     fn damaged_or_foreign_sets_are_refused() {
         let path = Path::new("x.ws");
         let ws = WorkingSet::new(vec![1, 2, 9]);
-        let good = ws.encode(&info());
-        assert!(WorkingSet::decode(&good, path, &info()).is_ok());
+        let good = ws.encode(&info(), SetKind::Served);
+        assert!(WorkingSet::decode(&good, path, &info(), SetKind::Served).is_ok());
         let mut flipped = good.clone();
         flipped[HEADER + 3] ^= 1;
         assert!(matches!(
-            WorkingSet::decode(&flipped, path, &info()),
+            WorkingSet::decode(&flipped, path, &info(), SetKind::Served),
             Err(WorkingSetError::Checksum(_))
         ));
         assert!(matches!(
-            WorkingSet::decode(&good[..good.len() - 3], path, &info()),
+            WorkingSet::decode(&good[..good.len() - 3], path, &info(), SetKind::Served),
             Err(WorkingSetError::Truncated(..))
         ));
         let mut version = good.clone();
         version[8] = 9;
         assert!(matches!(
-            WorkingSet::decode(&version, path, &info()),
+            WorkingSet::decode(&version, path, &info(), SetKind::Served),
             Err(WorkingSetError::Version { found: 9, .. })
         ));
         let mut other = info();
         other.digest = 1;
         assert!(matches!(
-            WorkingSet::decode(&good, path, &other),
+            WorkingSet::decode(&good, path, &other, SetKind::Served),
             Err(WorkingSetError::OtherSnapshot(_))
         ));
         let mut small = info();
         small.size = 4 * PAGE_SIZE as u64;
-        let outside = ws.encode(&small);
+        let outside = ws.encode(&small, SetKind::Served);
         assert!(matches!(
-            WorkingSet::decode(&outside, path, &small),
+            WorkingSet::decode(&outside, path, &small, SetKind::Served),
             Err(WorkingSetError::BadPage(_, 9))
         ));
-        assert!(WorkingSet::decode(b"garbage", path, &info()).is_err());
+        assert!(WorkingSet::decode(b"garbage", path, &info(), SetKind::Served).is_err());
     }
 }

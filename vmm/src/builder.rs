@@ -86,6 +86,8 @@ pub struct BuiltVm {
     pub subscribers: Vec<Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>>>,
     /// What a snapshot of the VM reads.
     pub persist: crate::persist::SnapshotParts,
+    /// For a VM restored from a snapshot, the memory file its guest RAM came from.
+    pub restored_from: Option<hearth_snapshot::MemoryFileInfo>,
 }
 
 /// The virtio-mmio transport on the MMIO bus.
@@ -254,6 +256,7 @@ pub fn build_in(
         vcpus,
         events,
         wake,
+        restored_from: None,
         subscribers,
     })
 }

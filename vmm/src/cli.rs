@@ -6,13 +6,14 @@ use crate::builder;
 use crate::config::{DEFAULT_SERIAL_LOG_CAP, HugePages, VmConfig, VsockConfig};
 use crate::control::Command;
 use crate::control::server::ControlServer;
+use crate::filtered_thread::FilteredThread;
 use crate::restore::RestoreMode;
 use crate::runtime::{Controller, EventLoop, StopReason, block_termination_signals};
 use crate::seccomp::{self, ThreadKind};
-use crate::vstate::vcpu::install_kick_handler;
+use crate::vstate::vcpu::{Vcpu, install_kick_handler};
 use anyhow::{Context, bail};
-use hearth_snapshot::WorkingSet;
-use std::path::PathBuf;
+use hearth_snapshot::{MemoryFileInfo, SetKind, WorkingSet};
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// Flags of `hearth vmm`.
@@ -70,11 +71,14 @@ pub struct VmmArgs {
     #[arg(long, value_enum, default_value_t = RestoreModeArg::File, requires = "restore_state")]
     pub restore_mode: RestoreModeArg,
     /// With `--restore-mode uffd`: copy the pages of this working-set file in before the vCPUs
-    /// run (one recorded with --record-ws on an earlier restore of the same snapshot).
+    /// run; with `file`: make the private copies of the written pages it names before the vCPUs
+    /// run. Either recorded with --record-ws by an earlier restore of the same snapshot in the
+    /// same mode.
     #[arg(long)]
     pub prefetch_ws: Option<PathBuf>,
     /// With `--restore-mode uffd`: record the pages served and write them to `<memory file>.ws`
-    /// when the VM stops.
+    /// when the VM stops; with `file`: record the pages the guest wrote, to
+    /// `<memory file>.written.ws`.
     #[arg(long)]
     pub record_ws: bool,
     /// Start ahead of a restore: set up the KVM VM and its vCPUs for the configured memory and
@@ -109,15 +113,13 @@ impl VmmArgs {
     /// The restore mode these flags describe.
     pub fn restore_mode(&self) -> anyhow::Result<RestoreMode> {
         match self.restore_mode {
-            RestoreModeArg::File => {
-                if self.prefetch_ws.is_some() || self.record_ws {
-                    bail!("--prefetch-ws and --record-ws need --restore-mode uffd");
-                }
-                Ok(RestoreMode::File)
-            }
+            RestoreModeArg::File => Ok(RestoreMode::File {
+                prefetch_ws: self.prefetch_ws.clone(),
+                record_ws: self.record_ws,
+            }),
             RestoreModeArg::Copy => {
                 if self.prefetch_ws.is_some() || self.record_ws {
-                    bail!("--prefetch-ws and --record-ws need --restore-mode uffd");
+                    bail!("--prefetch-ws and --record-ws need --restore-mode file or uffd");
                 }
                 Ok(RestoreMode::Copy)
             }
@@ -182,6 +184,17 @@ pub fn run(args: VmmArgs) -> anyhow::Result<u8> {
     install_kick_handler()?;
     seccomp::install_reporter()?;
     let mode = args.restore_mode()?;
+    // The VMM's threads start first, their seccomp filters installed, so that a VMM started ahead
+    // has them in place before its Restore command: in the test host, starting them and
+    // installing their filters took some 20 ms of the restore (`crate::filtered_thread`).
+    let vmm_thread = FilteredThread::<Result<StopReason, String>>::spawn(
+        "vmm",
+        VMM_STACK,
+        (!args.no_seccomp).then_some(ThreadKind::Vmm),
+    )?;
+    let vcpu_threads = (0..config.vcpus)
+        .map(|id| Vcpu::thread_for(id, !args.no_seccomp))
+        .collect::<Result<Vec<_>, _>>()?;
     if config.ram_file.is_some() && (args.restore_state.is_some() || args.await_restore) {
         bail!("ram_file is for booting a template VM, not for a restore");
     }
@@ -244,13 +257,14 @@ pub fn run(args: VmmArgs) -> anyhow::Result<u8> {
     let started = restored_at.unwrap_or(started);
     tracing::debug!(ms = ms_since(started), "control socket bound");
     let mut handles = Vec::with_capacity(built.vcpus.len());
-    for vcpu in built.vcpus {
-        let vcpu = if args.no_seccomp {
-            vcpu.without_seccomp()
-        } else {
-            vcpu
-        };
-        handles.push(vcpu.spawn()?);
+    anyhow::ensure!(
+        built.vcpus.len() == vcpu_threads.len(),
+        "{} vCPUs built for {} vCPU threads",
+        built.vcpus.len(),
+        vcpu_threads.len()
+    );
+    for (vcpu, thread) in built.vcpus.into_iter().zip(vcpu_threads) {
+        handles.push(vcpu.spawn_on(thread));
     }
     tracing::debug!(ms = ms_since(started), "vCPU threads spawned");
     let parent = args.exit_on_stdin_eof.then_some(0);
@@ -262,30 +276,32 @@ pub fn run(args: VmmArgs) -> anyhow::Result<u8> {
         event_loop.add_subscriber(s);
     }
     let start_now = args.start;
-    let no_seccomp = args.no_seccomp;
-    // Under 2 MiB: a 2 MiB stack (the default) can be backed by a transparent huge page, measured
-    // as 2 MiB more resident memory per VMM. 256 KiB overflowed while writing a snapshot in a
-    // debug build.
-    let vmm = std::thread::Builder::new()
-        .name("vmm".into())
-        .stack_size(1024 * 1024)
-        .spawn(move || -> Result<StopReason, String> {
-            tracing::debug!(ms = ms_since(started), "VMM thread started");
-            if !no_seccomp {
-                seccomp::install(ThreadKind::Vmm).map_err(|e| e.to_string())?;
-            }
-            tracing::debug!(ms = ms_since(started), "VMM thread serving");
-            if start_now {
-                event_loop.command(Command::Start)?;
-            }
-            Ok(event_loop.run())
-        })
-        .context("cannot spawn the VMM thread")?;
-    let reason = match vmm.join() {
-        Ok(Ok(reason)) => reason,
-        Ok(Err(e)) => bail!("the VMM failed: {e}"),
+    let job = vmm_thread.start(move || {
+        tracing::debug!(ms = ms_since(started), "VMM thread serving");
+        if start_now {
+            event_loop.command(Command::Start)?;
+        }
+        Ok(event_loop.run())
+    });
+    let reason = match job.join() {
+        Ok(Some(Ok(reason))) => reason,
+        Ok(Some(Err(e))) => bail!("the VMM failed: {e}"),
+        Ok(None) => bail!("the VMM thread ended without running the VM"),
         Err(_) => bail!("the VMM thread panicked"),
     };
+    // The pages the guest wrote, read from the mapping while it is still there.
+    if let (
+        Some(mem),
+        RestoreMode::File {
+            record_ws: true, ..
+        },
+    ) = (&restore_mem, &mode)
+    {
+        let info = built
+            .restored_from
+            .context("a restored VM without its memory file's record")?;
+        record_written(&built.mem, mem, &info)?;
+    }
     // Keep guest memory and the VM alive until every vCPU thread is gone (joined above).
     drop(built.vm);
     drop(built.mem);
@@ -297,7 +313,7 @@ pub fn run(args: VmmArgs) -> anyhow::Result<u8> {
         },
     ) = (&uffd, &restore_mem, &mode)
     {
-        let path = WorkingSet::path_for(mem);
+        let path = SetKind::Served.path_for(mem);
         let pages = server
             .save_working_set(&path)
             .with_context(|| format!("cannot write the working set {}", path.display()))?;
@@ -314,6 +330,27 @@ pub fn run(args: VmmArgs) -> anyhow::Result<u8> {
         }
         other => Ok(other.exit_status()),
     }
+}
+
+/// The VMM thread's stack. Under 2 MiB: a 2 MiB stack (the default) can be backed by a
+/// transparent huge page, measured as 2 MiB more resident memory per VMM. 256 KiB overflowed while
+/// writing a snapshot in a debug build.
+const VMM_STACK: usize = 1024 * 1024;
+
+/// Writes the pages of `ram` (guest RAM mapped from the memory file `mem`) that the guest wrote
+/// as the set of written pages of that memory file, `<mem>.written.ws`.
+fn record_written(
+    ram: &crate::arch::memory::GuestMemory,
+    mem: &Path,
+    info: &MemoryFileInfo,
+) -> anyhow::Result<()> {
+    let pages = crate::arch::memory::written_pages(ram)?;
+    let path = SetKind::Written.path_for(mem);
+    let ws = WorkingSet::new(pages);
+    ws.write(&path, info, SetKind::Written)
+        .with_context(|| format!("cannot write the written pages {}", path.display()))?;
+    tracing::info!(pages = ws.pages().len(), path = %path.display(), "written pages recorded");
+    Ok(())
 }
 
 /// Milliseconds since `t` (for the start-up timing logs).

@@ -16,9 +16,11 @@
 //! boot protocol, CPU state, CPUID; guest memory: anonymous, a mapped snapshot, or for a template
 //! VM a file mapped shared that its snapshot takes as the memory file without a copy), `acpi`, `devices` (buses, serial, legacy ports, virtio),
 //! `vstate` (the KVM VM and the vCPU threads), `runtime` (the event loop and VM state machine),
-//! `control` (the control protocol), `seccomp`, `builder` (config to VM), `persist` (a VM's saved
+//! `control` (the control protocol), `seccomp`, `filtered_thread` (the VMM's threads started
+//! ahead of the VM, their filters installed), `builder` (config to VM), `persist` (a VM's saved
 //! state and taking a snapshot; each component saves its own state beside it), `restore`
-//! (snapshot to VM), `uffd` (the userfaultfd restore mode: guest RAM served from the memory file
+//! (snapshot to VM; the file mode can copy on write ahead the pages an earlier restore's guest
+//! wrote), `uffd` (the userfaultfd restore mode: guest RAM served from the memory file
 //! by a handler thread), `awaiting` (a VMM started ahead of its restore, `--await-restore`: the KVM
 //! VM and vCPUs set up before the snapshot is named, then a `Restore` command on the control socket
 //! restores it with the same checks), `cli` (`hearth vmm`),
@@ -37,6 +39,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod filtered_thread;
 pub mod kvm;
 pub mod kvm_test;
 pub mod persist;

@@ -245,9 +245,10 @@ impl VmmProcess {
         )
     }
 
-    /// [`VmmProcess::spawn_restored`] with guest RAM restored as `mode` says (`RestoreMode::File`
-    /// is `spawn_restored`; `Uffd` serves it through userfaultfd, optionally prefetching a
-    /// working set and recording one to `<mem>.ws` when the VM stops).
+    /// [`VmmProcess::spawn_restored`] with guest RAM restored as `mode` says (`RestoreMode::file()`
+    /// is `spawn_restored`; `File` can also copy a set of written pages ahead and record one to
+    /// `<mem>.written.ws` when the VM stops; `Uffd` serves it through userfaultfd, optionally
+    /// prefetching a working set and recording one to `<mem>.ws` when the VM stops).
     pub fn spawn_restored_with(
         hearth_binary: &Path,
         config: &VmConfig,
@@ -260,21 +261,23 @@ impl VmmProcess {
             "--restore-mem".into(),
             files.mem.clone().into_os_string(),
         ];
-        if mode == crate::RestoreMode::Copy {
-            args.extend(["--restore-mode".into(), "copy".into()]);
+        let (name, prefetch_ws, record_ws) = match mode {
+            crate::RestoreMode::File {
+                prefetch_ws,
+                record_ws,
+            } => ("file", prefetch_ws, record_ws),
+            crate::RestoreMode::Copy => ("copy", None, false),
+            crate::RestoreMode::Uffd {
+                prefetch_ws,
+                record_ws,
+            } => ("uffd", prefetch_ws, record_ws),
+        };
+        args.extend(["--restore-mode".into(), name.into()]);
+        if let Some(ws) = prefetch_ws {
+            args.extend(["--prefetch-ws".into(), ws.into_os_string()]);
         }
-        if let crate::RestoreMode::Uffd {
-            prefetch_ws,
-            record_ws,
-        } = mode
-        {
-            args.extend(["--restore-mode".into(), "uffd".into()]);
-            if let Some(ws) = prefetch_ws {
-                args.extend(["--prefetch-ws".into(), ws.into_os_string()]);
-            }
-            if record_ws {
-                args.push("--record-ws".into());
-            }
+        if record_ws {
+            args.push("--record-ws".into());
         }
         Self::spawn_with(hearth_binary, config, &args)
     }

@@ -13,7 +13,7 @@
 
 use crate::arch::memory::{GuestMemory, ram_ranges};
 use crate::seccomp::{self, ThreadKind};
-use hearth_snapshot::{MemoryFileInfo, WorkingSet, WorkingSetError};
+use hearth_snapshot::{MemoryFileInfo, SetKind, WorkingSet, WorkingSetError};
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
@@ -317,7 +317,7 @@ impl UffdServer {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         let ws = WorkingSet::new(pages);
-        ws.write(path, &self.info)?;
+        ws.write(path, &self.info, SetKind::Served)?;
         Ok(ws.pages().len())
     }
 }
@@ -332,7 +332,7 @@ pub fn map(
 ) -> Result<(GuestMemory, UffdServer), UffdError> {
     let started = Instant::now();
     let prefetch = match &options.prefetch {
-        Some(path) => Some(WorkingSet::read(path, info)?),
+        Some(path) => Some(WorkingSet::read(path, info, SetKind::Served)?),
         None => None,
     };
     let uffd = Uffd::create()?;
@@ -677,9 +677,9 @@ mod tests {
             assert!(present(host + page * PAGE), "page {page} was not served");
         }
         assert!(!present(host + 512 * PAGE));
-        let ws_path = WorkingSet::path_for(&path);
+        let ws_path = SetKind::Served.path_for(&path);
         let n = server.save_working_set(&ws_path).unwrap();
-        let ws = WorkingSet::read(&ws_path, &info).unwrap();
+        let ws = WorkingSet::read(&ws_path, &info, SetKind::Served).unwrap();
         assert_eq!(
             ws.pages(),
             [5, 2047],

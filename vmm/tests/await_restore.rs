@@ -19,7 +19,7 @@ const TEMPLATE_CMDLINE: &str = "init_on_free=1";
 /// A Restore of `files` into `vmm` must be refused with `needle` in the message, and leave the
 /// VMM awaiting.
 fn restore_refused(vmm: &mut VmmProcess, files: &SnapshotFiles, needle: &str) {
-    match vmm.restore(files, RestoreMode::File) {
+    match vmm.restore(files, RestoreMode::file()) {
         Err(ProcessError::Refused(_, m)) => {
             assert!(m.contains(needle), "expected `{needle}` in: {m}");
             eprintln!("refused as expected: {m}");
@@ -108,10 +108,10 @@ fn a_vmm_spawned_ahead_restores_and_refuses_a_mismatched_snapshot() {
             restore_refused(&mut vmm, &corrupted, "corrupted");
             while listener.accept().is_ok() {}
             let t = Instant::now();
-            let r = vmm.restore(&files, RestoreMode::File);
+            let r = vmm.restore(&files, RestoreMode::file());
             assert_eq!(ok(&mut vmm, "restore", r), VmState::Created);
             let restored = t.elapsed();
-            let r = vmm.restore(&files, RestoreMode::File);
+            let r = vmm.restore(&files, RestoreMode::file());
             match r {
                 Err(ProcessError::Refused(_, m)) => assert!(m.contains("not valid"), "{m}"),
                 other => panic!("a second Restore was not refused: {other:?}"),

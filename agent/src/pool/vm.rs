@@ -255,7 +255,7 @@ impl AheadVm {
         let started = Instant::now();
         let AheadVm { mut vm, files } = self;
         let restored = match vm.vmm.as_ref() {
-            Some(vmm) => vmm.restore(&files, RestoreMode::File),
+            Some(vmm) => vmm.restore(&files, RestoreMode::file()),
             None => return Err(vm.not_up("the VMM is gone".into())),
         };
         if let Err(e) = restored {

@@ -4,7 +4,8 @@
 //! apparent and allocated sizes). By default (`--template-ram file-punch-huge`) its guest RAM is
 //! the memory file itself, on a huge-page tmpfs, as the agent's templates have it: the first
 //! snapshot takes the file in place (its all-zero 2 MiB pages punched out), and later ones (of the same paused VM) digest it again. Then, over `--runs` restores of that one snapshot in each mode
-//! of `--modes`, interleaved (file-mapped; the memory file's data copied into huge-page memory;
+//! of `--modes`, interleaved (file-mapped; file-mapped with the pages an earlier restore's guest
+//! wrote copied on write before the vCPUs run; the memory file's data copied into huge-page memory;
 //! userfaultfd; userfaultfd with the working set of an earlier restore prefetched): from the VMM
 //! process's spawn to the init's answer on its control port (connected right after the start:
 //! the VMM holds the connection until the guest has handled the vsock transport reset; the
@@ -36,6 +37,7 @@ use anyhow::Context as _;
 use hearth_guest::image::{self, KernelImage};
 use hearth_guest::protocol::client::{ControlClient, realtime_ns};
 use hearth_guest::protocol::{Message, READY_PORT, Refresh};
+use hearth_snapshot::SetKind;
 use hearth_vmm::config::{Punch, RamFileConfig, VmConfig, VsockConfig};
 use hearth_vmm::process::{MemoryUsage, VmmProcess};
 use hearth_vmm::{RestoreMode, SnapshotFiles};
@@ -46,7 +48,7 @@ use crate::report::Report;
 /// `hearth-perf restore` options.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RestoreArgs {
-    /// Restores of the snapshot in each mode (file, uffd, uffd with prefetch), interleaved.
+    /// Restores of the snapshot in each mode of `--modes`, interleaved.
     #[arg(long, default_value_t = 100)]
     pub runs: usize,
     /// The restore modes timed, interleaved (comma-separated).
@@ -54,7 +56,7 @@ pub struct RestoreArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "file,copy,uffd,uffd-prefetch"
+        default_value = "file,file-prefetch,copy,uffd,uffd-prefetch"
     )]
     pub modes: Vec<Mode>,
     /// The restore modes whose idle clones' memory is measured (comma-separated). A copy-mode
@@ -326,6 +328,9 @@ const AHEAD_IDLE: Duration = Duration::from_millis(200);
 pub enum Mode {
     /// The memory file mapped copy-on-write.
     File,
+    /// The memory file mapped copy-on-write, the pages an earlier restore's guest wrote copied
+    /// on write before the vCPUs run.
+    FilePrefetch,
     /// The memory file's data read into huge-page anonymous memory.
     Copy,
     /// Served through userfaultfd.
@@ -338,22 +343,28 @@ impl Mode {
     fn name(self) -> &'static str {
         match self {
             Mode::File => "file",
+            Mode::FilePrefetch => "file_prefetch",
             Mode::Copy => "copy",
             Mode::Uffd => "uffd",
             Mode::UffdPrefetch => "uffd_prefetch",
         }
     }
 
-    fn restore_mode(self, ws: &Path) -> RestoreMode {
+    /// How this mode restores the snapshot whose memory file is `mem`.
+    fn restore_mode(self, mem: &Path) -> RestoreMode {
         match self {
-            Mode::File => RestoreMode::File,
+            Mode::File => RestoreMode::file(),
+            Mode::FilePrefetch => RestoreMode::File {
+                prefetch_ws: Some(SetKind::Written.path_for(mem)),
+                record_ws: false,
+            },
             Mode::Copy => RestoreMode::Copy,
             Mode::Uffd => RestoreMode::Uffd {
                 prefetch_ws: None,
                 record_ws: false,
             },
             Mode::UffdPrefetch => RestoreMode::Uffd {
-                prefetch_ws: Some(ws.to_path_buf()),
+                prefetch_ws: Some(SetKind::Served.path_for(mem)),
                 record_ws: false,
             },
         }
@@ -367,7 +378,6 @@ struct Setup<'a> {
     kernel: PathBuf,
     initrd: PathBuf,
     files: SnapshotFiles,
-    ws: PathBuf,
 }
 
 impl Setup<'_> {
@@ -551,15 +561,12 @@ pub fn run(args: &RestoreArgs) -> anyhow::Result<Report> {
         state: files_dir.join("vm.state"),
         mem: files_dir.join("vm.mem"),
     };
-    let mut ws = files.mem.clone().into_os_string();
-    ws.push(".ws");
     let setup = Setup {
         args,
         hearth,
         kernel: kernel.boot_image().to_path_buf(),
         initrd,
         files,
-        ws: PathBuf::from(ws),
     };
     template(
         &setup,
@@ -649,37 +656,52 @@ fn template(setup: &Setup<'_>, slot: &Slot, report: &mut Report) -> anyhow::Resu
     Ok(())
 }
 
-/// `--runs` restores in each of `--modes`, interleaved; with `uffd-prefetch` among them, a first
-/// uffd restore records the working set that the prefetch mode uses (and is not counted).
+/// `--runs` restores in each of `--modes`, interleaved; with `file-prefetch` or `uffd-prefetch`
+/// among them, a first restore in the plain mode records the set that the prefetch mode uses
+/// (and is not counted).
 fn restore_to_echo(setup: &Setup<'_>, slot: &Slot, report: &mut Report) -> anyhow::Result<()> {
     let modes = &setup.args.modes;
-    if modes.contains(&Mode::UffdPrefetch) {
-        let record = RestoreMode::Uffd {
-            prefetch_ws: None,
-            record_ws: true,
-        };
+    let recordings = [
+        (
+            Mode::FilePrefetch,
+            RestoreMode::File {
+                prefetch_ws: None,
+                record_ws: true,
+            },
+            SetKind::Written,
+            "written_set_pages",
+        ),
+        (
+            Mode::UffdPrefetch,
+            RestoreMode::Uffd {
+                prefetch_ws: None,
+                record_ws: true,
+            },
+            SetKind::Served,
+            "working_set_pages",
+        ),
+    ];
+    for (prefetching, record, kind, metric) in recordings {
+        if !modes.contains(&prefetching) {
+            continue;
+        }
         let mut recorder = setup
             .restore(slot, record)
-            .context("recording the working set")?;
+            .with_context(|| format!("recording the set for {}", prefetching.name()))?;
         recorder.vmm.stop().context("stop the recording VM")?;
-        let ws_bytes = std::fs::metadata(&setup.ws)
-            .context("the working-set file")?
+        let bytes = std::fs::metadata(kind.path_for(&setup.files.mem))
+            .with_context(|| format!("the set recorded for {}", prefetching.name()))?
             .len();
-        println!(
-            "working set: {} pages ({ws_bytes} bytes)",
-            ws_bytes.saturating_sub(48) / 8
-        );
-        report.add(
-            "working_set_pages",
-            &[(ws_bytes.saturating_sub(48) / 8) as f64],
-            "pages",
-        );
+        // A 48-byte header and a checksum around 8 bytes a page.
+        let pages = bytes.saturating_sub(48) / 8;
+        println!("{metric}: {pages} ({bytes} bytes)");
+        report.add(metric, &[pages as f64], "pages");
     }
     let mut samples: Vec<[Vec<f64>; 11]> = modes.iter().map(|_| Default::default()).collect();
     for run in 0..setup.args.runs {
         for (m, mode) in modes.iter().enumerate() {
             let mut r = setup
-                .restore(slot, mode.restore_mode(&setup.ws))
+                .restore(slot, mode.restore_mode(&setup.files.mem))
                 .with_context(|| format!("{} restore {}", mode.name(), run + 1))?;
             let memory = r.vmm.memory_usage()?;
             if run == 0 {
@@ -707,7 +729,7 @@ fn restore_to_echo(setup: &Setup<'_>, slot: &Slot, report: &mut Report) -> anyho
             drop(r);
             // The same restore into a VMM spawned ahead, timed from the Restore command.
             let mut r = setup
-                .restore_ahead(slot, mode.restore_mode(&setup.ws))
+                .restore_ahead(slot, mode.restore_mode(&setup.files.mem))
                 .with_context(|| format!("{} restore {} ahead", mode.name(), run + 1))?;
             // The first restore of a test host also pays QEMU's first translation of every code
             // path it runs; the last one shows the steady state.
@@ -783,7 +805,7 @@ fn clones(
         .collect::<anyhow::Result<_>>()?;
     let mut vms = Vec::with_capacity(n);
     for slot in &slots {
-        vms.push(setup.restore(slot, mode.restore_mode(&setup.ws))?);
+        vms.push(setup.restore(slot, mode.restore_mode(&setup.files.mem))?);
     }
     // How often an idle guest wakes: KVM's halt exits (one per wake-up from idle) and all exits
     // over the idle time. A quiet pool VM makes close to none.
@@ -871,7 +893,7 @@ fn rate(setup: &Setup<'_>, work: &Path, n: usize, report: &mut Report) -> anyhow
                 scope.spawn(move || -> anyhow::Result<Vec<f64>> {
                     let mut mine = Vec::new();
                     while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total {
-                        let mut r = setup.restore(slot, RestoreMode::File)?;
+                        let mut r = setup.restore(slot, RestoreMode::file())?;
                         mine.push(r.echo_ms);
                         r.vmm.kill()?;
                     }

@@ -61,6 +61,15 @@ pub enum MemoryError {
     /// Mapping the file backing guest RAM failed.
     #[error("cannot map {0} bytes of the file backing guest RAM at offset {1}")]
     MapRamFile(usize, u64, #[source] std::io::Error),
+    /// A page named for copying ahead lies outside guest RAM.
+    #[error("page {0} of the memory file is outside guest RAM")]
+    PageOutside(u64),
+    /// Copying pages ahead failed (`MADV_POPULATE_WRITE` needs Linux 5.14 or later).
+    #[error("cannot copy {1} pages of guest RAM from page {0} ahead (MADV_POPULATE_WRITE)")]
+    CopyAhead(u64, u64, #[source] std::io::Error),
+    /// The page table flags of guest RAM could not be read.
+    #[error("cannot read which pages of guest RAM were written (/proc/self/pagemap)")]
+    Pagemap(#[source] std::io::Error),
 }
 
 /// The size of a huge page, and the alignment of every guest RAM mapping.
@@ -345,9 +354,104 @@ pub fn map_file(file: &File, size: u64) -> Result<GuestMemory, MemoryError> {
     GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Assemble(e.to_string()))
 }
 
+/// The host address and length of each region of `mem`, in order: in a memory file the regions
+/// lie one after the other from offset 0.
+fn host_ranges(mem: &GuestMemory) -> Vec<(usize, usize)> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    mem.iter()
+        .map(|r| (r.as_ptr() as usize, r.len() as usize))
+        .collect()
+}
+
+/// Makes the private copies of the memory-file pages `runs` names ((first page, count), pages
+/// of 4 KiB numbered through the regions one after the other) in `mem`, a private mapping of
+/// that file ([`map_file`]), before the guest runs: each is faulted in for writing, copied from
+/// the page cache, with `MADV_POPULATE_WRITE`. The contents do not change; only who holds them.
+pub fn copy_on_write_ahead(
+    mem: &GuestMemory,
+    runs: impl IntoIterator<Item = (u64, u64)>,
+) -> Result<(), MemoryError> {
+    const PAGE: u64 = 4096;
+    // (first memory-file page, pages, host address) of each region.
+    let mut regions = Vec::new();
+    let mut next = 0u64;
+    for (addr, len) in host_ranges(mem) {
+        let pages = len as u64 / PAGE;
+        regions.push((next, pages, addr));
+        next += pages;
+    }
+    for (first, count) in runs {
+        let (mut page, end) = (first, first.saturating_add(count));
+        // A run may cross from one region into the next: each piece is advised on its own.
+        while page < end {
+            let Some(&(region_first, pages, addr)) =
+                regions.iter().find(|&&(f, n, _)| page >= f && page < f + n)
+            else {
+                return Err(MemoryError::PageOutside(page));
+            };
+            let n = end.min(region_first + pages) - page;
+            let start = addr + ((page - region_first) * PAGE) as usize;
+            // SAFETY: `start..start + n pages` lies inside a region of `mem`, a live mapping this
+            // module made; populating it writes nothing the guest could see (each page is copied
+            // from the file as it is) and moves no mapping.
+            let rc = unsafe {
+                libc::madvise(
+                    start as *mut libc::c_void,
+                    (n * PAGE) as usize,
+                    libc::MADV_POPULATE_WRITE,
+                )
+            };
+            if rc != 0 {
+                return Err(MemoryError::CopyAhead(
+                    page,
+                    n,
+                    std::io::Error::last_os_error(),
+                ));
+            }
+            page += n;
+        }
+    }
+    Ok(())
+}
+
+/// The memory-file pages (numbered as in [`copy_on_write_ahead`]) that `mem`, a private mapping
+/// of a memory file, holds its own copies of: the pages the guest (or a device for it) wrote.
+pub fn written_pages(mem: &GuestMemory) -> Result<Vec<u64>, MemoryError> {
+    hearth_snapshot::pagemap::Pagemap::open()
+        .and_then(|mut p| p.private_pages(&host_ranges(mem)))
+        .map_err(MemoryError::Pagemap)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Pages copied ahead become the mapping's own, with the file's contents; the rest stay the
+    /// file's; a page outside guest RAM is refused.
+    #[test]
+    fn pages_copied_on_write_ahead_are_private_and_unchanged() {
+        use vm_memory::{Bytes, GuestAddress};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.mem");
+        let mut data = vec![0u8; 8 << 20];
+        for (i, page) in data.chunks_mut(4096).enumerate() {
+            page[0] = i as u8;
+        }
+        std::fs::write(&path, &data).unwrap();
+        let file = File::open(&path).unwrap();
+        let mem = map_file(&file, data.len() as u64).unwrap();
+        assert_eq!(written_pages(&mem).unwrap(), Vec::<u64>::new());
+        copy_on_write_ahead(&mem, [(2, 3), (100, 1)]).unwrap();
+        assert_eq!(written_pages(&mem).unwrap(), vec![2, 3, 4, 100]);
+        for page in [1u64, 2, 4, 100, 101] {
+            let byte: u8 = mem.read_obj(GuestAddress(page * 4096)).unwrap();
+            assert_eq!(byte, page as u8, "page {page}");
+        }
+        assert!(matches!(
+            copy_on_write_ahead(&mem, [(2047, 2)]),
+            Err(MemoryError::PageOutside(2048))
+        ));
+    }
 
     #[test]
     fn mappings_start_on_huge_page_boundaries() {

@@ -4,7 +4,8 @@
 
 use super::vcpu_state::VcpuKvmState;
 use crate::devices::bus::{Bus, BusAction};
-use crate::seccomp::{self, ThreadKind};
+use crate::filtered_thread::{FilteredThread, FilteredThreadError};
+use crate::seccomp::ThreadKind;
 use crate::{limited_debug, limited_warn};
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -92,9 +93,9 @@ pub enum VcpuError {
     /// The kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler")]
     Signal(#[source] vmm_sys_util::errno::Error),
-    /// The thread could not be spawned.
-    #[error("cannot spawn vCPU thread {0}")]
-    Spawn(u8, #[source] std::io::Error),
+    /// The thread could not be started (spawned, its seccomp filter installed).
+    #[error("cannot start vCPU thread {0}")]
+    Thread(u8, #[source] FilteredThreadError),
     /// The thread is gone.
     #[error("vCPU thread {0} is gone")]
     Gone(u8),
@@ -131,7 +132,7 @@ pub fn install_kick_handler() -> Result<(), VcpuError> {
 pub struct VcpuHandle {
     id: u8,
     tx: Sender<VcpuCommand>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Option<()>>>,
     /// Whether the thread is running the guest (in or about to enter `KVM_RUN`), so a command
     /// needs a kick; a paused thread waits on the channel and needs none.
     running: Arc<AtomicBool>,
@@ -167,6 +168,9 @@ impl VcpuHandle {
         }
     }
 }
+
+/// A vCPU thread's stack.
+const VCPU_STACK: usize = 256 * 1024;
 
 /// Everything a vCPU thread owns.
 pub struct Vcpu {
@@ -225,35 +229,38 @@ impl Vcpu {
 
     /// Starts the thread in the Paused state.
     pub fn spawn(self) -> Result<VcpuHandle, VcpuError> {
+        let thread = Self::thread_for(self.id, self.seccomp)?;
+        Ok(self.spawn_on(thread))
+    }
+
+    /// Runs the vCPU on `thread`, started ahead ([`Vcpu::thread_for`]).
+    pub fn spawn_on(self, thread: FilteredThread<()>) -> VcpuHandle {
         let id = self.id;
         let (tx, rx) = channel();
         let running = Arc::new(AtomicBool::new(false));
         let running_here = running.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .stack_size(256 * 1024)
-            .spawn(move || self.thread_main(rx, &running_here))
-            .map_err(|e| VcpuError::Spawn(id, e))?;
-        Ok(VcpuHandle {
+        let thread = thread.start(move || self.thread_main(rx, &running_here));
+        VcpuHandle {
             id,
             tx,
             thread: Some(thread),
             running,
-        })
+        }
+    }
+
+    /// A thread for vCPU `id`, started ahead of the vCPU, its seccomp filter installed unless
+    /// `seccomp` is false.
+    pub fn thread_for(id: u8, seccomp: bool) -> Result<FilteredThread<()>, VcpuError> {
+        FilteredThread::spawn(
+            &format!("vcpu{id}"),
+            VCPU_STACK,
+            seccomp.then_some(ThreadKind::Vcpu),
+        )
+        .map_err(|e| VcpuError::Thread(id, e))
     }
 
     fn thread_main(mut self, rx: Receiver<VcpuCommand>, running: &AtomicBool) {
         KVM_RUN_PTR.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
-        if self.seccomp
-            && let Err(e) = seccomp::install(ThreadKind::Vcpu)
-        {
-            self.events.send(VcpuEvent::VmExit(
-                self.id,
-                VmExitReason::Error(format!("seccomp: {e}")),
-            ));
-            KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
-            return;
-        }
         let mut state = VcpuState::Paused;
         self.events.send(VcpuEvent::State(self.id, state));
         while state != VcpuState::Exiting {
