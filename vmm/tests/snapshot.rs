@@ -450,6 +450,56 @@ fn restore_and_ping(
     (vmm, conn, to_ready, t.elapsed())
 }
 
+/// Restores `files` in `mode(None)` (which records a set of `kind`), pings it and stops it;
+/// checks that the set names at least `min_pages`; then restores in `mode(Some(set))` (which
+/// prefetches it) and pings that. Returns the set's path, the prefetched VM and its connection.
+fn record_then_prefetch(
+    config: &VmConfig,
+    files: &SnapshotFiles,
+    (listener, uds): (&std::os::unix::net::UnixListener, &Path),
+    kind: hearth_snapshot::SetKind,
+    min_pages: u64,
+    mode: impl Fn(Option<std::path::PathBuf>) -> RestoreMode,
+) -> (
+    std::path::PathBuf,
+    VmmProcess,
+    std::os::unix::net::UnixStream,
+) {
+    let (mut vmm, conn, ready, ping) =
+        restore_and_ping(config, files, mode(None), listener, uds, "recording");
+    eprintln!(
+        "{kind:?} recording restore: guest Ready {:.1} ms, ping answered {:.1} ms; {:?}",
+        ms(ready),
+        ms(ping),
+        vmm.memory_usage()
+    );
+    // Stopped before its Ready connection closes: the init would announce itself again.
+    let status = vmm.stop().expect("stop");
+    assert!(status.success(), "{status}: {}", vmm.stderr_tail());
+    drop(conn);
+    eprintln!("recording VMM log:\n{}", vmm.stderr_tail());
+    // Dropped before the next VMM binds the same control socket path, which the drop removes.
+    drop(vmm);
+    let set = kind.path_for(&files.mem);
+    let len = std::fs::metadata(&set).expect("the recorded set").len();
+    // A 40-byte header, 8 bytes a page and an 8-byte checksum.
+    assert!(len >= 48 + 8 * min_pages, "{kind:?}: {len} bytes");
+    let (vmm, conn, ready, ping) = restore_and_ping(
+        config,
+        files,
+        mode(Some(set.clone())),
+        listener,
+        uds,
+        "prefetched",
+    );
+    eprintln!(
+        "{kind:?} prefetched restore: guest Ready {:.1} ms, ping answered {:.1} ms",
+        ms(ready),
+        ms(ping)
+    );
+    (set, vmm, conn)
+}
+
 #[test]
 fn working_sets_are_recorded_prefetched_and_checked() {
     in_kvm("working_sets_are_recorded_prefetched_and_checked", || {
@@ -471,59 +521,21 @@ fn working_sets_are_recorded_prefetched_and_checked() {
         drop(ready_conn);
         drop(vmm);
 
-        // Served on demand, recording the working set.
-        let record = RestoreMode::Uffd {
-            prefetch_ws: None,
-            record_ws: true,
-        };
-        let (mut vmm, conn, ready, ping) = restore_and_ping(
+        // Served on demand, recording the working set; then prefetched. Each fault brings in its
+        // whole 2 MiB block: a few tens of faults, a few pages at least.
+        let (ws, mut vmm, conn) = record_then_prefetch(
             &config,
             &files,
-            record,
-            &listener,
-            &dir.uds(),
-            "uffd, recording",
+            (&listener, &dir.uds()),
+            hearth_snapshot::SetKind::Served,
+            3,
+            |prefetch_ws| RestoreMode::Uffd {
+                record_ws: prefetch_ws.is_none(),
+                prefetch_ws,
+            },
         );
-        eprintln!(
-            "uffd restore: guest Ready {:.1} ms, ping answered {:.1} ms",
-            ms(ready),
-            ms(ping)
-        );
-        let mem = vmm.memory_usage().expect("memory usage");
-        eprintln!("uffd restore: {mem:?}");
-        // Stopped before its Ready connection closes: the init would announce itself again.
-        let status = vmm.stop().expect("stop");
-        assert!(status.success(), "{status}: {}", vmm.stderr_tail());
-        drop(conn);
-        eprintln!("uffd VMM log:\n{}", vmm.stderr_tail());
-        let ws = hearth_snapshot::SetKind::Served.path_for(&files.mem);
-        let ws_len = std::fs::metadata(&ws).expect("the working-set file").len();
-        eprintln!("working set: {ws_len} bytes");
-        // Each fault brings in its whole 2 MiB block: a few tens of faults.
-        assert!(
-            ws_len >= 48 + 8 * 3,
-            "a working set of a few pages at least"
-        );
-
-        // Prefetched; then a snapshot of this VM (guest RAM partly never served) restores in the
-        // file mode and answers.
-        let prefetch = RestoreMode::Uffd {
-            prefetch_ws: Some(ws.clone()),
-            record_ws: false,
-        };
-        let (mut vmm, conn, ready, ping) = restore_and_ping(
-            &config,
-            &files,
-            prefetch,
-            &listener,
-            &dir.uds(),
-            "uffd, prefetched",
-        );
-        eprintln!(
-            "uffd restore with prefetch: guest Ready {:.1} ms, ping answered {:.1} ms",
-            ms(ready),
-            ms(ping)
-        );
+        // Then a snapshot of this VM (guest RAM partly never served) restores in the file mode and
+        // answers.
         let again = SnapshotFiles {
             state: dir.path("again.state"),
             mem: dir.path("again.mem"),
@@ -568,45 +580,18 @@ fn working_sets_are_recorded_prefetched_and_checked() {
         drop(conn);
 
         // The file mode: the pages the guest wrote are recorded when the VM stops, and a later
-        // restore copies them on write before its vCPUs run.
-        let record = RestoreMode::File {
-            prefetch_ws: None,
-            record_ws: true,
-        };
-        let (mut vmm, conn, _, _) = restore_and_ping(
+        // restore copies them on write before its vCPUs run. Answering a ping after a restore
+        // writes tens of pages (stacks, socket buffers, slabs).
+        let (written, mut vmm, conn) = record_then_prefetch(
             &config,
             &files,
-            record,
-            &listener,
-            &dir.uds(),
-            "file, recording the written pages",
-        );
-        let status = vmm.stop().expect("stop");
-        assert!(status.success(), "{status}: {}", vmm.stderr_tail());
-        drop(conn);
-        let written = hearth_snapshot::SetKind::Written.path_for(&files.mem);
-        let written_len = std::fs::metadata(&written)
-            .expect("the set of written pages")
-            .len();
-        eprintln!("written pages: {written_len} bytes");
-        // Answering a ping after a restore writes tens of pages (stacks, socket buffers, slabs).
-        assert!(written_len >= 48 + 8 * 16, "{written_len} bytes");
-        let prefetch = RestoreMode::File {
-            prefetch_ws: Some(written.clone()),
-            record_ws: false,
-        };
-        let (mut vmm, conn, ready, ping) = restore_and_ping(
-            &config,
-            &files,
-            prefetch,
-            &listener,
-            &dir.uds(),
-            "file, the written pages copied ahead",
-        );
-        eprintln!(
-            "file restore with the written pages copied ahead: guest Ready {:.1} ms, ping answered {:.1} ms",
-            ms(ready),
-            ms(ping)
+            (&listener, &dir.uds()),
+            hearth_snapshot::SetKind::Written,
+            16,
+            |prefetch_ws| RestoreMode::File {
+                record_ws: prefetch_ws.is_none(),
+                prefetch_ws,
+            },
         );
         let status = vmm.stop().expect("stop");
         assert!(status.success(), "{status}: {}", vmm.stderr_tail());

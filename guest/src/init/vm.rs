@@ -557,7 +557,17 @@ mod tests {
         // A frame that does not decode is answered, and the connection goes on.
         let mut stream = client.into_inner();
         stream.write_all(&[3, 0, 0, 0, 0xff, 0xff, 0xff]).unwrap();
-        let answer: Message = expect_frame(&mut stream).unwrap();
+        assert_bad_request(&mut stream);
+        write_frame(&mut stream, &Message::Ping { bytes: vec![7] }).unwrap();
+        assert_eq!(
+            expect_frame::<_, Message>(&mut stream).unwrap(),
+            Message::Pong { bytes: vec![7] }
+        );
+    }
+
+    /// The next frame on `stream` is a `BadRequest` error.
+    fn assert_bad_request(stream: &mut UnixStream) {
+        let answer: Message = expect_frame(stream).unwrap();
         assert!(
             matches!(
                 answer,
@@ -567,11 +577,6 @@ mod tests {
                 })
             ),
             "{answer:?}"
-        );
-        write_frame(&mut stream, &Message::Ping { bytes: vec![7] }).unwrap();
-        assert_eq!(
-            expect_frame::<_, Message>(&mut stream).unwrap(),
-            Message::Pong { bytes: vec![7] }
         );
     }
 
@@ -662,17 +667,7 @@ mod tests {
         out.extend_from_slice(&[3, 0, 0, 0, 0xff, 0xff, 0xff]);
         host.write_all(&out).unwrap();
         check_hello(expect_frame(&mut host).unwrap()).unwrap();
-        let answer: Message = expect_frame(&mut host).unwrap();
-        assert!(
-            matches!(
-                answer,
-                Message::Error(ErrorReply {
-                    code: ErrorCode::BadRequest,
-                    ..
-                })
-            ),
-            "{answer:?}"
-        );
+        assert_bad_request(&mut host);
     }
 
     #[test]

@@ -692,7 +692,7 @@ fn restore_to_echo(setup: &Setup<'_>, slot: &Slot, report: &mut Report) -> anyho
         let bytes = std::fs::metadata(kind.path_for(&setup.files.mem))
             .with_context(|| format!("the set recorded for {}", prefetching.name()))?
             .len();
-        // A 48-byte header and a checksum around 8 bytes a page.
+        // A 40-byte header and an 8-byte checksum around 8 bytes a page.
         let pages = bytes.saturating_sub(48) / 8;
         println!("{metric}: {pages} ({bytes} bytes)");
         report.add(metric, &[pages as f64], "pages");
