@@ -266,7 +266,7 @@ pub fn run(args: VmmArgs) -> anyhow::Result<u8> {
     for (vcpu, thread) in built.vcpus.into_iter().zip(vcpu_threads) {
         handles.push(vcpu.spawn_on(thread));
     }
-    tracing::debug!(ms = ms_since(started), "vCPU threads spawned");
+    tracing::debug!(ms = ms_since(started), "vCPUs handed to their threads");
     let parent = args.exit_on_stdin_eof.then_some(0);
     let controller = Controller::new(handles, built.events, built.wake, &signals, parent, control)?
         .with_snapshot(built.persist)

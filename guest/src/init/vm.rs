@@ -502,13 +502,8 @@ fn send_or_hold_hello(conn: &mut (impl Write + AsFd)) -> Result<Vec<u8>, Protoco
 
 /// Writes the frames `held` back (emptying it) and `msg` after them, in one write.
 fn write_after(w: &mut impl Write, held: &mut Vec<u8>, msg: &Message) -> Result<(), ProtocolError> {
-    let frame = encode_frame(msg)?;
-    if held.is_empty() {
-        return w.write_all(&frame).map_err(ProtocolError::Io);
-    }
-    held.extend_from_slice(&frame);
-    let out = std::mem::take(held);
-    w.write_all(&out).map_err(ProtocolError::Io)
+    held.extend_from_slice(&encode_frame(msg)?);
+    write_held(w, held)
 }
 
 /// Writes the frames `held` back, if any (emptying it).

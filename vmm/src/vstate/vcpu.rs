@@ -181,14 +181,13 @@ pub struct Vcpu {
     events: EventSink,
     /// For the boot vCPU: when the process started, to log the time to the first `KVM_RUN`.
     started: Option<Instant>,
-    seccomp: bool,
     /// The CPUID it was given and the MSRs to save: what a snapshot of it needs.
     cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
     msr_indices: Arc<Vec<u32>>,
 }
 
 impl Vcpu {
-    /// A vCPU ready to be spawned.
+    /// A vCPU ready to run on its thread ([`Vcpu::spawn_on`]).
     pub fn new(
         id: u8,
         fd: VcpuFd,
@@ -204,7 +203,6 @@ impl Vcpu {
             mmio,
             events,
             started,
-            seccomp: true,
             cpuid: Vec::new(),
             msr_indices: Arc::new(Vec::new()),
         }
@@ -221,19 +219,7 @@ impl Vcpu {
         self
     }
 
-    /// Runs without a seccomp filter (tests of the vCPU loop itself only).
-    pub fn without_seccomp(mut self) -> Self {
-        self.seccomp = false;
-        self
-    }
-
-    /// Starts the thread in the Paused state.
-    pub fn spawn(self) -> Result<VcpuHandle, VcpuError> {
-        let thread = Self::thread_for(self.id, self.seccomp)?;
-        Ok(self.spawn_on(thread))
-    }
-
-    /// Runs the vCPU on `thread`, started ahead ([`Vcpu::thread_for`]).
+    /// Runs the vCPU on `thread`, started ahead ([`Vcpu::thread_for`]), in the Paused state.
     pub fn spawn_on(self, thread: FilteredThread<()>) -> VcpuHandle {
         let id = self.id;
         let (tx, rx) = channel();
