@@ -44,6 +44,8 @@ pub struct Restored {
     pub files: SnapshotFiles,
     /// When the Restore command arrived.
     pub at: Instant,
+    /// The command asked for the VM to run at once (no `Start` to wait for).
+    pub resume: bool,
 }
 
 /// How the wait ended.
@@ -216,6 +218,7 @@ fn handle(
             state_path,
             mem_path,
             mode,
+            resume,
         } => {
             let at = Instant::now();
             tracing::debug!("restore requested");
@@ -251,8 +254,14 @@ fn handle(
                         mode,
                         files,
                         at,
+                        resume,
                     };
-                    (Ok(VmState::Created), Outcome::Restored(Box::new(restored)))
+                    let state = if resume {
+                        VmState::Running
+                    } else {
+                        VmState::Created
+                    };
+                    (Ok(state), Outcome::Restored(Box::new(restored)))
                 }
                 Err(e) => {
                     let msg = format!("cannot restore the snapshot: {}", chain(&e));

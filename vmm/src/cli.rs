@@ -214,7 +214,7 @@ pub fn run(args: VmmArgs) -> anyhow::Result<u8> {
                     Some(control),
                     r.mode,
                     Some(r.files.mem),
-                    Some(r.at),
+                    Some((r.at, r.resume)),
                 )
             }
             crate::awaiting::Awaited::Stopped(reason) => {
@@ -254,7 +254,7 @@ pub fn run(args: VmmArgs) -> anyhow::Result<u8> {
         None => None,
     };
     // Timings from here on count from the Restore command in a VMM started ahead.
-    let started = restored_at.unwrap_or(started);
+    let started = restored_at.map_or(started, |(at, _)| at);
     tracing::debug!(ms = ms_since(started), "control socket bound");
     let mut handles = Vec::with_capacity(built.vcpus.len());
     anyhow::ensure!(
@@ -275,7 +275,7 @@ pub fn run(args: VmmArgs) -> anyhow::Result<u8> {
     for s in built.subscribers {
         event_loop.add_subscriber(s);
     }
-    let start_now = args.start;
+    let start_now = args.start || restored_at.is_some_and(|(_, resume)| resume);
     let job = vmm_thread.start(move || {
         tracing::debug!(ms = ms_since(started), "VMM thread serving");
         if start_now {

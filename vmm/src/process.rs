@@ -308,6 +308,26 @@ impl VmmProcess {
                 state_path: files.state.clone(),
                 mem_path: files.mem.clone(),
                 mode,
+                resume: false,
+            },
+            RESTORE_TIMEOUT,
+        )
+    }
+
+    /// [`VmmProcess::restore`], the VM then running at once, without a [`VmmProcess::start`]
+    /// (the command's `resume`): one round trip fewer before the guest runs. `Running` once
+    /// the VM is restored; its vCPUs start right after the answer.
+    pub fn restore_and_resume(
+        &self,
+        files: &crate::SnapshotFiles,
+        mode: crate::RestoreMode,
+    ) -> Result<VmState, ProcessError> {
+        self.request_within(
+            Command::Restore {
+                state_path: files.state.clone(),
+                mem_path: files.mem.clone(),
+                mode,
+                resume: true,
             },
             RESTORE_TIMEOUT,
         )

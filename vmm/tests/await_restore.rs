@@ -2,7 +2,8 @@
 //! this machine has no hardware KVM): a booted guest is snapshotted; a VMM spawned ahead with
 //! another shape (vCPUs, memory) refuses a Restore of it with a clear error and keeps awaiting;
 //! a VMM of the snapshot's shape refuses a corrupted copy, then restores the good snapshot, and
-//! the restored init re-announces Ready and answers on vsock.
+//! the restored init re-announces Ready and answers on vsock; a Restore with `resume` runs the
+//! VM without a Start.
 
 mod common;
 
@@ -128,6 +129,17 @@ fn a_vmm_spawned_ahead_restores_and_refuses_a_mismatched_snapshot() {
                 t.elapsed().as_secs_f64() * 1000.0,
                 vmm.stderr_tail()
             );
+            drop(client);
+            let status = vmm.stop().expect("stop");
+            assert!(status.success(), "{status}: {}", vmm.stderr_tail());
+            // A Restore with `resume` runs the VM at once: no Start, and the init answers.
+            let mut vmm = spawn_ahead(&config);
+            let r = vmm.restore_and_resume(&files, RestoreMode::file());
+            assert_eq!(ok(&mut vmm, "restore and resume", r), VmState::Running);
+            let mut client = ControlClient::connect_uds(&dir.uds()).expect("control port");
+            assert_eq!(client.ping(b"resumed".to_vec()).expect("ping"), b"resumed");
+            let r = vmm.status();
+            assert_eq!(ok(&mut vmm, "status", r), VmState::Running);
             drop(client);
             let status = vmm.stop().expect("stop");
             assert!(status.success(), "{status}: {}", vmm.stderr_tail());

@@ -244,8 +244,8 @@ impl AheadVm {
         self.vm.has_exited()
     }
 
-    /// Restores the template into the VMM, starts it, waits for the init's answer on its control
-    /// port and pauses it. A `Restore` the VMM refuses ends it ([`PooledVmError::Restore`]).
+    /// Restores the template into the VMM and runs it (one `Restore` with `resume`), waits for
+    /// the init's answer on its control port and pauses it. A `Restore` the VMM refuses ends it ([`PooledVmError::Restore`]).
     /// Blocking; setting `cancel` ends the wait early.
     pub fn restore(
         self,
@@ -254,20 +254,16 @@ impl AheadVm {
     ) -> Result<PooledVm, PooledVmError> {
         let started = Instant::now();
         let AheadVm { mut vm, files } = self;
+        // Restored and run in one command (`resume`): no `Start` round trip before the guest runs.
         let restored = match vm.vmm.as_ref() {
-            Some(vmm) => vmm.restore(&files, RestoreMode::file()),
+            Some(vmm) => vmm.restore_and_resume(&files, RestoreMode::file()),
             None => return Err(vm.not_up("the VMM is gone".into())),
         };
-        if let Err(e) = restored {
+        match restored {
+            Ok(VmState::Running) => {}
+            Ok(other) => return Err(vm.not_up(format!("the restore left it {other:?}"))),
             // Never used: dropping `vm` kills the VMM and removes its folder or jail.
-            return Err(PooledVmError::Restore(e));
-        }
-        let started_vm = match vm.vmm.as_ref() {
-            Some(vmm) => vmm.start(),
-            None => return Err(vm.not_up("the VMM is gone".into())),
-        };
-        if let Err(e) = started_vm {
-            return Err(vm.not_up(format!("start: {e}")));
+            Err(e) => return Err(PooledVmError::Restore(e)),
         }
         if cancel.load(Ordering::SeqCst) {
             return Err(vm.not_up("cancelled (the pools are shutting down)".into()));

@@ -33,7 +33,7 @@ pub enum Command {
     /// Restore a snapshot into a VMM started ahead (`--await-restore`), which must be
     /// [`VmState::AwaitingRestore`]; the files are read and checked as a restore at start-up
     /// reads them (a refused snapshot leaves the VMM awaiting). The VM is then `Created`: send
-    /// `Start` to run it.
+    /// `Start` to run it, unless `resume` asked for it to run at once.
     Restore {
         /// The snapshot's state file.
         state_path: std::path::PathBuf,
@@ -41,6 +41,11 @@ pub enum Command {
         mem_path: std::path::PathBuf,
         /// How guest RAM is restored.
         mode: crate::restore::RestoreMode,
+        /// Run the VM as soon as it is restored, without a `Start` (as Firecracker's
+        /// `LoadSnapshot` with `resume_vm`): the answer, sent once the VM is restored, is then
+        /// `Running`, and its vCPUs start right after it. Absent means false.
+        #[serde(default)]
+        resume: bool,
     },
 }
 
@@ -156,6 +161,7 @@ mod tests {
                 prefetch_ws: Some("/s/mem.ws".into()),
                 record_ws: false,
             },
+            resume: true,
         });
         let mut buf = Vec::new();
         write_frame(&mut buf, &restore).unwrap();

@@ -160,7 +160,17 @@ impl<B: VsockBackend> Vsock<B> {
                         "vsock: packet with a foreign source cid dropped"
                     );
                 }
-                Ok(header) => self.backend.send_pkt(&header, &self.scratch),
+                Ok(header) => {
+                    tracing::trace!(
+                        op = header.op,
+                        src_port = header.src_port,
+                        dst_port = header.dst_port,
+                        len = header.len,
+                        fwd_cnt = header.fwd_cnt,
+                        "vsock: tx packet"
+                    );
+                    self.backend.send_pkt(&header, &self.scratch)
+                }
                 Err(PacketError::UnsupportedType { header }) => self.backend.reply_rst(&header),
                 Err(e) => guest_warn!(error = %e, "vsock: malformed tx packet dropped"),
             }
@@ -211,6 +221,14 @@ impl<B: VsockBackend> Vsock<B> {
                 queue::undo_pop(&mut active.queues[RXQ]);
                 break Ok(());
             };
+            tracing::trace!(
+                op = header.op,
+                src_port = header.src_port,
+                dst_port = header.dst_port,
+                len = header.len,
+                fwd_cnt = header.fwd_cnt,
+                "vsock: rx packet"
+            );
             let n = (header.len as usize).min(cap);
             let written = match packet::write_rx(&active.mem, &chain, &header, &self.scratch[..n]) {
                 Ok(w) => w,
