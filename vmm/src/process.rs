@@ -303,15 +303,7 @@ impl VmmProcess {
         files: &crate::SnapshotFiles,
         mode: crate::RestoreMode,
     ) -> Result<VmState, ProcessError> {
-        self.request_within(
-            Command::Restore {
-                state_path: files.state.clone(),
-                mem_path: files.mem.clone(),
-                mode,
-                resume: false,
-            },
-            RESTORE_TIMEOUT,
-        )
+        self.restore_command(files, mode, false)
     }
 
     /// [`VmmProcess::restore`], the VM then running at once, without a [`VmmProcess::start`]
@@ -322,12 +314,21 @@ impl VmmProcess {
         files: &crate::SnapshotFiles,
         mode: crate::RestoreMode,
     ) -> Result<VmState, ProcessError> {
+        self.restore_command(files, mode, true)
+    }
+
+    fn restore_command(
+        &self,
+        files: &crate::SnapshotFiles,
+        mode: crate::RestoreMode,
+        resume: bool,
+    ) -> Result<VmState, ProcessError> {
         self.request_within(
             Command::Restore {
                 state_path: files.state.clone(),
                 mem_path: files.mem.clone(),
                 mode,
-                resume: true,
+                resume,
             },
             RESTORE_TIMEOUT,
         )

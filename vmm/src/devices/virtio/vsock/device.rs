@@ -25,7 +25,7 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryError;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::packet::{self, PacketError};
+use super::packet::{self, PacketError, VsockHeader};
 use super::{EVENT_TRANSPORT_RESET, EVQ, QUEUE_SIZE, RXQ, TXQ, VsockBackend};
 use crate::devices::virtio::queue::{self, QueueError};
 use crate::devices::virtio::{
@@ -74,6 +74,19 @@ pub struct Vsock<B> {
     reset_unhandled: Option<u16>,
     backend_reset_pending: bool,
     scratch: Vec<u8>,
+}
+
+/// Logs a packet's header at trace level (`way`: "tx" from the guest, "rx" to it).
+fn trace_packet(way: &str, header: &VsockHeader) {
+    tracing::trace!(
+        way,
+        op = header.op,
+        src_port = header.src_port,
+        dst_port = header.dst_port,
+        len = header.len,
+        fwd_cnt = header.fwd_cnt,
+        "vsock: packet"
+    );
 }
 
 impl<B> std::fmt::Debug for Vsock<B> {
@@ -161,14 +174,7 @@ impl<B: VsockBackend> Vsock<B> {
                     );
                 }
                 Ok(header) => {
-                    tracing::trace!(
-                        op = header.op,
-                        src_port = header.src_port,
-                        dst_port = header.dst_port,
-                        len = header.len,
-                        fwd_cnt = header.fwd_cnt,
-                        "vsock: tx packet"
-                    );
+                    trace_packet("tx", &header);
                     self.backend.send_pkt(&header, &self.scratch)
                 }
                 Err(PacketError::UnsupportedType { header }) => self.backend.reply_rst(&header),
@@ -221,14 +227,7 @@ impl<B: VsockBackend> Vsock<B> {
                 queue::undo_pop(&mut active.queues[RXQ]);
                 break Ok(());
             };
-            tracing::trace!(
-                op = header.op,
-                src_port = header.src_port,
-                dst_port = header.dst_port,
-                len = header.len,
-                fwd_cnt = header.fwd_cnt,
-                "vsock: rx packet"
-            );
+            trace_packet("rx", &header);
             let n = (header.len as usize).min(cap);
             let written = match packet::write_rx(&active.mem, &chain, &header, &self.scratch[..n]) {
                 Ok(w) => w,
