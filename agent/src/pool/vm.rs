@@ -245,8 +245,8 @@ impl AheadVm {
     }
 
     /// Restores the template into the VMM and runs it (one `Restore` with `resume`), waits for
-    /// the init's answer on its control port and pauses it. A `Restore` the VMM refuses ends it ([`PooledVmError::Restore`]).
-    /// Blocking; setting `cancel` ends the wait early.
+    /// the init's answer on its control port and pauses it. A `Restore` the VMM refuses ends it
+    /// ([`PooledVmError::Restore`]). Blocking; setting `cancel` ends the wait early.
     pub fn restore(
         self,
         timeout: Duration,
