@@ -218,13 +218,27 @@ fn kvm_stats_dir(pid: u32) -> Option<PathBuf> {
         .map(|d| d.path())
 }
 
-/// One of KVM's statistics (debugfs `kvm/PID-FD/NAME`) of the VM that process `pid` made.
-fn kvm_stat(pid: u32, name: &str) -> Option<u64> {
-    std::fs::read_to_string(kvm_stats_dir(pid)?.join(name))
+/// The statistic `name` in a VM's debugfs folder `dir`.
+fn stat_in(dir: &Path, name: &str) -> Option<u64> {
+    std::fs::read_to_string(dir.join(name))
         .ok()?
         .trim()
         .parse()
         .ok()
+}
+
+/// One of KVM's statistics (debugfs `kvm/PID-FD/NAME`) of the VM that process `pid` made.
+fn kvm_stat(pid: u32, name: &str) -> Option<u64> {
+    stat_in(&kvm_stats_dir(pid)?, name)
+}
+
+/// KVM's counts of the exits and nested page faults (`pf_taken`) of the VM that process `pid`
+/// made, from one look-up of its debugfs folder.
+fn kvm_work(pid: u32) -> (Option<u64>, Option<u64>) {
+    match kvm_stats_dir(pid) {
+        Some(dir) => (stat_in(&dir, "exits"), stat_in(&dir, "pf_taken")),
+        None => (None, None),
+    }
 }
 
 /// KVM's statistics of the VM that process `pid` made (debugfs `kvm/PID-FD/`), for the report.
@@ -321,7 +335,8 @@ struct Restored {
     turned_away: u32,
     /// A VMM spawned ahead: its memory while it idled, before the Restore.
     idle_memory: Option<MemoryUsage>,
-    /// KVM's counts of the VM's exits and nested page faults, read right after the echo.
+    /// Restored into a VMM spawned ahead: KVM's counts of the VM's exits and nested page
+    /// faults, read right after the echo ([`kvm_work`]).
     kvm_at_echo: (Option<u64>, Option<u64>),
 }
 
@@ -394,9 +409,13 @@ impl Setup<'_> {
     /// at once (its listener outlives the transport reset); meanwhile waits for the init's
     /// re-announced Ready, timed on its own.
     fn restore(&self, slot: &Slot, mode: RestoreMode) -> anyhow::Result<Restored> {
-        self.restore_via(slot, |config| {
-            let vmm = VmmProcess::spawn_restored_with(&self.hearth, config, &self.files, mode)?;
-            Ok((vmm, false))
+        self.restore_via(slot, false, |config| {
+            Ok(VmmProcess::spawn_restored_with(
+                &self.hearth,
+                config,
+                &self.files,
+                mode,
+            )?)
         })
     }
 
@@ -410,30 +429,32 @@ impl Setup<'_> {
         let vmm = VmmProcess::spawn_awaiting_restore(&self.hearth, &config)?;
         std::thread::sleep(AHEAD_IDLE);
         let idle_memory = vmm.memory_usage()?;
-        let mut restored = self.restore_via(slot, |_| {
+        let mut restored = self.restore_via(slot, true, |_| {
             vmm.restore_and_resume(&self.files, mode)
                 .map_err(|e| anyhow::Error::new(e).context(vmm.stderr_tail()))?;
-            Ok((vmm, true))
+            Ok(vmm)
         })?;
         restored.idle_memory = Some(idle_memory);
         Ok(restored)
     }
 
-    /// Times `get` (which yields a restored VMM for the slot's configuration, and whether its VM
-    /// already runs) and the restored VM's Ready and echo from its call.
+    /// Times `get` (which yields a restored VMM for the slot's configuration) and the restored
+    /// VM's Ready and echo from its call. `ahead`: the VMM was spawned ahead and its Restore ran
+    /// the VM (else it is started here); KVM's counts are then read at the echo.
     fn restore_via(
         &self,
         slot: &Slot,
-        get: impl FnOnce(&VmConfig) -> anyhow::Result<(VmmProcess, bool)>,
+        ahead: bool,
+        get: impl FnOnce(&VmConfig) -> anyhow::Result<VmmProcess>,
     ) -> anyhow::Result<Restored> {
         let config = slot.config(&self.kernel, &self.initrd, self.args);
         // A connection left queued by an earlier VM would pass for this one's Ready (the
         // listener is non-blocking).
         while slot.ready.accept().is_ok() {}
         let t = Instant::now();
-        let (vmm, running) = get(&config)?;
+        let vmm = get(&config)?;
         let spawned_ms = ms(t.elapsed());
-        if !running {
+        if !ahead {
             vmm.start()?;
         }
         let limit = Duration::from_secs(self.args.ready_timeout);
@@ -442,8 +463,11 @@ impl Setup<'_> {
             let waiter = scope.spawn(|| accept_ready(&slot.ready, limit, &stop));
             let echo = echo(&slot.uds()).map(|turned_away| (ms(t.elapsed()), turned_away));
             // Read at once, before the guest goes on to its Ready.
-            let pid = vmm.vmm_pid();
-            let kvm_at_echo = (kvm_stat(pid, "exits"), kvm_stat(pid, "pf_taken"));
+            let kvm_at_echo = if ahead {
+                kvm_work(vmm.vmm_pid())
+            } else {
+                (None, None)
+            };
             if echo.is_err() {
                 stop.store(true, std::sync::atomic::Ordering::Relaxed);
             }
